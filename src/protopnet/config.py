@@ -1,0 +1,332 @@
+"""Typed run configuration. YAML is only its serialisation.
+
+A config has seven sections — ``model``, ``data``, ``schedule``, ``optim``, ``loss``, ``run`` and
+``output`` — each a dataclass whose defaults reproduce the paper's reference setting. Unknown keys,
+wrong types and out-of-range values are refused with a :class:`ConfigError` naming the key and
+what is allowed. ``key=value`` overrides (``schedule.epochs=3``) are applied on top of a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the allowed values."""
+
+
+@dataclass
+class ModelConfig:
+    """The network (paper Section 2.1)."""
+
+    backbone: str = "resnet34"
+    prototypes_per_class: int = 10
+    prototype_dim: int = 128
+    prototype_size: tuple[int, int] = (1, 1)
+    add_on: Literal["regular", "bottleneck"] = "regular"
+    activation: Literal["log", "linear"] = "log"
+    pretrained: bool = True
+    epsilon: float = 1e-4
+
+    def validate(self) -> None:
+        from .model.backbones import available_backbones
+
+        if self.backbone not in available_backbones() and not self.backbone.startswith("timm/"):
+            raise ConfigError(f"model.backbone: unknown backbone {self.backbone!r}; allowed: {', '.join(available_backbones())} or timm/<name>")
+        _positive("model.prototypes_per_class", self.prototypes_per_class)
+        _positive("model.prototype_dim", self.prototype_dim)
+        if len(self.prototype_size) != 2 or min(self.prototype_size) < 1:
+            raise ConfigError(f"model.prototype_size: expected two positive integers [h, w], got {list(self.prototype_size)}")
+        _positive("model.epsilon", self.epsilon)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched.
+
+    ``root`` is ``synthetic`` (the built-in dataset), an ImageFolder tree, a CUB-200-2011 or a
+    Stanford Cars directory. ``val_fraction`` of the training images (stratified) is held out for
+    model selection; the test split is only ever reported.
+    """
+
+    root: str = "synthetic"
+    image_size: int = 224
+    crop: Literal["bbox", "full"] = "bbox"
+    augment: bool = True
+    val_fraction: float = 0.1
+    batch_size: int = 80
+    test_batch_size: int = 100
+    push_batch_size: int = 75
+    num_workers: int = 0
+    cache: bool = False
+    cache_dir: str | None = None
+    synthetic_classes: int = 10
+    synthetic_train_per_class: int = 60
+    synthetic_test_per_class: int = 20
+    synthetic_seed: int = 0
+
+    def validate(self) -> None:
+        _positive("data.image_size", self.image_size)
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: expected a number in [0, 1), got {self.val_fraction}")
+        for name in ("batch_size", "test_batch_size", "push_batch_size", "synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class"):
+            _positive(f"data.{name}", getattr(self, name))
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: expected an integer >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Training stages as data (paper Section 2.2; reference schedule).
+
+    Epochs ``0 .. warm_epochs-1`` are warm-up (add-on + prototypes), the rest joint (backbone +
+    add-on + prototypes, last layer fixed). After epoch ``e`` with ``e >= push_start`` and
+    ``(e - push_start) % push_every == 0`` — and after the final epoch when ``push_at_end`` —
+    prototypes are pushed and the last layer is optimised for ``last_layer_iterations`` passes.
+    """
+
+    epochs: int = 30
+    warm_epochs: int = 5
+    push_start: int = 10
+    push_every: int = 10
+    push_at_end: bool = True
+    last_layer_iterations: int = 20
+    joint_lr_step: int = 5
+    joint_lr_gamma: float = 0.1
+
+    def validate(self) -> None:
+        _positive("schedule.epochs", self.epochs)
+        for name in ("warm_epochs", "push_start", "last_layer_iterations"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"schedule.{name}: expected an integer >= 0, got {getattr(self, name)}")
+        _positive("schedule.push_every", self.push_every)
+        _positive("schedule.joint_lr_step", self.joint_lr_step)
+        _positive("schedule.joint_lr_gamma", self.joint_lr_gamma)
+
+
+@dataclass
+class OptimConfig:
+    """Adam learning rates per parameter group (reference values)."""
+
+    warm_add_on_lr: float = 3e-3
+    warm_prototypes_lr: float = 3e-3
+    backbone_lr: float = 1e-4
+    add_on_lr: float = 3e-3
+    prototypes_lr: float = 3e-3
+    last_layer_lr: float = 1e-4
+    weight_decay: float = 1e-3
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "weight_decay":
+                if value < 0:
+                    raise ConfigError(f"optim.weight_decay: expected a number >= 0, got {value}")
+            else:
+                _positive(f"optim.{f.name}", value)
+
+
+@dataclass
+class LossConfig:
+    """Coefficients of the objective; ``separation`` is subtracted (negative)."""
+
+    ce: float = 1.0
+    cluster: float = 0.8
+    separation: float = -0.08
+    l1: float = 1e-4
+
+    def validate(self) -> None:
+        for f in fields(self):
+            if not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"loss.{f.name}: expected a finite number, got {getattr(self, f.name)}")
+
+
+@dataclass
+class RunConfig:
+    """How to run: seed, device and arithmetic."""
+
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    threads: int = 0
+
+    def validate(self) -> None:
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"run.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.threads < 0:
+            raise ConfigError(f"run.threads: expected an integer >= 0 (0 = PyTorch's default), got {self.threads}")
+
+
+@dataclass
+class OutputConfig:
+    """What a run writes."""
+
+    dir: str = "runs/protopnet"
+    save_prototype_images: bool = True
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        _positive("output.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> "Config":
+        merged = _deep_copy(data or {})
+        if not isinstance(merged, dict):
+            raise ConfigError(f"a config must be a mapping of sections ({', '.join(_names(cls))}), got {type(data).__name__}")
+        for item in overrides:
+            _apply_override(merged, item)
+        config = _build(cls, merged, "")
+        return config.validate()
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}".splitlines()[0]) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    return Config.from_dict(data, overrides)
+
+
+# -- the mapping machinery ----------------------------------------------------------------------
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _positive(key: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key}: expected a number > 0, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. schedule.epochs=3")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. schedule.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"section {parts[0]!r} must be a mapping, got {section!r}")
+    section[parts[1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(_names(cls))}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed keys in {where}: {', '.join(sorted(known))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        hint = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, hint, data[f.name])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - a programming error

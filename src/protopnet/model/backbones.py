@@ -1,0 +1,199 @@
+"""Backbones: the convolutional part ``f`` of a ProtoPNet.
+
+A registry maps a name to a builder returning a :class:`Backbone` — a module mapping images
+(B, 3, S, S) to feature maps (B, C, S/r, S/r) — plus the facts that belong with its weights
+(channels, normalisation mean and std), never repeated in configs.
+
+Names: ``vgg11 vgg11_bn vgg13 vgg13_bn vgg16 vgg16_bn vgg19 vgg19_bn resnet18 resnet34 resnet50
+resnet101 resnet152 densenet121 densenet161 densenet169 densenet201 mobilenet_v2``, the
+from-scratch ``tiny_cnn`` used by the demo, and ``timm/<name>`` for any timm model (optional extra).
+Pretrained weights come through torchvision's own weights API (``IMAGENET1K_V1``), so a machine
+whose ``$TORCH_HOME/hub/checkpoints/`` holds the file loads it without a network.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    """A feature extractor and the facts that go with it.
+
+    Attributes:
+        module: maps (B, 3, S, S) -> (B, out_channels, H, W).
+        out_channels: C, the channels of the feature map.
+        mean, std: the input normalisation the weights expect.
+        stride: the total down-sampling factor S / H.
+    """
+
+    module: nn.Module
+    out_channels: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    stride: int = 32
+
+
+class _ReLUAfter(nn.Module):
+    """DenseNet's ``features`` end in a BatchNorm; torchvision applies ReLU after it in forward."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.features(x))
+
+
+class _ResNetFeatures(nn.Module):
+    """ResNet without its average pool and fully connected layer: (B, 3, S, S) -> (B, C, S/32, S/32)."""
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class TinyCNN(nn.Module):
+    """A small from-scratch CNN (stride 8) for the offline demo: (B, 3, S, S) -> (B, 128, S/8, S/8).
+
+    At 64 px its 8 x 8 map gives each latent cell an 8-pixel footprint, fine enough for part boxes.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.layers = nn.Sequential(
+            *block(3, width, 1),
+            *block(width, width, 2),
+            *block(width, 2 * width, 1),
+            *block(2 * width, 2 * width, 2),
+            *block(2 * width, 4 * width, 1),
+            *block(4 * width, 4 * width, 2),
+            *block(4 * width, 4 * width, 1),
+        )
+        self.out_channels = 4 * width
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    weights = "IMAGENET1K_V1" if pretrained else None
+    return torchvision.models.get_model(name, weights=weights)
+
+
+def _vgg(name: str) -> Callable[[bool], Backbone]:
+    def build(pretrained: bool) -> Backbone:
+        net = _torchvision_model(name, pretrained)
+        return Backbone(net.features, 512, stride=32)
+
+    return build
+
+
+def _resnet(name: str, channels: int) -> Callable[[bool], Backbone]:
+    def build(pretrained: bool) -> Backbone:
+        return Backbone(_ResNetFeatures(_torchvision_model(name, pretrained)), channels, stride=32)
+
+    return build
+
+
+def _densenet(name: str, channels: int) -> Callable[[bool], Backbone]:
+    def build(pretrained: bool) -> Backbone:
+        return Backbone(_ReLUAfter(_torchvision_model(name, pretrained).features), channels, stride=32)
+
+    return build
+
+
+def _mobilenet_v2(pretrained: bool) -> Backbone:
+    return Backbone(_torchvision_model("mobilenet_v2", pretrained).features, 1280, stride=32)
+
+
+def _tiny_cnn(pretrained: bool) -> Backbone:
+    if pretrained:
+        raise ValueError("backbone 'tiny_cnn' has no pretrained weights: use pretrained=False")
+    net = TinyCNN()
+    return Backbone(net, net.out_channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), stride=8)
+
+
+BACKBONES: dict[str, Callable[[bool], Backbone]] = {
+    **{name: _vgg(name) for name in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
+    "resnet18": _resnet("resnet18", 512),
+    "resnet34": _resnet("resnet34", 512),
+    "resnet50": _resnet("resnet50", 2048),
+    "resnet101": _resnet("resnet101", 2048),
+    "resnet152": _resnet("resnet152", 2048),
+    "densenet121": _densenet("densenet121", 1024),
+    "densenet161": _densenet("densenet161", 2208),
+    "densenet169": _densenet("densenet169", 1664),
+    "densenet201": _densenet("densenet201", 1920),
+    "mobilenet_v2": _mobilenet_v2,
+    "tiny_cnn": _tiny_cnn,
+}
+
+
+def available_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone` (``timm/<name>`` works too when timm is installed)."""
+    return sorted(BACKBONES)
+
+
+def _timm_backbone(name: str, pretrained: bool) -> Backbone:
+    try:
+        import timm
+    except ImportError as error:  # pragma: no cover - depends on the optional extra
+        raise ImportError(
+            f"backbone 'timm/{name}' needs timm: pip install 'protopnet[timm]'"
+        ) from error
+    net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(-1,))
+    info = net.feature_info
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+
+    class _Last(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)[-1]
+
+    return Backbone(_Last(net), int(info.channels()[-1]), mean=mean, std=std, stride=int(info.reduction()[-1]))
+
+
+def build_backbone(name: str, pretrained: bool = True) -> Backbone:
+    """Build the backbone called ``name``.
+
+    Raises:
+        ValueError: ``name`` is not a known backbone (the message lists the known ones).
+    """
+    if name.startswith("timm/"):
+        return _timm_backbone(name[len("timm/"):], pretrained)
+    if name not in BACKBONES:
+        raise ValueError(
+            f"unknown backbone {name!r}; choose one of {', '.join(available_backbones())} or 'timm/<name>'"
+        )
+    return BACKBONES[name](pretrained)

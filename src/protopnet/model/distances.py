@@ -1,0 +1,62 @@
+"""Pure functions of the prototype layer ``g_p`` (paper Section 2.1).
+
+Shapes: B images, D latent channels, H x W latent map, M prototypes of h x w patches,
+H' = H - h + 1 and W' = W - w + 1 patch positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("log", "linear")
+
+
+def l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance from every prototype to every patch of the latent map.
+
+    Computed as ``||z||^2 - 2 z.p + ||p||^2`` clamped at 0, with ``||z||^2`` summed over the
+    channels once for all prototypes (one convolution of ``z * z`` with a ones kernel for
+    patches larger than 1 x 1), and the cross term as one convolution. Always computed in
+    float32 (the cancellation in ``a - 2b + c`` is too lossy in bf16/fp16).
+
+    Args:
+        z: latent map (B, D, H, W).
+        prototypes: (M, D, h, w) with h <= H and w <= W.
+
+    Returns:
+        distances (B, M, H', W').
+    """
+    if z.dim() != 4 or prototypes.dim() != 4:
+        raise ValueError(f"expected z (B, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
+    if z.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"latent channels {z.shape[1]} != prototype channels {prototypes.shape[1]}")
+    h, w = prototypes.shape[2], prototypes.shape[3]
+    if h > z.shape[2] or w > z.shape[3]:
+        raise ValueError(f"prototype size {h}x{w} is larger than the latent map {z.shape[2]}x{z.shape[3]}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        prototypes = prototypes.float()
+        z_sq = (z * z).sum(dim=1, keepdim=True)  # (B, 1, H, W)
+        if h != 1 or w != 1:
+            z_sq = F.avg_pool2d(z_sq, (h, w), stride=1) * (h * w)  # (B, 1, H', W')
+        cross = F.conv2d(z, prototypes)  # (B, M, H', W')
+        p_sq = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)  # (1, M, 1, 1)
+        return F.relu(z_sq - 2 * cross + p_sq)
+
+
+def similarity(distances: torch.Tensor, activation: str = "log", epsilon: float = 1e-4) -> torch.Tensor:
+    """Turn squared distances (any shape) into similarities of the same shape.
+
+    ``log``: ``log((d + 1) / (d + epsilon))`` (paper Section 2.1); ``linear``: ``-d``.
+    """
+    if activation == "log":
+        return torch.log((distances + 1) / (distances + epsilon))
+    if activation == "linear":
+        return -distances
+    raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+
+
+def min_pool(distances: torch.Tensor) -> torch.Tensor:
+    """Global min pooling: (B, M, H', W') -> (B, M)."""
+    return distances.flatten(2).amin(dim=2)

@@ -1,0 +1,26 @@
+"""Training: the schedule as data, the run loop, push, the last-layer stage, evaluation."""
+
+from .evaluate import accuracy_report, evaluate, predict_logits
+from .last_layer import collect_similarities, optimise_last_layer
+from .loop import RunData, TrainResult, Trainer, build_model, build_run_data, train
+from .push import push_prototypes
+from .stages import STAGES, Step, plan_schedule, set_trainable
+
+__all__ = [
+    "STAGES",
+    "RunData",
+    "Step",
+    "TrainResult",
+    "Trainer",
+    "accuracy_report",
+    "build_model",
+    "build_run_data",
+    "collect_similarities",
+    "evaluate",
+    "optimise_last_layer",
+    "plan_schedule",
+    "predict_logits",
+    "push_prototypes",
+    "set_trainable",
+    "train",
+]

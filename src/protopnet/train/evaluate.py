@@ -1,0 +1,99 @@
+"""Accuracy of a model on a dataset (top-1, top-5, per class), streamed in batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..runtime import autocast, memory_format, resolve_device
+from .loader import BadImageLog, IndexedSubset, make_loader
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: Any,
+    dataset: Any,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 100,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    sampler: Any = None,
+    progress: Callable[[int], None] | None = None,
+    bad_images: BadImageLog | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of every readable item, unaugmented, in eval mode.
+
+    Returns:
+        logits (N, K), labels (N,), dataset indices (N,) — gathered from every rank when
+        ``sampler`` shards the data across a process group.
+    """
+    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
+    fmt = memory_format(channels_last)
+    all_logits, all_labels, all_indices = [], [], []
+    for batch in loader:
+        if bad_images is not None:
+            bad_images.add(batch.bad)
+        if batch.images is None:
+            continue
+        with autocast(device, precision):
+            logits = model(batch.images.to(device, non_blocking=True).to(memory_format=fmt)).logits
+        all_logits.append(logits.float().cpu())
+        all_labels.append(batch.labels)
+        all_indices.append(batch.indices)
+        if progress is not None:
+            progress(len(batch.indices))
+    model.train(was_training)
+    k = getattr(model, "num_classes", 0)
+    logits = torch.cat(all_logits) if all_logits else torch.zeros(0, k)
+    labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long)
+    idx = torch.cat(all_indices) if all_indices else torch.zeros(0, dtype=torch.long)
+    if sampler is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (logits, labels, idx))
+        logits = torch.cat([g[0] for g in gathered])
+        labels = torch.cat([g[1] for g in gathered])
+        idx = torch.cat([g[2] for g in gathered])
+        # A DistributedSampler pads with repeated items: keep each dataset index once.
+        order = torch.argsort(idx, stable=True)
+        logits, labels, idx = logits[order], labels[order], idx[order]
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep[1:] = idx[1:] != idx[:-1]
+        logits, labels, idx = logits[keep], labels[keep], idx[keep]
+    return logits, labels, idx
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
+    """Top-1, top-5 and per-class accuracy from logits (N, K) and labels (N,)."""
+    n = int(labels.numel())
+    if n == 0:
+        return {"n": 0, "accuracy": float("nan"), "top5": float("nan"), "per_class": {}}
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, 5)
+    top1 = top[:, 0] == labels
+    top5 = (top == labels[:, None]).any(dim=1)
+    per_class = {}
+    for k, name in enumerate(class_names):
+        mask = labels == k
+        if bool(mask.any()):
+            per_class[name] = float(top1[mask].float().mean())
+    return {"n": n, "accuracy": float(top1.float().mean()), "top5": float(top5.float().mean()), "per_class": per_class}
+
+
+def evaluate(model: Any, dataset: Any, **kwargs: Any) -> dict[str, Any]:
+    """Top-1, top-5 and per-class accuracy of ``model`` on ``dataset`` (unaugmented).
+
+    Keyword arguments are those of :func:`predict_logits`.
+    """
+    logits, labels, _ = predict_logits(model, dataset, **kwargs)
+    names = getattr(model, "class_names", None) or getattr(dataset, "classes", [])
+    return accuracy_report(logits, labels, names)

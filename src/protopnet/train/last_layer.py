@@ -1,0 +1,157 @@
+"""The convex last-layer stage (paper Section 2.2).
+
+With the latent space and the prototypes fixed, an image's similarity vector (M,) does not change
+during this stage, so it is computed once per image and the last layer is optimised on those
+vectors: CE + l1 * sum |w_h(k, j)| over prototypes j not of class k. Each iteration is one pass
+over the images in a seeded random order, in batches — exactly the updates that the same number of
+full forward passes over the same (unaugmented, eval-mode) images would make, at a fraction of the
+cost (see ``benchmarks/bench_engine.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..losses import l1_wrong_class
+from ..runtime import autocast, memory_format, resolve_device
+from .loader import BadImageLog, IndexedSubset, make_loader
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def collect_similarities(
+    model: Any,
+    dataset: Any,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 75,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    sampler: Any = None,
+    bad_images: BadImageLog | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Similarity vectors of every readable image (eval mode, unaugmented).
+
+    Returns:
+        similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index; with a
+        sharding ``sampler`` every rank receives the whole set.
+    """
+    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
+    fmt = memory_format(channels_last)
+    sims, labels, idx = [], [], []
+    for batch in loader:
+        if bad_images is not None:
+            bad_images.add(batch.bad)
+        if batch.images is None:
+            continue
+        with autocast(device, precision):
+            z = model.latent(batch.images.to(device, non_blocking=True).to(memory_format=fmt))
+        sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
+        labels.append(batch.labels)
+        idx.append(batch.indices)
+    model.train(was_training)
+    s = torch.cat(sims) if sims else torch.zeros(0, model.num_prototypes)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    i = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+    if sampler is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (s, y, i))
+        s, y, i = (torch.cat([g[n] for g in gathered]) for n in range(3))
+    order = torch.argsort(i, stable=True)
+    s, y, i = s[order], y[order], i[order]
+    keep = torch.ones_like(i, dtype=torch.bool)
+    keep[1:] = i[1:] != i[:-1]  # DistributedSampler padding repeats items
+    return s[keep], y[keep], i[keep]
+
+
+def optimise_last_layer(
+    model: Any,
+    similarities: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    iterations: int,
+    batch_size: int,
+    l1: float = 1e-4,
+    ce: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Optimise ``model.last_layer`` on fixed similarity vectors.
+
+    Args:
+        similarities: (N, M); labels: (N,).
+        optimizer: over ``model.last_layer`` parameters (the run's persistent one).
+        iterations: passes over the N vectors, each in the order ``randperm(N, generator)``.
+
+    Returns the last iteration's mean terms: ``ce``, ``l1``, ``loss``, ``train_accuracy``.
+    """
+    device = model.last_layer.weight.device
+    similarities, labels = similarities.to(device), labels.to(device)
+    identity = model.class_identity
+    n = similarities.shape[0]
+    terms: dict[str, float] = {}
+    for iteration in range(iterations):
+        order = torch.randperm(n, generator=generator)
+        sums = torch.zeros(4, device=device)
+        for chunk in order.split(batch_size):
+            chunk = chunk.to(device)
+            logits = model.last_layer(similarities[chunk])  # (b, K)
+            ce_term = F.cross_entropy(logits, labels[chunk])
+            l1_term = l1_wrong_class(model.last_layer.weight, identity)
+            loss = ce * ce_term + l1 * l1_term
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            b = len(chunk)
+            sums += torch.stack([ce_term.detach() * b, l1_term.detach() * b, loss.detach() * b, (logits.argmax(1) == labels[chunk]).sum().float()])
+        ce_v, l1_v, loss_v, correct = (sums / max(n, 1)).tolist()
+        terms = {"ce": ce_v, "l1": l1_v, "loss": loss_v, "train_accuracy": correct}
+        if on_iteration is not None:
+            on_iteration(iteration, terms)
+    return terms
+
+
+def optimise_last_layer_full_forward(
+    model: Any,
+    dataset: Any,
+    optimizer: torch.optim.Optimizer,
+    *,
+    iterations: int,
+    batch_size: int,
+    indices: Sequence[int] | None = None,
+    l1: float = 1e-4,
+    ce: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> None:
+    """The same stage done the slow way — a full forward pass per batch, in the same order as
+    :func:`optimise_last_layer` — kept for tests and benchmarks that check the two agree."""
+    device = model.last_layer.weight.device
+    subset = IndexedSubset(dataset, indices, augment=False)
+    model.eval()
+    identity = model.class_identity
+    for _ in range(iterations):
+        order = torch.randperm(len(subset), generator=generator)
+        for chunk in order.split(batch_size):
+            items = [subset[int(p)] for p in chunk]
+            images = torch.stack([it[0] for it in items]).to(device)
+            target = torch.tensor([it[1] for it in items], device=device)
+            with torch.no_grad():
+                z = model.latent(images)
+                sims = model.similarity(model.distances(z).flatten(2).amin(2))
+            logits = model.last_layer(sims)
+            loss = ce * F.cross_entropy(logits, target) + l1 * l1_wrong_class(model.last_layer.weight, identity)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()

@@ -1,0 +1,121 @@
+"""Batches that know where their images come from, and survive unreadable files.
+
+:class:`IndexedSubset` yields ``(image, label, dataset_index)`` and turns an unreadable image
+into a :class:`BadItem`; :func:`collate_indexed` drops those from the tensors and reports them in
+:attr:`Batch.bad`, so one bad file never stops an epoch and the main process learns of it even
+when the loading ran in worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger(__name__)
+
+
+class BadItem(NamedTuple):
+    """An item that could not be read."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class Batch(NamedTuple):
+    """A collated batch: images (B, 3, S, S) or None when every item was bad, labels (B,),
+    dataset indices (B,), and the unreadable items."""
+
+    images: torch.Tensor | None
+    labels: torch.Tensor
+    indices: torch.Tensor
+    bad: list[BadItem]
+
+
+class IndexedSubset(Dataset):
+    """The items ``indices`` of ``dataset`` as ``(image (3, S, S), label, dataset_index)``.
+
+    Args:
+        dataset: a :class:`protopnet.data.base.ProtoDataset` (or any dataset of (image, label)).
+        indices: which items, in order (default: all).
+        augment: override the dataset's augmentation for this view (None keeps it; pass
+            ``False`` for an unaugmented view, as push and evaluation need).
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int] | None = None, augment: Any = None) -> None:
+        self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+        self.augment_override = augment
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int] | BadItem:
+        index = self.indices[position]
+        try:
+            if self.augment_override is False and hasattr(self.dataset, "load_image"):
+                picture = self.dataset.load_image(index)
+                image = self.dataset.to_tensor(picture)
+                label = int(self.dataset.targets[index])
+            else:
+                image, label = self.dataset[index]
+        except (OSError, ValueError, SyntaxError) as error:  # BadImageError is a ValueError
+            return BadItem(index, _path(self.dataset, index), str(error))
+        return image, int(label), index
+
+
+def _path(dataset: Any, index: int) -> str:
+    return dataset.path(index) if hasattr(dataset, "path") else f"item {index}"
+
+
+def collate_indexed(batch: list[tuple[torch.Tensor, int, int] | BadItem]) -> Batch:
+    """Stack ``(image, label, index)`` items; unreadable ones go to ``Batch.bad``."""
+    bad = [item for item in batch if isinstance(item, BadItem)]
+    items = [item for item in batch if not isinstance(item, BadItem)]
+    images = torch.stack([item[0] for item in items]) if items else None
+    labels = torch.tensor([item[1] for item in items], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in items], dtype=torch.long)
+    return Batch(images, labels, indices, bad)
+
+
+class BadImageLog:
+    """Collects the unreadable images a run met (each logged once)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, str] = {}
+
+    def add(self, bad: list[BadItem]) -> None:
+        for item in bad:
+            if item.path not in self.items:
+                logger.warning("skipping unreadable image %s: %s", item.path, item.reason)
+                self.items[item.path] = item.reason
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def make_loader(
+    subset: IndexedSubset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    sampler: Any = None,
+) -> DataLoader:
+    """A DataLoader over ``subset`` that skips unreadable images."""
+    return DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_indexed,
+    )

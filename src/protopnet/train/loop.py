@@ -1,0 +1,561 @@
+"""The training run: executes the planned steps, evaluates, selects, checkpoints and resumes.
+
+A run directory holds:
+
+    config.yaml        the resolved config
+    metrics.jsonl      one JSON object per step (stage, epoch, loss terms, accuracies, seconds)
+    checkpoints/       step-NNNNN/ after every step (tensors in safetensors, state in JSON)
+    model/             the selected model (best validation accuracy among pushed models)
+    results.json       the selected model's validation and test accuracy, wall time
+    bad_images.txt     images that could not be read (when there were any)
+
+Every step starts from a seed derived from ``run.seed`` and its index, inside
+``torch.random.fork_rng`` (the caller's random state is untouched), so a run resumed from the
+checkpoint after any step ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    flatten_state,
+    load_tensors,
+    save_model,
+    save_tensors,
+    unflatten_state,
+    write_directory_atomically,
+)
+from ..config import Config
+from ..losses import LossCoefficients, protopnet_loss
+from ..model.protopnet import ProtoPNet
+from ..runtime import autocast, memory_format, resolve_device
+from .evaluate import accuracy_report, predict_logits
+from .last_layer import collect_similarities, optimise_last_layer
+from .loader import BadImageLog, IndexedSubset, make_loader
+from .push import push_prototypes
+from .stages import Step, parameter_groups, plan_schedule, set_trainable
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RunData:
+    """The datasets of a run: ``train`` (augmented view), ``clean`` (the same images without
+    augmentation: push, last layer, validation), ``test``, and the index lists."""
+
+    train: Any
+    clean: Any
+    test: Any | None
+    train_indices: list[int]
+    val_indices: list[int]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.clean.classes)
+
+
+def build_run_data(config: Config, mean: tuple[float, ...], std: tuple[float, ...]) -> RunData:
+    """Build the datasets a config names (``data.root``), with the backbone's normalisation."""
+    from ..data import build_dataset, online_augmentation, train_val_split
+
+    d = config.data
+    extra: dict[str, Any] = {}
+    if d.root == "synthetic":
+        extra = {"num_classes": d.synthetic_classes, "seed": d.synthetic_seed}
+    else:
+        extra = {"crop": d.crop}
+    common = dict(image_size=d.image_size, mean=mean, std=std)
+
+    def make(split: str, augment: Any) -> Any:
+        kw = dict(extra)
+        if d.root == "synthetic":
+            kw["images_per_class"] = d.synthetic_train_per_class if split == "train" else d.synthetic_test_per_class
+        dataset = build_dataset(d.root, split=split, augment=augment, **common, **kw)
+        if d.cache:
+            from ..data import DecodedCache
+
+            cache_dir = Path(d.cache_dir) if d.cache_dir else Path(config.output.dir) / "cache"
+            dataset = DecodedCache(dataset, cache_dir / split)
+        return dataset
+
+    augment = online_augmentation(d.image_size) if d.augment else None
+    clean = make("train", None)
+    train = make("train", augment) if augment is not None else clean
+    try:
+        test = make("test", None)
+    except (FileNotFoundError, ValueError) as error:
+        logger.warning("no test split (%s); only validation accuracy will be reported", error)
+        test = None
+    if d.val_fraction > 0:
+        train_idx, val_idx = train_val_split(clean, d.val_fraction, config.run.seed)
+    else:
+        train_idx, val_idx = list(range(len(clean))), []
+    return RunData(train, clean, test, sorted(train_idx), sorted(val_idx))
+
+
+def build_model(config: Config, class_names: list[str]) -> ProtoPNet:
+    """The ProtoPNet a config describes, for ``class_names``."""
+    m = config.model
+    model = ProtoPNet(
+        backbone=m.backbone,
+        num_classes=len(class_names),
+        prototypes_per_class=m.prototypes_per_class,
+        prototype_dim=m.prototype_dim,
+        prototype_size=m.prototype_size,
+        add_on=m.add_on,
+        activation=m.activation,
+        pretrained=m.pretrained,
+        epsilon=m.epsilon,
+        class_names=class_names,
+    )
+    model.image_size = config.data.image_size
+    return model
+
+
+def backbone_normalisation(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from ..model.backbones import build_backbone
+
+    if config.model.backbone == "tiny_cnn":
+        built = build_backbone("tiny_cnn", pretrained=False)
+        return built.mean, built.std
+    from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    out_dir: Path
+    model_dir: Path
+    validation: dict[str, Any]
+    test: dict[str, Any] | None
+    seconds: float
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs a config's schedule into ``out_dir``.
+
+    Args:
+        config: the validated run config.
+        out_dir: the run directory (default ``config.output.dir``).
+        progress: a callable ``(description, total) -> context`` making progress bars (the CLI
+            passes tqdm); None for silence.
+        data: prebuilt :class:`RunData` (tests); default: built from ``config.data``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        out_dir: str | Path | None = None,
+        *,
+        progress: Callable[..., Any] | None = None,
+        data: RunData | None = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir or config.output.dir)
+        self.progress = progress
+        self.device = resolve_device(config.run.device)
+        self.is_main = _rank() == 0
+        self.plan = plan_schedule(config.schedule)
+        mean, std = backbone_normalisation(config)
+        self.data = data or build_run_data(config, mean, std)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.run.seed)
+            self.model = build_model(config, self.data.class_names)
+        self.model.to(self.device)
+        if config.run.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizers = self._make_optimizers()
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizers["joint"], step_size=config.schedule.joint_lr_step, gamma=config.schedule.joint_lr_gamma
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.run.precision == "fp16")
+        self.coefficients = LossCoefficients(**{k: getattr(config.loss, k) for k in ("ce", "cluster", "separation", "l1")})
+        self.metrics: list[dict[str, Any]] = []
+        self.best_val = -1.0
+        self.selected_step: int | None = None
+        self.bad_images = BadImageLog()
+        self.next_step = 0
+        self._ddp: nn.Module | None = None
+
+    # -- setup ------------------------------------------------------------------------------
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        o = self.config.optim
+        groups = parameter_groups(self.model)
+        return {
+            "warm": torch.optim.Adam(
+                [
+                    {"params": groups["add_on"], "lr": o.warm_add_on_lr, "weight_decay": o.weight_decay},
+                    {"params": groups["prototypes"], "lr": o.warm_prototypes_lr},
+                ]
+            ),
+            "joint": torch.optim.Adam(
+                [
+                    {"params": groups["features"], "lr": o.backbone_lr, "weight_decay": o.weight_decay},
+                    {"params": groups["add_on"], "lr": o.add_on_lr, "weight_decay": o.weight_decay},
+                    {"params": groups["prototypes"], "lr": o.prototypes_lr},
+                ]
+            ),
+            "last_layer": torch.optim.Adam([{"params": groups["last_layer"], "lr": o.last_layer_lr}]),
+        }
+
+    def _step_seed(self, step: Step) -> int:
+        return (self.config.run.seed * 1_000_003 + step.index * 7919 + 17) % (2**63 - 1)
+
+    def _bar(self, description: str, total: int) -> Any:
+        if self.progress is None or not self.is_main:
+            return _NullBar()
+        return self.progress(description, total)
+
+    def _forward_model(self) -> nn.Module:
+        """The module to call in training: the DDP wrapper when distributed."""
+        if _world() > 1:
+            if self._ddp is None:
+                self._ddp = nn.parallel.DistributedDataParallel(
+                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
+                )
+            return self._ddp
+        return self.model
+
+    def _sampler(self, indices: list[int], shuffle: bool, seed: int) -> Any:
+        if _world() <= 1:
+            return None
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(range(len(indices)), shuffle=shuffle, seed=seed, drop_last=False)
+
+    # -- stages -----------------------------------------------------------------------------
+    def _train_epoch(self, step: Step) -> dict[str, Any]:
+        cfg = self.config
+        set_trainable(self.model, step.stage)
+        optimizer = self.optimizers[step.stage]
+        forward = self._forward_model()
+        forward.train()
+        subset = IndexedSubset(self.data.train, self.data.train_indices)
+        seed = self._step_seed(step)
+        sampler = self._sampler(self.data.train_indices, shuffle=True, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        loader = make_loader(
+            subset, cfg.data.batch_size, shuffle=True, generator=generator, num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", sampler=sampler,
+        )
+        fmt = memory_format(cfg.run.channels_last)
+        identity = self.model.class_identity
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(loader)) as bar:
+            for batch in loader:
+                self.bad_images.add(batch.bad)
+                if batch.images is None:
+                    bar.update(1)
+                    continue
+                images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
+                labels = batch.labels.to(self.device, non_blocking=True)
+                with autocast(self.device, cfg.run.precision):
+                    out = forward(images)
+                loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients)
+                optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                b = labels.shape[0]
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * b
+                correct += (out.logits.argmax(1) == labels).sum()
+                seen += b
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(seen, 1):.3f}")
+        totals = torch.stack([*(sums[k] for k in sorted(sums)), correct.float(), torch.tensor(float(seen), device=self.device)]) if sums else None
+        if totals is not None and _world() > 1:
+            dist.all_reduce(totals)
+        record: dict[str, Any] = {}
+        if totals is not None:
+            n = max(float(totals[-1]), 1.0)
+            for i, k in enumerate(sorted(sums)):
+                record[k] = float(totals[i]) / n
+            record["train_accuracy"] = float(totals[-2]) / n
+        if step.stage == "joint":
+            record["lr_backbone"] = self.optimizers["joint"].param_groups[0]["lr"]
+            self.scheduler.step()
+        return record
+
+    def _push(self, step: Step) -> dict[str, Any]:
+        cfg = self.config
+        self.model.eval()
+        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} push", len(self.data.train_indices)) as bar:
+            provenance = push_prototypes(
+                self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
+                device=self.device, num_workers=cfg.data.num_workers, precision=cfg.run.precision,
+                channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
+                progress=bar.update, bad_images=self.bad_images,
+            )
+        moved = [p["distance"] for p in provenance]
+        self.model.history.append({"event": "push", "step": step.index, "epoch": step.epoch, "time": _now()})
+        return {"push_mean_distance": sum(moved) / len(moved), "push_max_distance": max(moved)}
+
+    def _last_layer(self, step: Step) -> dict[str, Any]:
+        cfg = self.config
+        set_trainable(self.model, "last_layer")
+        sims, labels, _ = collect_similarities(
+            self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
+            device=self.device, num_workers=cfg.data.num_workers, precision=cfg.run.precision,
+            channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
+            bad_images=self.bad_images,
+        )
+        generator = torch.Generator().manual_seed(self._step_seed(step))
+        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} last layer", cfg.schedule.last_layer_iterations) as bar:
+            terms = optimise_last_layer(
+                self.model, sims, labels, self.optimizers["last_layer"], iterations=cfg.schedule.last_layer_iterations,
+                batch_size=cfg.data.batch_size, l1=cfg.loss.l1, ce=cfg.loss.ce, generator=generator,
+                on_iteration=lambda i, t: (bar.update(1), bar.set_postfix(loss=f"{t['loss']:.3f}", acc=f"{t['train_accuracy']:.3f}")),
+            )
+        return terms
+
+    def _validate(self) -> float | None:
+        if not self.data.val_indices:
+            return None
+        logits, labels, _ = predict_logits(
+            self.model, self.data.clean, indices=self.data.val_indices, batch_size=self.config.data.test_batch_size,
+            device=self.device, num_workers=self.config.data.num_workers, precision=self.config.run.precision,
+            channels_last=self.config.run.channels_last, sampler=self._sampler(self.data.val_indices, False, 0),
+            bad_images=self.bad_images,
+        )
+        return accuracy_report(logits, labels, self.data.class_names)["accuracy"]
+
+    # -- the run ----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Run every planned step (from the last checkpoint when ``resume``), then evaluate the
+        selected model on the test split."""
+        start = time.perf_counter()
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.out_dir)
+        if resume:
+            self._resume()
+        elif self.is_main and (self.out_dir / "checkpoints").exists() and any((self.out_dir / "checkpoints").iterdir()):
+            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if self.is_main:
+            atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
+        elapsed_before = sum(r.get("seconds", 0.0) for r in self.metrics)
+        with self._bar("training", len(self.plan)) as overall:
+            overall.update(self.next_step)
+            for step in self.plan[self.next_step:]:
+                t0 = time.perf_counter()
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed(self._step_seed(step))
+                    if step.stage in ("warm", "joint"):
+                        record = self._train_epoch(step)
+                    elif step.stage == "push":
+                        record = self._push(step)
+                    else:
+                        record = self._last_layer(step)
+                    val = self._validate()
+                record = {"step": step.index, "stage": step.stage, "epoch": step.epoch, **record, "val_accuracy": val,
+                          "seconds": round(time.perf_counter() - t0, 3)}
+                self.metrics.append(record)
+                self._after_step(step, val)
+                overall.update(1)
+                logger.info("step %d %s epoch %d: %s", step.index, step.stage, step.epoch, _short(record))
+        if self.selected_step is None and self.is_main:
+            # No pushed model was ever selected (a schedule without push): keep the final one.
+            save_model(self.model, self.out_dir / "model", dataset=self.data.clean, run_config=self.config.to_dict())
+        if _world() > 1:
+            dist.barrier()
+        return self._finish(elapsed_before + time.perf_counter() - start)
+
+    def _after_step(self, step: Step, val: float | None) -> None:
+        pushed = step.stage == "last_layer" or (step.stage == "push" and self.config.schedule.last_layer_iterations == 0)
+        if pushed:
+            score = val if val is not None else float(step.index)
+            if score > self.best_val:
+                self.best_val = score
+                self.selected_step = step.index
+                if self.is_main:
+                    save_model(
+                        self.model, self.out_dir / "model", dataset=self.data.clean if self.config.output.save_prototype_images else None,
+                        run_config=self.config.to_dict(), extra={"selected_step": step.index, "val_accuracy": val},
+                    )
+        self.next_step = step.index + 1
+        if self.is_main:
+            self._save_checkpoint(step)
+            self._write_metrics()
+
+    def _finish(self, seconds: float) -> TrainResult:
+        from ..checkpoint import load_model
+
+        model_dir = self.out_dir / "model"
+        selected = load_model(model_dir, device=self.device)
+        val = None
+        if self.data.val_indices:
+            logits, labels, _ = predict_logits(selected, self.data.clean, indices=self.data.val_indices, batch_size=self.config.data.test_batch_size, device=self.device)
+            val = accuracy_report(logits, labels, self.data.class_names)
+        test = None
+        if self.data.test is not None:
+            logits, labels, _ = predict_logits(selected, self.data.test, batch_size=self.config.data.test_batch_size, device=self.device, bad_images=self.bad_images)
+            test = accuracy_report(logits, labels, self.data.class_names)
+        if self.is_main:
+            results = {
+                "selected_step": self.selected_step,
+                "validation": val,
+                "test": test,
+                "seconds": round(seconds, 2),
+                "bad_images": len(self.bad_images),
+            }
+            atomic_write_json(self.out_dir / "results.json", results)
+            if len(self.bad_images):
+                atomic_write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.bad_images.items.items())))
+        return TrainResult(self.out_dir, model_dir, val or {}, test, seconds, self.metrics)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        opt_skeleton, opt_tensors = flatten_state({k: o.state_dict() for k, o in self.optimizers.items()}, "optim")
+        state = {
+            "version": STATE_VERSION,
+            "next_step": self.next_step,
+            "plan": [s.to_json() for s in self.plan],
+            "config": self.config.to_dict(),
+            "metrics": self.metrics,
+            "best_val": self.best_val,
+            "selected_step": self.selected_step,
+            "optimizers": opt_skeleton,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            # Every step reseeds from (run.seed, step index) inside fork_rng, so the random state
+            # at a step boundary is a function of these two numbers.
+            "rng": {"seed": self.config.run.seed, "scheme": "seed * 1000003 + step * 7919 + 17, per step"},
+            "provenance": self.model.provenance,
+            "history": self.model.history,
+            "bad_images": self.bad_images.items,
+        }
+        return state, opt_tensors
+
+    def _save_checkpoint(self, step: Step) -> None:
+        state, extra_tensors = self._state()
+
+        def fill(tmp: Path) -> None:
+            state["model_sha256"] = save_tensors(tmp / "model.safetensors", self.model.state_dict())
+            state["state_sha256"] = save_tensors(tmp / "state.safetensors", extra_tensors)
+            atomic_write_json(tmp / "state.json", state)
+
+        root = self.out_dir / "checkpoints"
+        write_directory_atomically(root / f"step-{step.index:05d}", fill)
+        kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in kept[: -self.config.output.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> None:
+        root = self.out_dir / "checkpoints"
+        candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True) if root.is_dir() else []
+        for path in candidates:
+            try:
+                self._load_checkpoint(path)
+                logger.info("resuming from %s (next step %d of %d)", path, self.next_step, len(self.plan))
+                return
+            except (CheckpointError, OSError, ValueError, KeyError) as error:
+                logger.warning("checkpoint %s is unusable (%s); trying the one before", path, error)
+        if candidates:
+            raise CheckpointError(f"{root}: no usable checkpoint to resume from")
+        logger.info("no checkpoint in %s: starting from the beginning", self.out_dir)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{path}: unknown checkpoint version {state.get('version')}")
+        if state["config"]["model"] != self.config.to_dict()["model"] or state["config"]["schedule"] != self.config.to_dict()["schedule"] or state["config"]["data"] != self.config.to_dict()["data"]:
+            raise ValueError(f"{path}: this run was started with a different model, data or schedule config; resume with the same config or choose another --out")
+        model_tensors = load_tensors(path / "model.safetensors", state["model_sha256"])
+        other = load_tensors(path / "state.safetensors", state["state_sha256"])
+        self._match_prototype_count(model_tensors)
+        self.model.load_state_dict(model_tensors)
+        optim_states = unflatten_state(state["optimizers"], other)
+        self.optimizers = self._make_optimizers()
+        for k, o in self.optimizers.items():
+            o.load_state_dict(optim_states[k])
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizers["joint"], step_size=self.config.schedule.joint_lr_step, gamma=self.config.schedule.joint_lr_gamma)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.metrics = list(state["metrics"])
+        self.best_val = float(state["best_val"])
+        self.selected_step = state["selected_step"]
+        self.model.provenance = state.get("provenance")
+        self.model.history = list(state.get("history") or [])
+        self.bad_images.items = dict(state.get("bad_images") or {})
+        self.next_step = int(state["next_step"])
+
+    def _match_prototype_count(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors["prototypes"].shape != self.model.prototypes.shape:
+            raise CheckpointError("checkpoint prototypes do not match the configured model")
+
+    def _write_metrics(self) -> None:
+        atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+
+
+class _NullBar:
+    def __enter__(self) -> "_NullBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        return None
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail before any training work if the output directory is read-only or the disk is full."""
+    probe = directory / ".write-test"
+    try:
+        probe.write_bytes(b"\0" * 1024 * 1024)
+        probe.unlink()
+    except OSError as error:
+        probe.unlink(missing_ok=True)
+        raise OSError(f"cannot write to {directory}: {error.strerror or error} (is it read-only or is the disk full?)") from None
+    usage = shutil.disk_usage(directory)
+    if usage.free < 50 * 1024 * 1024:
+        raise OSError(f"only {usage.free // (1024 * 1024)} MiB free under {directory}; training needs room for checkpoints")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _short(record: dict[str, Any]) -> str:
+    keys = ("loss", "ce", "cluster", "separation", "train_accuracy", "val_accuracy")
+    return ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
+
+
+def train(config: Config, out_dir: str | Path | None = None, *, resume: bool = False, progress: Callable[..., Any] | None = None) -> TrainResult:
+    """Train a ProtoPNet as ``config`` says; returns where the model and results are."""
+    return Trainer(config, out_dir, progress=progress).fit(resume=resume)

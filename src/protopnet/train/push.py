@@ -1,0 +1,216 @@
+"""Prototype projection ("push", paper Section 2.2) with provenance (Section 2.3).
+
+Every prototype of class k becomes exactly its nearest latent patch among the push images of
+class k (the training images without augmentation). The scan streams over batches — latents are
+never all held — and is vectorised over prototypes: one distance computation per batch gives,
+for every prototype, its best patch in the batch among images of its class.
+
+For each prototype it records where the winning patch comes from: dataset index, image path,
+patch position, distance, the activation map on that image (kept from the scan, so no second
+pass is needed) and the pixel box of the region >= the 95th percentile of the upsampled map.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..model.distances import l2_distance_maps
+from ..model.protopnet import ProtoPNet
+from ..regions import activation_box
+from ..runtime import autocast, memory_format, resolve_device
+from .loader import BadImageLog, IndexedSubset, make_loader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PushState:
+    """The best patch found so far for each of M prototypes.
+
+    Attributes:
+        distance: (M,) squared distance of the best patch (inf: none seen yet).
+        index: (M,) dataset index of its image (-1: none).
+        position: (M, 2) (row, col) of the patch's top-left latent cell.
+        patch: (M, D, h, w) the latent patch.
+        latent: (M, D, H, W) the whole latent map of the winning image, kept so the pushed
+            prototype's activation map on its source image can be drawn without a second pass.
+    """
+
+    distance: torch.Tensor
+    index: torch.Tensor
+    position: torch.Tensor
+    patch: torch.Tensor
+    latent: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, prototypes: torch.Tensor) -> "PushState":
+        m = prototypes.shape[0]
+        return cls(
+            distance=torch.full((m,), float("inf")),
+            index=torch.full((m,), -1, dtype=torch.long),
+            position=torch.zeros(m, 2, dtype=torch.long),
+            patch=prototypes.detach().float().cpu().clone(),
+            latent=None,
+        )
+
+    def update(
+        self,
+        z: torch.Tensor,
+        distances: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        prototype_classes: torch.Tensor,
+        model: ProtoPNet,
+    ) -> None:
+        """Fold one batch in.
+
+        Args:
+            z: latent (B, D, H, W). distances: (B, M, H', W'). labels, indices: (B,).
+            prototype_classes: (M,).
+        """
+        b, m, hp, wp = distances.shape
+        same_class = labels.view(b, 1) == prototype_classes.view(1, m)  # (B, M)
+        masked = distances.flatten(2).masked_fill(~same_class.unsqueeze(2), float("inf"))  # (B, M, P)
+        flat = masked.permute(1, 0, 2).reshape(m, b * hp * wp)  # (M, B*P)
+        best, where = flat.min(dim=1)  # (M,)
+        best = best.cpu()
+        # Ties go to the smaller dataset index, so any batch order or sharding gives one answer.
+        image_in_batch = (where // (hp * wp)).cpu()
+        candidate_index = indices.cpu()[image_in_batch]
+        better = (best < self.distance) | ((best == self.distance) & (candidate_index < self.index) & torch.isfinite(best))
+        if not bool(better.any()):
+            return
+        rows = torch.nonzero(better).flatten()
+        cell = (where.cpu()[rows] % (hp * wp))
+        r, c = cell // wp, cell % wp
+        h, w = model.prototype_size
+        img = image_in_batch[rows]
+        patches = torch.stack([z[i, :, y : y + h, x : x + w] for i, y, x in zip(img.tolist(), r.tolist(), c.tolist())])
+        if self.latent is None:
+            self.latent = torch.zeros(m, *z.shape[1:])
+        self.distance[rows] = best[rows]
+        self.index[rows] = candidate_index[rows]
+        self.position[rows, 0], self.position[rows, 1] = r, c
+        self.patch[rows] = patches.float().cpu()
+        self.latent[rows] = z[img.to(z.device)].float().cpu()
+
+    def merge_across_ranks(self) -> None:
+        """With torch.distributed initialised, make every rank hold the global winners."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.distance, self.index, self.position, self.patch, self.latent))
+        for distance, index, position, patch, latent in gathered:
+            better = (distance < self.distance) | ((distance == self.distance) & (index < self.index) & (index >= 0))
+            if latent is None or not bool(better.any()):
+                continue
+            if self.latent is None:
+                self.latent = torch.zeros_like(latent)
+            self.distance[better], self.index[better] = distance[better], index[better]
+            self.position[better], self.patch[better] = position[better], patch[better]
+            self.latent[better] = latent[better]
+
+    def activation_maps(self, model: ProtoPNet) -> torch.Tensor:
+        """(M, H', W') similarity of each (pushed) prototype on its own source image."""
+        maps = []
+        for j in range(self.patch.shape[0]):
+            d = l2_distance_maps(self.latent[j : j + 1], self.patch[j : j + 1])  # (1, 1, H', W')
+            maps.append(model.similarity(d[0, 0]))
+        return torch.stack(maps)
+
+
+@torch.no_grad()
+def push_prototypes(
+    model: ProtoPNet,
+    dataset: Any,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 75,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    percentile: float = 95.0,
+    sampler: Any = None,
+    progress: Callable[[int], None] | None = None,
+    bad_images: BadImageLog | None = None,
+) -> list[dict[str, Any]]:
+    """Project every prototype onto its nearest latent training patch of its own class.
+
+    Args:
+        model: the ProtoPNet; its prototypes are replaced in place.
+        dataset: a ProtoDataset; its images are read without augmentation.
+        indices: the push images (default: every item).
+        sampler: a sampler over positions in ``indices`` (a DistributedSampler shards the scan
+            across ranks; the winners are then merged so every rank ends with the same result).
+        progress: called with the number of images of each batch processed.
+
+    Returns:
+        provenance: one dict per prototype with ``prototype``, ``class_index``, ``class_name``,
+        ``dataset_index``, ``path``, ``position`` [row, col], ``distance`` (how far the prototype
+        moved, squared), ``box`` [x0, y0, x1, y1] (pixels, exclusive ends), ``image_size``
+        [width, height] and ``activation`` (the (H', W') similarity map as nested lists).
+
+    Raises:
+        ValueError: a class has prototypes but no readable push image.
+    """
+    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    subset = IndexedSubset(dataset, indices, augment=False)
+    loader = make_loader(subset, batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
+    state = PushState.empty(model.prototypes)
+    prototype_classes = model.prototype_classes.to(device)
+    fmt = memory_format(channels_last)
+    bad_images = bad_images if bad_images is not None else BadImageLog()
+    for batch in loader:
+        bad_images.add(batch.bad)
+        if batch.images is None:
+            continue
+        images = batch.images.to(device, non_blocking=True).to(memory_format=fmt)
+        with autocast(device, precision):
+            z = model.latent(images)  # (B, D, H, W)
+        distances = model.distances(z)  # (B, M, H', W') float32
+        state.update(z, distances, batch.labels.to(device), batch.indices, prototype_classes, model)
+        if progress is not None:
+            progress(len(batch.indices))
+    state.merge_across_ranks()
+
+    missing = torch.nonzero(state.index < 0).flatten().tolist()
+    if missing:
+        classes = sorted({int(model.prototype_classes[j]) for j in missing})
+        names = [model.class_names[k] for k in classes]
+        raise ValueError(f"push found no readable image of class(es) {names} for prototypes {missing[:10]}: every class with prototypes needs push images")
+
+    model.prototypes.data.copy_(state.patch.to(model.prototypes.device, model.prototypes.dtype))
+    activations = state.activation_maps(model)  # (M, H', W')
+    size = int(getattr(dataset, "image_size", 224))
+    provenance = []
+    for j in range(model.num_prototypes):
+        index = int(state.index[j])
+        activation = activations[j]
+        box, _ = activation_box(activation, (size, size), percentile)
+        k = int(model.prototype_classes[j])
+        provenance.append(
+            {
+                "prototype": j,
+                "class_index": k,
+                "class_name": model.class_names[k],
+                "dataset_index": index,
+                "path": dataset.path(index) if hasattr(dataset, "path") else f"item://{index}",
+                "position": [int(state.position[j, 0]), int(state.position[j, 1])],
+                "distance": float(state.distance[j]),
+                "box": box,
+                "image_size": [size, size],
+                "activation": [[round(float(v), 6) for v in row] for row in activation.tolist()],
+            }
+        )
+    model.provenance = provenance
+    model.train(was_training)
+    logger.info("pushed %d prototypes (mean distance moved %.4f)", model.num_prototypes, float(state.distance.mean()))
+    return provenance
