@@ -1,0 +1,71 @@
+"""What the subcommands share: argument helpers, datasets for a model, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+DATA_HELP = "a directory (ImageFolder tree, CUB-200-2011 or Stanford Cars layout) or 'synthetic' for the built-in dataset"
+
+
+class CommandError(Exception):
+    """A failure to report as one line and a non-zero exit code."""
+
+
+def add_parser(subparsers: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help ends with a real example."""
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+
+
+def progress_factory(quiet: bool = False) -> Any:
+    """A ``(description, total) -> context manager`` making tqdm bars on stderr (None when quiet)."""
+    if quiet or not sys.stderr:
+        return None
+    from tqdm.auto import tqdm
+
+    def make(description: str, total: int) -> Any:
+        return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    return make
+
+
+def load_model_or_fail(path: str, device: str = "cpu") -> Any:
+    from ..checkpoint import CheckpointError, load_model
+    from ..runtime import resolve_device
+
+    try:
+        return load_model(path, device=resolve_device(device))
+    except CheckpointError as error:
+        raise CommandError(str(error)) from None
+
+
+def dataset_for_model(model: Any, spec: str, split: str, **kwargs: Any) -> Any:
+    """The dataset ``spec`` (directory or 'synthetic') prepared the way ``model`` expects
+    (its image size and normalisation), unaugmented. For 'synthetic', the number of classes
+    follows the model's."""
+    from ..data import build_dataset
+
+    image_size = int(getattr(model, "image_size", 224))
+    extra: dict[str, Any] = dict(kwargs)
+    if spec == "synthetic":
+        extra.setdefault("num_classes", model.num_classes)
+    elif not Path(spec).exists():
+        raise CommandError(f"--data {spec!r}: no such directory ({DATA_HELP})")
+    dataset = build_dataset(spec, split=split, image_size=image_size, augment=None, mean=model.mean, std=model.std, **extra)
+    if len(dataset.classes) != model.num_classes:
+        raise CommandError(f"--data {spec!r} has {len(dataset.classes)} classes but the model has {model.num_classes}")
+    return dataset
