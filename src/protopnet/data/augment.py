@@ -1,0 +1,232 @@
+"""Training augmentation, on PIL pictures, built on ``torchvision.transforms.v2``.
+
+* :func:`online_augmentation` — random flip, small rotation, shear and perspective skew (and
+  optional colour jitter) applied to every training picture as it is loaded (uses torch's RNG, so
+  DataLoader workers get their own streams).
+* :func:`offline_augment` — the paper's offline augmentation (rotation, skew, shear, each with a
+  random left-right flip; the reference code made 10 of each per training image with the Augmentor
+  library), deterministic given a numpy Generator; :func:`augment_dataset_to_folder` writes a
+  whole dataset augmented this way as an ImageFolder tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+from protopnet.data.errors import BadImageError
+
+logger = logging.getLogger(__name__)
+
+#: ImageNet mean colour, 0..255: fills the corners uncovered by rotation / shear / skew, so they
+#: normalise to about zero.
+FILL = (124, 116, 104)
+
+
+class OnlineAugmentation:
+    """Callable ``PIL.Image (S, S) -> PIL.Image (S, S)``; see :func:`online_augmentation`."""
+
+    def __init__(self, image_size: int, transforms: list[Any]) -> None:
+        self.image_size = int(image_size)
+        self.transform = v2.Compose(transforms)
+
+    def __call__(self, picture: Image.Image) -> Image.Image:
+        out = self.transform(picture)
+        if out.size != (self.image_size, self.image_size):
+            out = out.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        return out
+
+    def __repr__(self) -> str:
+        return f"OnlineAugmentation(image_size={self.image_size}, {self.transform!r})"
+
+
+def online_augmentation(
+    image_size: int,
+    flip: bool = True,
+    rotation: float = 15.0,
+    shear: float = 10.0,
+    skew: float = 0.2,
+    colour_jitter: float = 0.0,
+    fill: Sequence[int] = FILL,
+) -> OnlineAugmentation:
+    """The on-the-fly training augmentation.
+
+    Args:
+        image_size: side ``S`` of the pictures (the output is always ``S x S``).
+        flip: random horizontal flip (p = 0.5).
+        rotation: maximum rotation in degrees (uniform in ``[-rotation, rotation]``); 0 disables.
+        shear: maximum shear angle in degrees along x and y; 0 disables.
+        skew: perspective distortion scale (0..1), applied with p = 0.5; 0 disables.
+        colour_jitter: brightness / contrast / saturation jitter (e.g. 0.2); 0 (default) disables.
+        fill: RGB colour of the uncovered corners.
+    """
+    fill = tuple(int(v) for v in fill)
+    transforms: list[Any] = []
+    if flip:
+        transforms.append(v2.RandomHorizontalFlip(p=0.5))
+    if rotation > 0 or shear > 0:
+        transforms.append(
+            v2.RandomAffine(
+                degrees=float(rotation),
+                shear=(-float(shear), float(shear), -float(shear), float(shear)) if shear > 0 else None,
+                interpolation=InterpolationMode.BILINEAR,
+                fill=fill,
+            )
+        )
+    if skew > 0:
+        transforms.append(v2.RandomPerspective(distortion_scale=float(skew), p=0.5, fill=fill))
+    if colour_jitter > 0:
+        transforms.append(v2.ColorJitter(brightness=colour_jitter, contrast=colour_jitter, saturation=colour_jitter))
+    return OnlineAugmentation(image_size, transforms)
+
+
+# -- offline augmentation (the paper's data preparation) ------------------------------------
+
+def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _crop_back(picture: Image.Image, width: float, height: float) -> Image.Image:
+    """Centre crop to ``width x height`` and resize back to the original size."""
+    size = picture.size
+    crop_w, crop_h = max(1, int(math.floor(width))), max(1, int(math.floor(height)))
+    cropped = F.center_crop(picture, [crop_h, crop_w])
+    return cropped.resize(size, Image.Resampling.BILINEAR)
+
+
+def rotate_and_crop(picture: Image.Image, angle: float) -> Image.Image:
+    """Rotate by ``angle`` degrees, then crop the largest centred rectangle of the same aspect
+    ratio with no uncovered corners and resize it back to the picture's size (as Augmentor does)."""
+    w, h = picture.size
+    rotated = F.rotate(picture, angle, interpolation=InterpolationMode.BILINEAR)
+    c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+    k = min(w / (w * c + h * s), h / (w * s + h * c))
+    return _crop_back(rotated, k * w, k * h)
+
+
+def shear_and_crop(picture: Image.Image, angle: float, axis: str) -> Image.Image:
+    """Shear by ``angle`` degrees along ``axis`` ("x" or "y"), crop away the uncovered wedges and
+    resize back to the picture's size."""
+    w, h = picture.size
+    t = abs(math.tan(math.radians(angle)))
+    if axis == "x":
+        sheared = F.affine(picture, angle=0.0, translate=[0, 0], scale=1.0, shear=[float(angle), 0.0],
+                           interpolation=InterpolationMode.BILINEAR)
+        return _crop_back(sheared, max(1.0, w - h * t), h)
+    sheared = F.affine(picture, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, float(angle)],
+                       interpolation=InterpolationMode.BILINEAR)
+    return _crop_back(sheared, w, max(1.0, h - w * t))
+
+
+def skew(picture: Image.Image, rng: np.random.Generator, magnitude: float, fill: Sequence[int] = FILL) -> Image.Image:
+    """Perspective skew as Augmentor's ``skew(magnitude)``: tilt left/right, tilt forward/backward
+    or pull one corner, by up to ``magnitude x`` the picture's larger side."""
+    w, h = picture.size
+    amount = float(rng.uniform(0.0, magnitude)) * max(w, h)
+    start = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]  # tl, tr, br, bl
+    end = [list(p) for p in start]
+    kind = int(rng.integers(3))
+    if kind == 0:  # tilt left or right: one vertical side shrinks
+        side = (0, 3) if rng.random() < 0.5 else (1, 2)
+        end[side[0]][1] += amount / 2
+        end[side[1]][1] -= amount / 2
+    elif kind == 1:  # tilt forward or backward: one horizontal side shrinks
+        side = (0, 1) if rng.random() < 0.5 else (3, 2)
+        end[side[0]][0] += amount / 2
+        end[side[1]][0] -= amount / 2
+    else:  # one corner moves
+        corner = int(rng.integers(4))
+        direction = rng.uniform(0, 2 * math.pi)
+        end[corner][0] += amount * math.cos(direction)
+        end[corner][1] += amount * math.sin(direction)
+    end = [[int(round(min(max(x, 0), w - 1))), int(round(min(max(y, 0), h - 1)))] for x, y in end]
+    return F.perspective(picture, start, end, interpolation=InterpolationMode.BILINEAR, fill=list(fill))
+
+
+def offline_augment(
+    picture: Image.Image,
+    rng: np.random.Generator | int,
+    copies_per_operation: int = 10,
+    rotation: float = 15.0,
+    skew_magnitude: float = 0.2,
+    shear: float = 10.0,
+    flip_probability: float = 0.5,
+) -> list[Image.Image]:
+    """The paper's offline augmentation of one picture.
+
+    Returns ``3 * copies_per_operation`` new pictures of the same size: first the rotations
+    (uniform in ``±rotation`` degrees, cropped back), then the perspective skews (up to
+    ``skew_magnitude``), then the shears (``±shear`` degrees along x or y, cropped back); each is
+    left-right flipped with ``flip_probability``. Deterministic given ``rng`` (a numpy Generator,
+    or an int seed).
+    """
+    rng = _as_rng(rng)
+    picture = picture.convert("RGB")
+    out: list[Image.Image] = []
+
+    def maybe_flip(p: Image.Image) -> Image.Image:
+        return F.horizontal_flip(p) if rng.random() < flip_probability else p
+
+    for _ in range(copies_per_operation):
+        out.append(maybe_flip(rotate_and_crop(picture, float(rng.uniform(-rotation, rotation)))))
+    for _ in range(copies_per_operation):
+        out.append(maybe_flip(skew(picture, rng, skew_magnitude)))
+    for _ in range(copies_per_operation):
+        axis = "x" if rng.random() < 0.5 else "y"
+        out.append(maybe_flip(shear_and_crop(picture, float(rng.uniform(-shear, shear)), axis)))
+    return out
+
+
+def _folder_names(classes: Sequence[str]) -> list[str]:
+    safe = [re.sub(r"[\\/\x00]", "_", name).lstrip(".") or "class" for name in classes]
+    if safe == sorted(safe) and len(set(safe)) == len(safe):
+        return safe
+    width = len(str(len(safe) - 1))
+    return [f"{label:0{width}d}.{name}" for label, name in enumerate(safe)]  # keep label order when sorted
+
+
+def augment_dataset_to_folder(
+    dataset: Any,
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    copies_per_operation: int = 10,
+    include_original: bool = True,
+    **options: Any,
+) -> int:
+    """Write ``dataset``'s pictures (``load_image``: cropped and resized) plus their offline
+    augmentations as an ImageFolder tree ``out_dir/<class>/<index>_<k>.png`` that
+    :class:`~protopnet.data.folder.ImageFolderDataset` reads back with the same labels (folder
+    names get a label prefix when the class names would not sort in label order).
+
+    Item ``i`` uses ``numpy.random.default_rng([seed, i])``, so the output does not depend on the
+    order of processing. Unreadable items are skipped with a warning. ``options`` go to
+    :func:`offline_augment`. Returns the number of pictures written.
+    """
+    out = Path(out_dir)
+    folders = _folder_names(list(dataset.classes))
+    for name in folders:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    written = 0
+    for index in range(len(dataset)):
+        try:
+            picture = dataset.load_image(index)
+        except BadImageError as error:
+            logger.warning("skipping unreadable image %s", error)
+            continue
+        pictures = [picture] if include_original else []
+        pictures += offline_augment(picture, np.random.default_rng([seed, index]), copies_per_operation, **options)
+        folder = out / folders[int(dataset.targets[index])]
+        for k, p in enumerate(pictures):
+            p.save(folder / f"{index:06d}_{k:02d}.png")
+            written += 1
+    logger.info("wrote %d pictures to %s", written, out)
+    return written
