@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+class ResumeMismatchError(ValueError):
+    """The run directory holds a run of another config."""
+
+
 @dataclass
 class RunData:
     """The datasets of a run: ``train`` (augmented view), ``clean`` (the same images without
@@ -479,6 +483,8 @@ class Trainer:
                 self._load_checkpoint(path)
                 logger.info("resuming from %s (next step %d of %d)", path, self.next_step, len(self.plan))
                 return
+            except ResumeMismatchError:
+                raise
             except (CheckpointError, OSError, ValueError, KeyError) as error:
                 logger.warning("checkpoint %s is unusable (%s); trying the one before", path, error)
         if candidates:
@@ -490,7 +496,7 @@ class Trainer:
         if state.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path}: unknown checkpoint version {state.get('version')}")
         if state["config"]["model"] != self.config.to_dict()["model"] or state["config"]["schedule"] != self.config.to_dict()["schedule"] or state["config"]["data"] != self.config.to_dict()["data"]:
-            raise ValueError(f"{path}: this run was started with a different model, data or schedule config; resume with the same config or choose another --out")
+            raise ResumeMismatchError(f"{path}: this run was started with a different model, data or schedule config; resume with the same config or choose another --out")
         model_tensors = load_tensors(path / "model.safetensors", state["model_sha256"])
         other = load_tensors(path / "state.safetensors", state["state_sha256"])
         self._match_prototype_count(model_tensors)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models and tiny in-memory datasets, so engine tests need no files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protopnet.data.base import Annotation, ProtoDataset
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+class ColourDataset(ProtoDataset):
+    """Noise pictures with one bright square whose colour is the class: learnable in seconds."""
+
+    COLOURS = [(230, 40, 40), (40, 200, 40), (40, 80, 230), (230, 200, 30), (200, 40, 200), (40, 210, 210)]
+
+    def __init__(self, num_classes: int = 3, per_class: int = 6, image_size: int = 32, seed: int = 0, **kwargs):
+        super().__init__(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **kwargs)
+        self.classes = [f"colour_{k}" for k in range(num_classes)]
+        self.targets = [k for k in range(num_classes) for _ in range(per_class)]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _square(self, index: int) -> tuple[int, int, int]:
+        rng = np.random.default_rng([self.seed, index, 1])
+        side = max(4, self.image_size // 4)
+        x, y = rng.integers(0, self.image_size - side, size=2)
+        return int(x), int(y), side
+
+    def load_image(self, index: int) -> Image.Image:
+        rng = np.random.default_rng([self.seed, index])
+        s = self.image_size
+        array = rng.integers(60, 140, size=(s, s, 3), dtype=np.uint8)
+        x, y, side = self._square(index)
+        array[y : y + side, x : x + side] = self.COLOURS[self.targets[index] % len(self.COLOURS)]
+        return Image.fromarray(array)
+
+    def path(self, index: int) -> str:
+        return f"colour://{self.seed}/{index}"
+
+    def annotation(self, index: int) -> Annotation:
+        x, y, side = self._square(index)
+        return Annotation(part_box=[x, y, x + side, y + side])
+
+
+@pytest.fixture
+def colour_data():
+    return ColourDataset()
+
+
+def tiny_model(num_classes: int = 3, prototypes_per_class: int = 2, prototype_dim: int = 8, prototype_size=(1, 1), seed: int = 0, **kwargs):
+    from protopnet import ProtoPNet
+
+    torch.manual_seed(seed)
+    model = ProtoPNet(
+        backbone="tiny_cnn", num_classes=num_classes, prototypes_per_class=prototypes_per_class,
+        prototype_dim=prototype_dim, prototype_size=prototype_size, pretrained=False, **kwargs,
+    )
+    model.image_size = 32
+    return model
+
+
+@pytest.fixture
+def torch_home(tmp_path_factory):
+    """A TORCH_HOME holding the shared MobileNetV2 checkpoint, or skip."""
+    weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+    if not weights.is_file():
+        pytest.skip(f"{weights} is absent (the shared pretrained weights are only on development machines)")
+    home = tmp_path_factory.mktemp("torch_home")
+    target = home / "hub" / "checkpoints"
+    target.mkdir(parents=True)
+    (target / weights.name).symlink_to(weights)
+    return home

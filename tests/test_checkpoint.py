@@ -1,0 +1,126 @@
+"""Model directories: round trip, integrity, and refusing anything that could run code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from protopnet import CheckpointError, UnsafeCheckpointError, load_model, save_model
+from protopnet.checkpoint import atomic_write_bytes, flatten_state, unflatten_state
+from protopnet.train.push import push_prototypes
+
+from conftest import ColourDataset, tiny_model
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    data = ColourDataset()
+    model = tiny_model(prototype_size=(2, 2), class_names=["a", "b", "c"]).eval()
+    push_prototypes(model, data)
+    save_model(model, tmp_path / "m", dataset=data)
+    loaded = load_model(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model(x), loaded(x)):
+            torch.testing.assert_close(a, b)
+    assert loaded.class_names == ["a", "b", "c"] and loaded.image_size == 32
+    assert [p["dataset_index"] for p in loaded.provenance] == [p["dataset_index"] for p in model.provenance]
+    for entry in loaded.provenance:
+        for relative in entry["images"].values():
+            assert (tmp_path / "m" / relative).is_file()
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"model.safetensors", "model.json", "prototypes"} <= files
+    assert not any(name.endswith((".pt", ".pth", ".pkl")) for name in files)
+
+
+def test_truncated_tensors_are_detected(tmp_path):
+    save_model(tiny_model(), tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_model(tmp_path / "m")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PROTOPNET_EXPLOIT_MARKER']}",))
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "exploit-ran"
+    monkeypatch.setenv("PROTOPNET_EXPLOIT_MARKER", str(marker))
+    for name in ("model.pt", "model.pth", "weights.bin", "innocent.json"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(Exploit()))
+        with pytest.raises(UnsafeCheckpointError):
+            load_model(path)
+    # a directory holding only a pickle
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "model.pth").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(UnsafeCheckpointError):
+        load_model(tmp_path / "dir")
+    # a model directory whose tensor file was replaced by a pickle
+    save_model(tiny_model(), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "m")
+    assert not marker.exists(), "loading must never execute code"
+
+
+def test_paths_in_model_json_cannot_leave_the_directory(tmp_path):
+    data = ColourDataset()
+    model = tiny_model()
+    push_prototypes(model, data)
+    save_model(model, tmp_path / "m", dataset=data)
+    meta_path = tmp_path / "m" / "model.json"
+    for bad in ("../../etc/passwd", "/etc/passwd", "prototypes/../../x.png"):
+        meta = json.loads(meta_path.read_text())
+        meta["provenance"][0]["images"]["patch"] = bad
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match="outside|relative"):
+            load_model(tmp_path / "m")
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="model.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_saving_over_a_model_replaces_it_whole(tmp_path):
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    save_model(first, tmp_path / "m")
+    save_model(second, tmp_path / "m")
+    torch.testing.assert_close(load_model(tmp_path / "m").prototypes, second.prototypes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no temporary directories left behind"
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "f.json"
+    atomic_write_bytes(target, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_state_flattening_round_trips():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    skeleton, tensors = flatten_state(opt.state_dict())
+    json.dumps(skeleton)
+    restored = unflatten_state(skeleton, tensors)
+    assert restored["param_groups"] == opt.state_dict()["param_groups"]
+    torch.testing.assert_close(restored["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
