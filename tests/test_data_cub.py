@@ -28,7 +28,7 @@ FILES = {
     ),
     "image_class_labels.txt": "20 3\n105 12\n33 7\n7 3\n999 7\n",  # 999: not in images.txt, ignored
     "train_test_split.txt": "7 1\n20 1\n33 0\n105 1\n",
-    "bounding_boxes.txt": "7 -5.0 10.0 50.0 100.0\n20 10.0 20.0 40.0 30.0\n33 0 0 30 30\n105 1 1 8 8\n",
+    "bounding_boxes.txt": "7 -5.0 10.0 50.0 100.0\n20 10.0 20.0 40.0 30.0\n33 0 0 30 30\n105 1.5 1.25 7.0 7.5\n",
     "parts/parts.txt": "1 back\n2 left eye\n3 tail\n",
     "parts/part_locs.txt": (
         "20 1 30.0 35.0 1\n20 2 12.0 21.0 1\n20 3 80.0 70.0 1\n"  # part 3 lies outside the box
@@ -119,6 +119,10 @@ def test_box_is_clamped_to_the_picture(tree):
     assert annotation.object_box == pytest.approx([0, 0, 64, 64])
     assert annotation.parts == {"back": pytest.approx((9 * 64 / 45, 15 * 64 / 30))}
     assert dataset.load_image(0).size == (64, 64)
+    assert dataset.region(0, (60, 40)) == (0, 10, 45, 40)
+    # image 105 (10 x 10): a fractional box x 1.5..8.5, y 1.25..8.75 widens to whole pixels 1..9
+    assert dataset.region(2, (10, 10)) == (1, 1, 9, 9)
+    assert dataset.load_image(2).size == (64, 64)
 
 
 def test_full_picture_annotation(tree):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Callable, Sequence
 
 from PIL import Image
 
 from protopnet.data.base import IMAGENET_MEAN, IMAGENET_STD, Annotation, ProtoDataset
 from protopnet.data.errors import BadImageError
-from protopnet.data.images import check_image_header, open_image
+from protopnet.data.images import check_image_header, fit_square, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -82,29 +83,30 @@ class AnnotatedImageDataset(ProtoDataset):
 
     def region(self, index: int, size: tuple[int, int]) -> Box:
         """The part ``(x0, y0, x1, y1)`` of the original ``(W, H)`` picture that becomes the
-        ``S x S`` picture: the object box clamped to the picture, or the whole picture."""
+        ``S x S`` picture: the object box widened to whole pixels and clamped to the picture, or
+        the whole picture. Raises BadImageError when less than one pixel is left."""
         width, height = size
         box = self.boxes[index]
         if self.crop == "full" or box is None:
             return (0.0, 0.0, float(width), float(height))
-        x0, y0 = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
-        x1, y1 = min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)
+        # whole pixels: every pixel the box touches, and nothing outside the picture
+        x0, y0 = min(max(math.floor(box[0]), 0), width), min(max(math.floor(box[1]), 0), height)
+        x1, y1 = min(max(math.ceil(box[2]), 0), width), min(max(math.ceil(box[3]), 0), height)
         if x1 - x0 < 1 or y1 - y0 < 1:
             raise BadImageError(
                 self.files[index],
                 f"object box {list(box)} leaves less than one pixel inside the {width}x{height} picture",
             )
-        return (x0, y0, x1, y1)
+        return (float(x0), float(y0), float(x1), float(y1))
 
     def load_image(self, index: int) -> Image.Image:
         """The crop (or whole picture), RGB, resized to ``(S, S)``. Raises BadImageError."""
         picture = open_image(self.files[index])
         self._sizes[index] = picture.size
         region = self.region(index, picture.size)
-        size = (self.image_size, self.image_size)
-        if region == (0.0, 0.0, float(picture.width), float(picture.height)) and picture.size == size:
-            return picture
-        return picture.resize(size, Image.Resampling.BILINEAR, box=region)
+        if region != (0.0, 0.0, float(picture.width), float(picture.height)):
+            picture = picture.crop(tuple(int(v) for v in region))  # a strict crop: no context bleeds in
+        return fit_square(picture, self.image_size)
 
     def _original_size(self, index: int) -> tuple[int, int]:
         if index not in self._sizes:
