@@ -1,0 +1,254 @@
+"""Export a ProtoPNet (or an ensemble) to ONNX or TorchScript for serving without protopnet.
+
+The exported graph takes ``images`` (B, 3, S, S) — square pictures of the model's input size S,
+scaled to [0, 1] and normalised with the model's mean/std (recorded in the file) — and returns
+
+* ``logits`` (B, K),
+* ``similarities`` (B, M): each prototype's similarity to its closest patch,
+* ``distances`` (B, M, H', W'): the squared-distance map of every prototype over the patches
+  (for an :class:`~protopnet.ensemble.Ensemble`, one output ``distances_<i>`` per member, since
+  the members' grids may differ),
+
+so a served model can still explain itself ("this looks like that": the similarity and where).
+The batch axis is dynamic. Files are written atomically.
+
+ONNX needs the optional extra ``protopnet[export]`` (onnx, onnxruntime), imported only when used;
+the file's ``metadata_props`` hold the input size, mean, std, class names and prototype classes.
+TorchScript files (made by tracing) carry the same facts in an extra file ``protopnet.json``
+(``torch.jit.load(path, _extra_files={"protopnet.json": ""})``).
+
+The ONNX graph comes from PyTorch's TorchScript-based exporter (``dynamo=False``): it needs
+nothing beyond onnx, and the ProtoPNet graph (convolutions, sums, a clamp, a min and a log)
+exports exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+DEFAULT_OPSET = 17
+EXPORT_EXTRA = "pip install 'protopnet[export]'"
+
+
+def _is_ensemble(model: Any) -> bool:
+    from .ensemble import Ensemble
+
+    return isinstance(model, Ensemble)
+
+
+class ExportWrapper(nn.Module):
+    """Wraps a ProtoPNet or Ensemble so its forward returns a flat tuple of tensors:
+    ``(logits (B, K), similarities (B, M), distances (B, M, H', W'))`` — for an ensemble the
+    distances are one tensor per member."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(images)
+        distances = out.distances if isinstance(out.distances, (list, tuple)) else [out.distances]
+        return (out.logits, out.similarities, *distances)
+
+
+def output_names(model: Any) -> list[str]:
+    """Names of the exported outputs, in order."""
+    if _is_ensemble(model):
+        return ["logits", "similarities", *[f"distances_{i}" for i in range(model.num_members)]]
+    return ["logits", "similarities", "distances"]
+
+
+def export_metadata(model: Any) -> dict[str, str]:
+    """Facts a server needs, as strings (ONNX ``metadata_props``)."""
+    from . import __version__
+
+    return {
+        "producer": f"protopnet {__version__}",
+        "kind": "ensemble" if _is_ensemble(model) else "protopnet",
+        "input": "images: float32 (batch, 3, image_size, image_size), RGB scaled to [0, 1] then (x - mean) / std",
+        "image_size": str(int(model.image_size)),
+        "mean": json.dumps([float(v) for v in model.mean]),
+        "std": json.dumps([float(v) for v in model.std]),
+        "class_names": json.dumps(list(model.class_names)),
+        "num_classes": str(int(model.num_classes)),
+        "num_prototypes": str(int(model.num_prototypes)),
+        "prototype_classes": json.dumps([int(c) for c in model.prototype_classes.tolist()]),
+        "outputs": json.dumps(output_names(model)),
+        "similarity": getattr(model, "activation", None) or json.dumps([m.activation for m in model.members]),
+    }
+
+
+def _example_input(model: Any, batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    size = int(model.image_size)
+    return torch.randn(batch_size, 3, size, size, generator=generator).to(device)
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as error:
+        raise ImportError(f"ONNX export needs the onnx package: {EXPORT_EXTRA}") from error
+    return onnx
+
+
+def _require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(f"checking an ONNX export needs onnxruntime: {EXPORT_EXTRA}") from error
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Tracing warns about shape checks turned into constants (the shapes are fixed by the model)
+    and about TorchScript's deprecation; neither says anything about this graph."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*(legacy TorchScript-based ONNX|torch\.jit\.trace|is deprecated|will be removed).*")
+        yield
+
+
+def export_onnx(model: Any, path: str | Path, *, opset: int = DEFAULT_OPSET, batch_size: int = 2) -> Path:
+    """Write ``model`` as an ONNX file with a dynamic batch axis (atomically).
+
+    Args:
+        model: a ProtoPNet or Ensemble (exported in eval mode; its mode is restored).
+        batch_size: the batch of the example input used for tracing (any batch runs later).
+
+    Raises:
+        ImportError: onnx is missing (the message names the ``protopnet[export]`` extra).
+    """
+    onnx = _require_onnx()
+    from .checkpoint import atomic_write_bytes
+
+    names = output_names(model)
+    wrapper = ExportWrapper(model)
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    try:
+        with _quiet_tracing():
+            dynamic = {"images": {0: "batch"}, **{name: {0: "batch"} for name in names}}
+            torch.onnx.export(
+                wrapper,
+                (_example_input(model, batch_size),),
+                buffer,
+                dynamo=False,
+                input_names=["images"],
+                output_names=names,
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+    finally:
+        model.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(proto, export_metadata(model))
+    proto.doc_string = "ProtoPNet ('This Looks Like That'): outputs " + ", ".join(names)
+    onnx.checker.check_model(proto)
+    path = Path(path)
+    atomic_write_bytes(path, proto.SerializeToString())
+    logger.info("wrote ONNX model %s (%d bytes, opset %d)", path, path.stat().st_size, opset)
+    return path
+
+
+def export_torchscript(model: Any, path: str | Path, *, batch_size: int = 2) -> Path:
+    """Write ``model`` as a traced TorchScript file (atomically), the facts of
+    :func:`export_metadata` in its extra file ``protopnet.json``. Any batch size runs."""
+    from .checkpoint import atomic_write_bytes
+
+    wrapper = ExportWrapper(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet_tracing():
+            traced = torch.jit.trace(wrapper, (_example_input(model, batch_size),), check_trace=False)
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer, _extra_files={"protopnet.json": json.dumps(export_metadata(model))})
+    finally:
+        model.train(was_training)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    logger.info("wrote TorchScript model %s (%d bytes)", path, path.stat().st_size)
+    return path
+
+
+def export_model(model: Any, path: str | Path, format: str = "onnx", **kwargs: Any) -> Path:
+    """Export in ``format`` (``onnx`` or ``torchscript``)."""
+    if format == "onnx":
+        return export_onnx(model, path, **kwargs)
+    if format == "torchscript":
+        return export_torchscript(model, path, **kwargs)
+    raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+
+
+@torch.no_grad()
+def reference_outputs(model: Any, images: torch.Tensor) -> list[torch.Tensor]:
+    """The PyTorch outputs the exported file should reproduce, in :func:`output_names` order."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [t.detach().float().cpu() for t in ExportWrapper(model)(images)]
+    finally:
+        model.train(was_training)
+
+
+def run_onnx(path: str | Path, images: torch.Tensor) -> list[torch.Tensor]:
+    """Run an exported ONNX file with onnxruntime (CPU) on images (B, 3, S, S)."""
+    ort = _require_onnxruntime()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"images": images.detach().float().cpu().numpy()})
+    return [torch.from_numpy(o) for o in outputs]
+
+
+def run_torchscript(path: str | Path, images: torch.Tensor) -> list[torch.Tensor]:
+    """Run an exported TorchScript file on images (B, 3, S, S)."""
+    module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return [t.float() for t in module(images.detach().float().cpu())]
+
+
+def check_export(model: Any, path: str | Path, format: str = "onnx", *, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> dict[str, float]:
+    """Compare an exported file with the PyTorch model on random inputs of several batch sizes.
+
+    Returns:
+        the largest absolute difference per output name (over all batch sizes).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    size = int(model.image_size)
+    names = output_names(model)
+    worst = {name: 0.0 for name in names}
+    device = next(model.parameters()).device
+    for b in batch_sizes:
+        images = torch.randn(b, 3, size, size, generator=generator)
+        expected = reference_outputs(model, images.to(device))
+        got = run_onnx(path, images) if format == "onnx" else run_torchscript(path, images)
+        if len(got) != len(expected):
+            raise ValueError(f"{path}: {len(got)} outputs, expected {len(expected)} ({names})")
+        for name, e, g in zip(names, expected, got):
+            if tuple(e.shape) != tuple(g.shape):
+                raise ValueError(f"{path}: output {name} has shape {tuple(g.shape)} for batch {b}, expected {tuple(e.shape)}")
+            worst[name] = max(worst[name], float((e - g).abs().max()) if e.numel() else 0.0)
+    return worst
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an exported ONNX file."""
+    onnx = _require_onnx()
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}

@@ -1,0 +1,510 @@
+"""Prototype pruning (paper Section 2.6, supplement S8).
+
+A prototype whose nearest training patches come from many classes usually shows background (sky,
+water, a branch) and carries no class evidence. Pruning finds, for every prototype, its ``k``
+nearest training patches (reference ``k = 6``), and removes the prototypes for which fewer than
+``threshold`` (reference 3) of those patches come from images of the prototype's own class. The
+last layer is then re-optimised (the convex stage of Section 2.2) on similarities that were cached
+during the same pass over the training images — the network runs over the training set once.
+
+What counts as "the k nearest patches"
+    ``per_image=True`` (default): each training image contributes one candidate, its patch
+    nearest to the prototype, so the k nearest come from k different images. This is what the
+    reference implementation does (``find_k_nearest_patches_to_prototypes`` keeps, per image, the
+    closest patch in a heap of size k) and it keeps one image with a large uniform region from
+    filling all k places with its neighbouring cells. ``per_image=False`` ranks every patch of
+    every image instead (several of the k may come from one image).
+
+Ties in distance go to the smaller dataset index, then the smaller patch position (row-major),
+so the result does not depend on batch size or order.
+
+The search streams over batches, is vectorised over prototypes (one distance computation per
+batch serves all M) and keeps a running top-k of size (M, k): memory never grows with the dataset
+beyond the (N, M) table of per-image minimum distances that the last-layer re-fit needs.
+
+Shapes: B images, M prototypes of h x w cells, H x W latent map, H' x W' patch positions,
+K classes, N training images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .edit import (
+    accuracy_from_similarities,
+    now_utc,
+    refit_last_layer,
+    remove_prototypes,
+    save_edited_model,
+    scan_similarities,
+)
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_K = 6
+REFERENCE_THRESHOLD = 3
+
+
+@dataclass
+class NearestPatches:
+    """The k nearest training patches of each of M prototypes, nearest first.
+
+    Attributes:
+        distance: (M, k) squared latent distances (``inf`` where fewer than k candidates exist).
+        index: (M, k) dataset index of each patch's image (-1: none).
+        label: (M, k) class of that image (-1: none).
+        position: (M, k, 2) (row, col) of the patch's top-left latent cell.
+        latent_size: (H, W) of the latent map (for turning positions into pixel boxes).
+    """
+
+    distance: torch.Tensor
+    index: torch.Tensor
+    label: torch.Tensor
+    position: torch.Tensor
+    latent_size: tuple[int, int] = (0, 0)
+
+    def same_class_counts(self, prototype_classes: torch.Tensor) -> torch.Tensor:
+        """(M,) how many of each prototype's k nearest patches come from its own class."""
+        return (self.label == prototype_classes.view(-1, 1).to(self.label)).sum(dim=1)
+
+
+class _RunningTopK:
+    """Running k smallest (distance, dataset index, cell) triples per prototype."""
+
+    def __init__(self, m: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.distance = torch.full((m, k), float("inf"), device=device)
+        self.index = torch.full((m, k), -1, dtype=torch.long, device=device)
+        self.label = torch.full((m, k), -1, dtype=torch.long, device=device)
+        self.cell = torch.zeros((m, k), dtype=torch.long, device=device)
+        self.patch_grid: tuple[int, int] = (0, 0)
+
+    def update(self, distances: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, per_image: bool) -> None:
+        """Fold in one batch: distances (B, M, H', W'), labels (B,), dataset indices (B,)."""
+        b, m, hp, wp = distances.shape
+        self.patch_grid = (hp, wp)
+        flat = distances.flatten(2)  # (B, M, P)
+        if per_image:
+            d, cell = flat.min(dim=2)  # (B, M): each image's nearest patch (first cell on ties)
+            cand_d, cand_cell = d.t(), cell.t()  # (M, B)
+            cand_img = indices.view(1, b).expand(m, b)
+            cand_lab = labels.view(1, b).expand(m, b)
+        else:
+            p = hp * wp
+            cand_d = flat.permute(1, 0, 2).reshape(m, b * p)  # (M, B*P)
+            cand_cell = torch.arange(p, device=flat.device).repeat(b).view(1, -1).expand(m, -1)
+            cand_img = indices.repeat_interleave(p).view(1, -1).expand(m, -1)
+            cand_lab = labels.repeat_interleave(p).view(1, -1).expand(m, -1)
+        d = torch.cat([self.distance, cand_d.float()], dim=1)  # (M, k + C)
+        img = torch.cat([self.index, cand_img], dim=1)
+        lab = torch.cat([self.label, cand_lab], dim=1)
+        cell = torch.cat([self.cell, cand_cell], dim=1)
+        # Lexicographic order (distance, dataset index, cell): stable sorts, least significant first.
+        tie = img * (hp * wp) + cell  # (M, k + C); -1 rows are inf-distance padding
+        order = torch.argsort(tie, dim=1, stable=True)
+        d, img, lab, cell = (t.gather(1, order) for t in (d, img, lab, cell))
+        order = torch.argsort(d, dim=1, stable=True)[:, : self.k]
+        self.distance, self.index, self.label, self.cell = (t.gather(1, order) for t in (d, img, lab, cell))
+
+    def result(self, prototype_size: tuple[int, int]) -> NearestPatches:
+        hp, wp = self.patch_grid
+        wp = max(wp, 1)
+        position = torch.stack([self.cell // wp, self.cell % wp], dim=2)  # (M, k, 2)
+        position[self.index < 0] = -1
+        h, w = prototype_size
+        latent = (hp + h - 1, wp + w - 1) if hp else (0, 0)
+        return NearestPatches(self.distance.cpu(), self.index.cpu(), self.label.cpu(), position.cpu(), latent)
+
+
+@torch.no_grad()
+def find_nearest_patches(
+    model: Any,
+    dataset: Any,
+    *,
+    k: int = REFERENCE_K,
+    per_image: bool = True,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 75,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[NearestPatches, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k nearest training patches of every prototype, in one streamed pass.
+
+    Args:
+        dataset: the training images (read unaugmented, as push reads them).
+        per_image: one candidate per image (its nearest patch; the reference's choice) or every
+            patch (see the module docstring).
+
+    Returns:
+        ``(nearest, min_distances (N, M), labels (N,), dataset indices (N,))`` — the per-image
+        minimum distances come from the same pass and feed the last-layer re-fit.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    from .runtime import resolve_device
+
+    dev = resolve_device(device if device is not None else next(model.parameters()).device)
+    top = _RunningTopK(model.num_prototypes, int(k), dev)
+
+    def on_batch(distances: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> None:
+        top.update(distances, labels, idx, per_image)
+
+    mins, labels, idx = scan_similarities(
+        model, dataset, indices=indices, batch_size=batch_size, device=dev, num_workers=num_workers, on_batch=on_batch, progress=progress
+    )
+    return top.result(tuple(model.prototype_size)), mins, labels, idx
+
+
+@dataclass
+class PruneReport:
+    """What pruning found and did.
+
+    Attributes:
+        k, threshold, per_image: the rule.
+        prototypes: one dict per prototype of the model before pruning: ``prototype``,
+            ``class_index``, ``class_name``, ``same_class`` (of its k nearest), ``pruned`` and
+            ``nearest`` (list of ``dataset_index``, ``path``, ``class_index``, ``class_name``,
+            ``distance``, ``position`` [row, col], ``box`` [x0, y0, x1, y1] — the patch's
+            footprint in the image's pixels).
+        removed: old indices of the pruned prototypes. kept: old index of each new prototype.
+        accuracy: ``{"train"|"test": {"before", "after_removal", "after"}}`` (None: no data).
+        classes_without_prototypes: class names pruning left empty.
+        last_layer: the re-fit's final terms.
+        event: the entry appended to ``model.history``.
+    """
+
+    k: int
+    threshold: int
+    per_image: bool
+    prototypes: list[dict[str, Any]]
+    removed: list[int]
+    kept: list[int]
+    accuracy: dict[str, dict[str, float | None]]
+    classes_without_prototypes: list[str] = field(default_factory=list)
+    last_layer: dict[str, float] = field(default_factory=dict)
+    event: dict[str, Any] = field(default_factory=dict)
+    when: str = ""
+
+    @property
+    def pruned(self) -> list[dict[str, Any]]:
+        return [p for p in self.prototypes if p["pruned"]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rule": {
+                "k": self.k,
+                "threshold": self.threshold,
+                "per_image": self.per_image,
+                "description": (
+                    f"a prototype is pruned when fewer than {self.threshold} of its {self.k} nearest training patches "
+                    f"come from its own class; nearest patches counted "
+                    + ("one per image (each image's closest patch)" if self.per_image else "over all patches of all images")
+                ),
+            },
+            "when": self.when,
+            "prototypes_before": len(self.prototypes),
+            "prototypes_after": len(self.kept),
+            "removed": self.removed,
+            "kept": self.kept,
+            "accuracy": self.accuracy,
+            "classes_without_prototypes": self.classes_without_prototypes,
+            "last_layer": self.last_layer,
+            "prototypes": self.prototypes,
+        }
+
+
+@torch.no_grad()
+def prune(
+    model: Any,
+    dataset: Any,
+    k: int = REFERENCE_K,
+    threshold: int = REFERENCE_THRESHOLD,
+    *,
+    per_image: bool = True,
+    indices: Sequence[int] | None = None,
+    test_dataset: Any = None,
+    refit: bool = True,
+    iterations: int = 100,
+    lr: float = 1e-4,
+    l1: float = 1e-4,
+    batch_size: int = 75,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place (paper Section 2.6): remove every prototype whose ``k`` nearest
+    training patches hold fewer than ``threshold`` from its own class, then re-fit the last layer.
+
+    Args:
+        dataset: the training images (unaugmented; the push set).
+        k, threshold: the rule (reference: 6 and 3). ``threshold`` must be in ``[0, k]``.
+        per_image: count one nearest patch per image (default, as the reference does) or all
+            patches (see the module docstring).
+        indices: which items of ``dataset`` to search (default: all).
+        test_dataset: measure accuracy on it before pruning, after removal and after the re-fit.
+        refit, iterations, lr, l1: the last-layer re-fit on the cached training similarities
+            (the reference's pruning script: 100 iterations, Adam, lr 1e-4, L1 1e-4).
+        dry_run: find what would be pruned and report it, without changing the model.
+
+    Returns:
+        a :class:`PruneReport`; unless ``dry_run``, ``model.history`` gains its ``event``.
+
+    Raises:
+        ValueError: bad ``k``/``threshold``, or every prototype would be pruned.
+    """
+    if not 0 <= threshold <= k:
+        raise ValueError(f"threshold must be between 0 and k={k}, got {threshold}")
+    nearest, min_d, train_y, _ = find_nearest_patches(
+        model, dataset, k=k, per_image=per_image, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
+    )
+    if int((nearest.index >= 0).sum(dim=1).min()) < k:
+        logger.warning("fewer than k=%d candidate patches for some prototypes (the dataset is small): missing places count as other classes", k)
+    classes = model.prototype_classes.cpu()
+    counts = nearest.same_class_counts(classes)  # (M,)
+    removed = [int(j) for j in torch.nonzero(counts < threshold).flatten()]
+    m = model.num_prototypes
+    if len(removed) == m and not dry_run:
+        raise ValueError(
+            f"every one of the {m} prototypes has fewer than {threshold} of its {k} nearest patches from its own class; "
+            "nothing would be left — lower the threshold or check the model and data"
+        )
+    names = list(model.class_names)
+    prototypes = _describe(model, nearest, counts, set(removed), dataset)
+
+    test_sims = test_y = None
+    if test_dataset is not None:
+        d, test_y, _ = scan_similarities(model, test_dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+        test_sims = model.similarity(d)  # (N_test, M)
+    train_sims = model.similarity(min_d)  # (N, M)
+    w0 = model.last_layer.weight.detach().clone()  # (K, M)
+    kept = [j for j in range(m) if j not in set(removed)]
+    keep = torch.tensor(kept, dtype=torch.long)
+
+    def acc(weight: torch.Tensor, sims: torch.Tensor | None, y: torch.Tensor | None) -> float | None:
+        if sims is None or y is None or y.numel() == 0:
+            return None
+        return accuracy_from_similarities(weight, sims, y, names)["accuracy"]
+
+    accuracy = {
+        split: {"before": acc(w0, s, y), "after_removal": acc(w0[:, keep], None if s is None else s[:, keep], y), "after": None}
+        for split, s, y in (("train", train_sims, train_y), ("test", test_sims, test_y))
+    }
+    report = PruneReport(k=int(k), threshold=int(threshold), per_image=per_image, prototypes=prototypes, removed=removed, kept=kept, accuracy=accuracy, when=now_utc())
+    empty = sorted(set(range(model.num_classes)) - set(classes[keep].tolist()))
+    report.classes_without_prototypes = [names[c] for c in empty]
+    if dry_run:
+        return report
+
+    remove_prototypes(model, removed)
+    if refit:
+        report.last_layer = refit_last_layer(model, train_sims[:, keep], train_y, iterations=iterations, lr=lr, l1=l1, batch_size=80, seed=seed)
+    w1 = model.last_layer.weight.detach()
+    for split, s, y in (("train", train_sims, train_y), ("test", test_sims, test_y)):
+        accuracy[split]["after"] = acc(w1, None if s is None else s[:, keep], y)
+    report.event = {
+        "event": "prune",
+        "when": report.when,
+        "what": {"k": int(k), "threshold": int(threshold), "per_image": per_image, "removed": removed, "kept": kept},
+        "prototypes_before": m,
+        "prototypes_after": len(kept),
+        "last_layer_refit": {"iterations": iterations, "lr": lr, "l1": l1} if refit else None,
+        "accuracy_before": {split: accuracy[split]["before"] for split in accuracy},
+        "accuracy_after": {split: accuracy[split]["after"] for split in accuracy},
+    }
+    model.history.append(report.event)
+    logger.info("pruned %d of %d prototypes (k=%d, threshold=%d); test accuracy %s -> %s", len(removed), m, k, threshold, accuracy["test"]["before"], accuracy["test"]["after"])
+    return report
+
+
+def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed: set[int], dataset: Any) -> list[dict[str, Any]]:
+    names = list(model.class_names)
+    size = int(getattr(model, "image_size", 224))
+    big_h, big_w = nearest.latent_size
+    h, w = model.prototype_size
+    out = []
+    for j in range(model.num_prototypes):
+        c = int(model.prototype_classes[j])
+        rows = []
+        for n in range(nearest.index.shape[1]):
+            index = int(nearest.index[j, n])
+            if index < 0:
+                continue
+            r, col = int(nearest.position[j, n, 0]), int(nearest.position[j, n, 1])
+            label = int(nearest.label[j, n])
+            box = [round(col * size / big_w, 2), round(r * size / big_h, 2), round((col + w) * size / big_w, 2), round((r + h) * size / big_h, 2)] if big_h else None
+            rows.append(
+                {
+                    "dataset_index": index,
+                    "path": dataset.path(index) if hasattr(dataset, "path") else f"item://{index}",
+                    "class_index": label,
+                    "class_name": names[label] if 0 <= label < len(names) else str(label),
+                    "distance": float(nearest.distance[j, n]),
+                    "position": [r, col],
+                    "box": box,
+                }
+            )
+        out.append({"prototype": j, "class_index": c, "class_name": names[c], "same_class": int(counts[j]), "pruned": j in removed, "nearest": rows})
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def write_report(report: PruneReport, directory: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``pruning.json`` and a readable ``pruning.html`` into ``directory`` (each atomically).
+
+    Args:
+        dataset: the training images; when given, the HTML shows each pruned prototype's nearest
+            patches as pictures (embedded, so the page is one self-contained file).
+        source_directory: the model directory before pruning; the pruned prototypes' own
+            pictures are taken from it when present.
+
+    Every string from the model or data (class names, paths) is HTML-escaped.
+    """
+    from .checkpoint import atomic_write_json, atomic_write_text
+
+    directory = Path(directory)
+    json_path, html_path = directory / "pruning.json", directory / "pruning.html"
+    atomic_write_json(json_path, report.to_json())
+    atomic_write_text(html_path, render_html(report, dataset=dataset, source_directory=source_directory))
+    return json_path, html_path
+
+
+def _png_data_uri(picture: Any) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def render_html(report: PruneReport, *, dataset: Any = None, source_directory: str | Path | None = None) -> str:
+    """The pruning report as one self-contained HTML page (all strings escaped)."""
+    from PIL import Image
+
+    from .visualize import crop_box
+
+    e = html.escape
+    cache: dict[int, Any] = {}
+
+    def patch_picture(row: dict[str, Any]) -> str:
+        if dataset is None or row.get("box") is None:
+            return ""
+        index = row["dataset_index"]
+        try:
+            if index not in cache:
+                cache[index] = dataset.load_image(index).convert("RGB")
+            crop = crop_box(cache[index], row["box"]).resize((64, 64), Image.Resampling.NEAREST)
+        except (OSError, ValueError) as error:
+            logger.warning("pruning report: cannot read %s (%s)", row["path"], error)
+            return ""
+        return f'<img src="{_png_data_uri(crop)}" width="64" height="64" alt="patch">'
+
+    def own_picture(j: int) -> str:
+        if source_directory is None:
+            return ""
+        from .checkpoint import CheckpointError, read_metadata, safe_relative_path
+
+        try:
+            meta = read_metadata(source_directory)
+            entry = (meta.get("provenance") or [])[j]
+            relative = (entry.get("images") or {}).get("patch")
+            if not relative:
+                return ""
+            path = safe_relative_path(Path(source_directory), relative)
+            with Image.open(path) as picture:
+                return f'<img src="{_png_data_uri(picture.convert("RGB"))}" height="64" alt="prototype {j}">'
+        except (CheckpointError, OSError, IndexError, ValueError):
+            return ""
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>Prototype pruning report</title>',
+        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+        "td,th{border:1px solid #bbb;padding:0.25em 0.5em;text-align:left;vertical-align:middle}"
+        ".same{background:#e6f4e6}.other{background:#fbe9e9}code{font-size:0.9em}</style></head><body>",
+        "<h1>Prototype pruning</h1>",
+        f"<p>{e(report.to_json()['rule']['description'])} (paper Section 2.6; reference k = {REFERENCE_K}, threshold = {REFERENCE_THRESHOLD}).</p>",
+        f"<p>Run at {e(report.when)}. Prototypes: {len(report.prototypes)} before, {len(report.kept)} after; "
+        f"<strong>{len(report.removed)} pruned</strong>.</p>",
+        "<h2>Accuracy</h2><table><tr><th>data</th><th>before</th><th>after removal</th><th>after last-layer re-fit</th></tr>",
+    ]
+    for split, values in report.accuracy.items():
+        parts.append(f"<tr><td>{e(split)}</td><td>{_fmt(values['before'])}</td><td>{_fmt(values['after_removal'])}</td><td>{_fmt(values['after'])}</td></tr>")
+    parts.append("</table>")
+    if report.classes_without_prototypes:
+        parts.append(f"<p><strong>Classes left without prototypes:</strong> {e(', '.join(report.classes_without_prototypes))}</p>")
+    parts.append("<h2>Pruned prototypes and why</h2>")
+    if not report.pruned:
+        parts.append("<p>None: every prototype has enough nearest patches from its own class.</p>")
+    for p in report.pruned:
+        parts.append(
+            f"<h3>Prototype {p['prototype']} (class {e(p['class_name'])}) {own_picture(p['prototype'])}</h3>"
+            f"<p>{p['same_class']} of its {len(p['nearest'])} nearest training patches come from its class "
+            f"(needs {report.threshold}).</p>"
+            "<table><tr><th>#</th><th>patch</th><th>class</th><th>image</th><th>position</th><th>distance</th></tr>"
+        )
+        for n, row in enumerate(p["nearest"], 1):
+            css = "same" if row["class_index"] == p["class_index"] else "other"
+            parts.append(
+                f'<tr class="{css}"><td>{n}</td><td>{patch_picture(row)}</td><td>{e(row["class_name"])}</td>'
+                f"<td><code>{e(str(row['path']))}</code> (item {row['dataset_index']})</td>"
+                f"<td>{row['position']}</td><td>{row['distance']:.4f}</td></tr>"
+            )
+        parts.append("</table>")
+    parts.append("<h2>Kept prototypes</h2><table><tr><th>prototype (before)</th><th>now</th><th>class</th><th>same-class nearest</th></tr>")
+    for new, j in enumerate(report.kept):
+        p = report.prototypes[j]
+        parts.append(f"<tr><td>{j}</td><td>{new}</td><td>{e(p['class_name'])}</td><td>{p['same_class']} / {len(p['nearest'])}</td></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def prune_model_directory(
+    model_dir: str | Path,
+    dataset: Any,
+    out: str | Path,
+    *,
+    test_dataset: Any = None,
+    **kwargs: Any,
+) -> PruneReport:
+    """Load a model directory, prune it and write the pruned model plus its report to ``out``.
+
+    The model directory is written atomically; ``pruning.json`` and ``pruning.html`` are then
+    added to it (each atomically). Keyword arguments are those of :func:`prune`.
+    """
+    from .checkpoint import load_model
+
+    model = load_model(model_dir)
+    source = model.source_directory
+    report = prune(model, dataset, test_dataset=test_dataset, **kwargs)
+    save_pruned(model, report, out, dataset=dataset, source_directory=source)
+    return report
+
+
+def save_pruned(model: Any, report: PruneReport, out: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> Path:
+    """Save a pruned model to ``out`` with ``pruning.json`` and ``pruning.html`` beside it."""
+    summary = {
+        "pruning": {
+            "k": report.k,
+            "threshold": report.threshold,
+            "per_image": report.per_image,
+            "removed": report.removed,
+            "accuracy": report.accuracy,
+        }
+    }
+    path = save_edited_model(model, out, extra=summary)
+    write_report(report, path, dataset=dataset, source_directory=source_directory)
+    return path
