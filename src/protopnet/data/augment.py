@@ -37,7 +37,7 @@ class OnlineAugmentation:
 
     def __init__(self, image_size: int, transforms: list[Any]) -> None:
         self.image_size = int(image_size)
-        self.transform = v2.Compose(transforms)
+        self.transform = v2.Compose(list(transforms) or [v2.Identity()])
 
     def __call__(self, picture: Image.Image) -> Image.Image:
         out = self.transform(picture)
@@ -131,7 +131,7 @@ def skew(picture: Image.Image, rng: np.random.Generator, magnitude: float, fill:
     """Perspective skew as Augmentor's ``skew(magnitude)``: tilt left/right, tilt forward/backward
     or pull one corner, by up to ``magnitude x`` the picture's larger side."""
     w, h = picture.size
-    amount = float(rng.uniform(0.0, magnitude)) * max(w, h)
+    amount = max(2.0, float(rng.uniform(0.1, 1.0)) * magnitude * max(w, h))  # >= 1 pixel per corner
     start = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]  # tl, tr, br, bl
     end = [list(p) for p in start]
     kind = int(rng.integers(3))
@@ -143,11 +143,11 @@ def skew(picture: Image.Image, rng: np.random.Generator, magnitude: float, fill:
         side = (0, 1) if rng.random() < 0.5 else (3, 2)
         end[side[0]][0] += amount / 2
         end[side[1]][0] -= amount / 2
-    else:  # one corner moves
+    else:  # one corner moves inwards
         corner = int(rng.integers(4))
-        direction = rng.uniform(0, 2 * math.pi)
-        end[corner][0] += amount * math.cos(direction)
-        end[corner][1] += amount * math.sin(direction)
+        direction = rng.uniform(0, math.pi / 2)
+        end[corner][0] += amount * math.cos(direction) * (1 if corner in (0, 3) else -1)
+        end[corner][1] += amount * math.sin(direction) * (1 if corner in (0, 1) else -1)
     end = [[int(round(min(max(x, 0), w - 1))), int(round(min(max(y, 0), h - 1)))] for x, y in end]
     return F.perspective(picture, start, end, interpolation=InterpolationMode.BILINEAR, fill=list(fill))
 

@@ -1,0 +1,122 @@
+"""DecodedCache: same pixels as the wrapped dataset, atomic files, rebuilt when stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protopnet.data import BadImageError, DecodedCache, ImageFolderDataset, SkipBadImages, SyntheticParts
+
+
+def pixels(picture: Image.Image) -> np.ndarray:
+    return np.asarray(picture)
+
+
+class CountingSynthetic(SyntheticParts):
+    """Counts how often pictures are rendered, to see whether the cache was rebuilt."""
+
+    calls = 0
+
+    def load_image(self, index):
+        type(self).calls += 1
+        return super().load_image(index)
+
+
+def test_round_trip_equals_uncached(tmp_path):
+    plain = SyntheticParts("test", num_classes=4, images_per_class=5, image_size=40, seed=9)
+    cached = DecodedCache(SyntheticParts("test", num_classes=4, images_per_class=5, image_size=40, seed=9), tmp_path)
+    assert len(cached) == 20
+    for i in range(20):
+        assert np.array_equal(pixels(cached.load_image(i)), pixels(plain.load_image(i)))
+        image, label = cached[i]
+        reference, reference_label = plain[i]
+        assert torch.equal(image, reference) and label == reference_label
+    assert cached.classes == plain.classes and cached.targets == plain.targets
+    assert cached.path(3) == plain.path(3) and cached.annotation(3) == plain.annotation(3)
+    assert cached.image_size == 40 and cached.mean == plain.mean and cached.num_classes == 4
+    assert cached.split == "test"  # other attributes are forwarded too
+    meta = json.loads(cached.meta_path.read_text())
+    assert meta["n"] == 20 and meta["size"] == 40 and meta["ok"] == [True] * 20
+    assert cached.data_path.stat().st_size == 20 * 40 * 40 * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cached.data_path.name, cached.meta_path.name])
+
+
+def test_reused_when_valid_rebuilt_when_invalid(tmp_path):
+    def make(**kw):
+        return DecodedCache(CountingSynthetic("train", num_classes=2, images_per_class=3, image_size=32), tmp_path, **kw)
+
+    CountingSynthetic.calls = 0
+    first = make()
+    assert CountingSynthetic.calls == 6
+    reference = [pixels(first.load_image(i)) for i in range(6)]
+    make()
+    assert CountingSynthetic.calls == 6  # valid: nothing decoded again
+    make(rebuild=True)
+    assert CountingSynthetic.calls == 12
+    with open(first.data_path, "r+b") as handle:  # truncated data file
+        handle.truncate(100)
+    again = make()
+    assert CountingSynthetic.calls == 18
+    assert all(np.array_equal(pixels(again.load_image(i)), reference[i]) for i in range(6))
+    first.meta_path.write_text("{not json")
+    make()
+    assert CountingSynthetic.calls == 24
+    other_seed = DecodedCache(CountingSynthetic("train", num_classes=2, images_per_class=3, image_size=32, seed=1), tmp_path)
+    assert other_seed.data_path != first.data_path  # different paths -> its own cache file
+    assert not np.array_equal(pixels(other_seed.load_image(0)), reference[0])
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    root = tmp_path / "tree"
+    for label, name in enumerate(["a", "b"]):
+        (root / name).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (20, 10), (label * 200, k * 100, 50)).save(root / name / f"{k}.png")
+    (root / "b" / "1.png").write_bytes(b"")
+    return root
+
+
+def test_stale_files_rebuild_and_bad_images_are_remembered(folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cached = DecodedCache(ImageFolderDataset(folder, image_size=8), cache_dir)
+    assert [(i, Path(p).name) for i, p, _ in cached.bad_items] == [(3, "1.png")]
+    assert "empty" in cached.bad_items[0][2]
+    with pytest.raises(BadImageError, match="empty"):
+        cached.load_image(3)
+    assert pixels(cached.load_image(2))[0, 0].tolist() == [200, 0, 50]
+    skipping = SkipBadImages(cached)
+    assert skipping[3] is None and skipping[0] is not None
+
+    reopened = DecodedCache(ImageFolderDataset(folder, image_size=8), cache_dir)
+    assert reopened.bad_items == cached.bad_items  # remembered from the sidecar
+    # change a file: the fingerprint (size, mtime) changes and the cache is rebuilt
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(folder / "b" / "0.png")
+    os.utime(folder / "b" / "0.png", ns=(1, 1))
+    rebuilt = DecodedCache(ImageFolderDataset(folder, image_size=8), cache_dir)
+    assert rebuilt.data_path == cached.data_path
+    assert pixels(rebuilt.load_image(2))[0, 0].tolist() == [1, 2, 3]
+
+
+def test_forwards_augment_and_pickles_for_workers(tmp_path):
+    inner = SyntheticParts("train", num_classes=2, images_per_class=2, image_size=32)
+    cached = DecodedCache(inner, tmp_path)
+    cached.load_image(0)  # opens the memory map
+    cached.augment = lambda picture: picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert inner.augment is cached.augment
+    flipped, _ = cached[1]
+    cached.augment = None
+    plain, _ = cached[1]
+    assert torch.equal(flipped, plain.flip(-1))
+    clone = pickle.loads(pickle.dumps(cached))
+    assert clone._array is None  # the map is reopened in the worker, not pickled
+    assert np.array_equal(pixels(clone.load_image(1)), pixels(inner.load_image(1)))
+    with pytest.raises(IndexError):
+        cached.load_image(4)
