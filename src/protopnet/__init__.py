@@ -13,6 +13,7 @@ by finding parts of it that look like prototypical parts of training images.
 import logging
 
 from .checkpoint import CheckpointError, UnsafeCheckpointError, load_model, save_model
+from . import explain  # callable package: protopnet.explain(model, image) -> Explanation
 from .config import Config, ConfigError, load_config
 from .losses import LossCoefficients, cluster_cost, protopnet_loss, separation_cost
 from .model import ProtoPNet, ProtoPNetOutput, available_backbones
@@ -35,6 +36,7 @@ __all__ = [
     "available_backbones",
     "cluster_cost",
     "evaluate",
+    "explain",
     "load_config",
     "load_model",
     "protopnet_loss",
