@@ -120,3 +120,16 @@ def test_forwards_augment_and_pickles_for_workers(tmp_path):
     assert np.array_equal(pixels(clone.load_image(1)), pixels(inner.load_image(1)))
     with pytest.raises(IndexError):
         cached.load_image(4)
+
+
+def test_dataloader_workers_read_the_map_and_skip_bad_items(folder, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from protopnet.data import collate_skip_none
+
+    cached = DecodedCache(ImageFolderDataset(folder, image_size=8, mean=(0, 0, 0), std=(1, 1, 1)), tmp_path / "c")
+    loader = DataLoader(SkipBadImages(cached), batch_size=2, num_workers=2, collate_fn=collate_skip_none)
+    batches = list(loader)
+    assert [b[0].shape[0] for b in batches] == [2, 1]  # item 3 (empty file) dropped
+    images = torch.cat([b[0] for b in batches])
+    assert torch.allclose(images[2, :, 0, 0], torch.tensor([200, 0, 50]) / 255)

@@ -56,7 +56,7 @@ def test_empty_tree_is_an_error(tmp_path):
 
 
 def test_build_dataset_dispatch(tree, tmp_path):
-    assert isinstance(build_dataset("synthetic", split="test", image_size=64, num_classes=3), SyntheticParts)
+    assert isinstance(build_dataset("synthetic", split="test", image_size=64, num_classes=3, crop="bbox"), SyntheticParts)
     folder = build_dataset(tree, split="train", image_size=16, crop="bbox")  # crop is ignored for folders
     assert isinstance(folder, ImageFolderDataset) and len(folder) == 3
     for bad in (tmp_path / "nowhere", tmp_path / "file.txt", tmp_path / "empty_dir"):

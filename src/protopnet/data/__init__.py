@@ -83,13 +83,14 @@ def build_dataset(
         split: ``"train"`` or ``"test"`` (``"all"`` for CUB / Cars, ``"val"`` for folders).
         image_size, augment, mean, std: see :class:`ProtoDataset`.
         **kw: passed on to the dataset class (e.g. ``crop="full"``, ``num_classes=5``, ``seed``);
-            ``crop`` is accepted and ignored for ImageFolder trees (they have no boxes).
+            ``crop`` is accepted and ignored for synthetic data and ImageFolder trees (no boxes).
 
     Raises:
         ValueError: the spec is none of these (message names the path and what is accepted).
     """
     common = dict(image_size=image_size, augment=augment, mean=mean, std=std)
     if str(spec) == "synthetic":
+        kw.pop("crop", None)  # the synthetic pictures have nothing to crop
         return SyntheticParts(split=split, **common, **kw)
     root = Path(spec).expanduser()
     for candidate in (root, root / "CUB_200_2011"):

@@ -63,6 +63,7 @@ def _atomic_write_bytes(target: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -192,6 +193,7 @@ class DecodedCache(ProtoDataset):
                         logger.info("decoded %d / %d pictures", index + 1, n)
                 array.flush()
                 del array
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is ordinary data
             os.replace(tmp, self.data_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -136,6 +136,11 @@ def open_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
     Raises:
         BadImageError: missing / empty / not an image / truncated / corrupt / too large, with a
             one-line ``"<path>: <reason>"`` message.
+
+    PIL's bomb warning is turned into an error with ``warnings.catch_warnings`` for the duration
+    of the call; like any use of it, that is process-wide, so prefer worker processes to threads
+    when loading in parallel. If other code sets ``ImageFile.LOAD_TRUNCATED_IMAGES``, truncated
+    files decode silently (a warning is logged once).
     """
     path = os.fspath(path)
     _stat_file(path)
