@@ -1,0 +1,180 @@
+"""Ensembles (paper Section 2.5): summed logits, concatenated prototype facts, a combined score
+sheet that adds up to the logits, members of different input sizes, safe saving and loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protopnet import CheckpointError, ProtoPNet, load_model, save_model
+from protopnet.data.base import ProtoDataset
+from protopnet.ensemble import Ensemble, save_ensemble
+from protopnet.train.evaluate import evaluate
+
+NAMES = ["wren", "finch", "crow"]
+
+
+def member(seed: int, per_class: int = 2, image_size: int = 32, backbone: str = "tiny_cnn", names=NAMES, dim: int = 8) -> ProtoPNet:
+    torch.manual_seed(seed)
+    model = ProtoPNet(backbone=backbone, pretrained=False, num_classes=len(names), prototypes_per_class=per_class, prototype_dim=dim, class_names=names)
+    with torch.no_grad():  # distinct, non-default last layers so sums are informative
+        model.last_layer.weight.add_(0.3 * torch.randn_like(model.last_layer.weight))
+    model.image_size = image_size
+    return model.eval()
+
+
+class NoiseDataset(ProtoDataset):
+    def __init__(self, n: int = 6, size: int = 32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> None:
+        super().__init__(image_size=size, mean=mean, std=std)
+        self.classes, self.targets = list(NAMES), [i % 3 for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load_image(self, index: int) -> Image.Image:
+        rng = np.random.default_rng(index)
+        return Image.fromarray(rng.integers(0, 255, size=(self.image_size, self.image_size, 3), dtype=np.uint8))
+
+
+def test_same_preprocessing_members_sum_exactly():
+    a, b = member(0, per_class=2), member(1, per_class=3, dim=4)
+    ensemble = Ensemble([a, b]).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out, oa, ob = ensemble(x), a(x), b(x)
+    assert torch.equal(out.logits, oa.logits + ob.logits)
+    assert torch.equal(out.similarities, torch.cat([oa.similarities, ob.similarities], 1))
+    assert torch.equal(out.min_distances, torch.cat([oa.min_distances, ob.min_distances], 1))
+    assert [d.shape for d in out.distances] == [oa.distances.shape, ob.distances.shape]
+    assert ensemble.num_prototypes == 15 and out.similarities.shape == (4, 15)
+    assert ensemble.prototype_member.tolist() == [0] * 6 + [1] * 9
+    assert ensemble.prototype_local_index.tolist() == list(range(6)) + list(range(9))
+    assert torch.equal(ensemble.prototype_classes, torch.cat([a.prototype_classes, b.prototype_classes]))
+    weight = ensemble.last_layer_weight
+    assert weight.shape == (3, 15)
+    assert torch.equal(weight[:, 6:], b.last_layer.weight.detach())
+    assert torch.allclose(out.similarities @ weight.t(), out.logits, atol=1e-5)
+    assert ensemble.member_offsets() == [0, 6]
+
+
+def test_score_rows_add_up_to_the_ensemble_logits():
+    ensemble = Ensemble([member(0), member(1, per_class=1, image_size=48)]).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        logits = ensemble(x).logits
+    sheets = ensemble.score_rows(x)
+    assert len(sheets) == 2 and len(sheets[0]) == 9
+    for b, rows in enumerate(sheets):
+        for k in range(3):
+            total = sum(row["points"][k] for row in rows)
+            assert total == pytest.approx(float(logits[b, k]), abs=1e-5)
+            # the points are similarity x weight of each row
+            assert all(row["points"][k] == pytest.approx(row["similarity"] * row["weights"][k], rel=1e-6, abs=1e-7) for row in rows)
+    rows = sheets[0]
+    assert [r["member"] for r in rows] == [0] * 6 + [1] * 3
+    assert [r["member_prototype"] for r in rows] == list(range(6)) + list(range(3))
+    assert [r["prototype"] for r in rows] == list(range(9))
+    assert rows[7]["class_name"] == NAMES[rows[7]["class_index"]] == NAMES[1]
+    assert len(ensemble.score_rows(x[0])) == 1  # one image without a batch axis
+
+
+def test_members_with_other_sizes_and_normalisation_see_their_own_input():
+    a = member(0, image_size=32)
+    b = member(1, image_size=48)
+    b.mean, b.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ensemble = Ensemble([a, b]).eval()
+    assert ensemble.image_size == 48 and ensemble.mean == tuple(a.mean)
+    x = torch.randn(2, 3, 48, 48)
+    xa, xb = ensemble.member_input(x, 0), ensemble.member_input(x, 1)
+    assert xa.shape == (2, 3, 32, 32) and xb.shape == (2, 3, 48, 48)
+    raw = x * 0.25 + 0.5
+    assert torch.allclose(xb, (raw - torch.tensor(b.mean).view(1, 3, 1, 1)) / torch.tensor(b.std).view(1, 3, 1, 1), atol=1e-5)
+    # a constant picture stays the same constant after resizing
+    flat = torch.full((1, 3, 48, 48), 0.7)
+    assert torch.allclose(ensemble.member_input(flat, 0), torch.full((1, 3, 32, 32), 0.7), atol=1e-5)
+    with torch.no_grad():
+        out = ensemble(x)
+        assert torch.allclose(out.logits, a(xa).logits + b(xb).logits, atol=1e-5)
+    assert out.distances[0].shape[-1] == 4 and out.distances[1].shape[-1] == 6
+
+
+def test_members_must_share_classes():
+    with pytest.raises(ValueError, match="member 1 has 4 classes but member 0 has 3"):
+        Ensemble([member(0), member(1, names=NAMES + ["gull"])])
+    with pytest.raises(ValueError, match=r"member 1 names its classes differently.*class 2: 'raven' vs 'crow'"):
+        Ensemble([member(0), member(1, names=["wren", "finch", "raven"])])
+    with pytest.raises(ValueError, match="at least one member"):
+        Ensemble([])
+
+
+def test_nested_ensembles_are_flattened():
+    a, b, c = member(0), member(1), member(2)
+    ensemble = Ensemble([Ensemble([a, b]), c])
+    assert ensemble.num_members == 3 and ensemble.members[2] is c
+
+
+def test_save_load_round_trip_and_evaluate(tmp_path):
+    data = NoiseDataset(n=6, size=48)
+    a, b = member(0, image_size=32), member(1, per_class=1, image_size=48)
+    a_dir = save_model(a, tmp_path / "a")
+    (a_dir / "config.yaml").write_text("seed: 7\n")
+    a = load_model(a_dir)
+    ensemble = Ensemble([a, b]).eval()
+    path = save_ensemble(ensemble, tmp_path / "ens")
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["kind"] == "ensemble" and [m["path"] for m in meta["members"]] == ["members/0", "members/1"]
+    assert (path / "members" / "0" / "model.safetensors").is_file()
+    assert (path / "members" / "0" / "config.yaml").read_text() == "seed: 7\n"
+    assert a.source_directory == str(path / "members" / "0")
+    loaded = load_model(path)
+    assert isinstance(loaded, Ensemble) and loaded.num_members == 2 and loaded.image_size == 48
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ensemble(x).logits)
+    result = evaluate(loaded, data)
+    assert result["n"] == 6
+    with torch.no_grad():
+        expected = (ensemble(torch.stack([data[i][0] for i in range(6)])).logits.argmax(1) == torch.tensor(data.targets)).float().mean()
+    assert result["accuracy"] == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("bad", ["../a", "/etc", ".", "members/9"])
+def test_loading_refuses_member_paths_outside_or_missing(tmp_path, bad):
+    save_model(member(0), tmp_path / "a")
+    path = save_ensemble(Ensemble([member(0), member(1)]), tmp_path / "ens")
+    meta = json.loads((path / "model.json").read_text())
+    meta["members"][1]["path"] = bad
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="member|outside|relative"):
+        load_model(path)
+
+
+def test_loading_refuses_tampered_member_tensors(tmp_path):
+    path = save_ensemble(Ensemble([member(0), member(1)]), tmp_path / "ens")
+    target = path / "members" / "1" / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_model(path)
+
+
+def test_cli_ensemble(tmp_path, capsys):
+    from protopnet.cli import main
+
+    dirs = [save_model(member(s, image_size=32 + 16 * s), tmp_path / f"m{s}") for s in range(2)]
+    assert main(["-q", "ensemble", *map(str, dirs), "--out", str(tmp_path / "ens")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"out": str(tmp_path / "ens"), "members": 2, "prototypes": 12, "image_size": 48}
+    loaded = load_model(tmp_path / "ens")
+    assert isinstance(loaded, Ensemble) and loaded.history[-1]["event"] == "ensemble"
+    other = save_model(member(3, names=["a", "b", "c"]), tmp_path / "other")
+    assert main(["-q", "ensemble", str(dirs[0]), str(other), "--out", str(tmp_path / "bad")]) == 1
+    assert "names its classes differently" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    shutil.rmtree(tmp_path / "ens")
