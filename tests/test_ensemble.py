@@ -177,4 +177,13 @@ def test_cli_ensemble(tmp_path, capsys):
     assert main(["-q", "ensemble", str(dirs[0]), str(other), "--out", str(tmp_path / "bad")]) == 1
     assert "names its classes differently" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # the evaluate command works on the ensemble directory (data prepared at the ensemble's size)
+    data = NoiseDataset(n=6, size=48)
+    for i in range(len(data)):
+        folder = tmp_path / "data" / "test" / NAMES[data.targets[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        data.load_image(i).save(folder / f"{i}.png")
+    code = main(["-q", "evaluate", str(tmp_path / "ens"), "--data", str(tmp_path / "data"), "--json", str(tmp_path / "eval.json")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 6
     shutil.rmtree(tmp_path / "ens")
