@@ -64,6 +64,7 @@ class Analysis:
             "splits": {
                 split: {
                     "mean_purity": _none_if_nan(self.mean_purity(split)),
+                    "images_scanned": nearest.scanned,
                     "image_size": nearest.image_size,
                     "prototypes": nearest.to_json(self.datasets.get(split), names, self.percentile, self.boxes(split) if nearest.activations is not None else None),
                 }
@@ -81,6 +82,7 @@ def analyze(
     datasets: Mapping[str, Any],
     k: int = 5,
     *,
+    limit: int | None = None,
     progress: Callable[[str, int], Any] | None = None,
     **scan: Any,
 ) -> Analysis:
@@ -88,17 +90,20 @@ def analyze(
     every prototype.
 
     Args:
+        limit: scan only the first ``limit`` images of each dataset (a quick look).
         progress: ``(split, total) -> context manager with update(n)`` (a tqdm factory), or None.
         scan: passed on to :func:`protopnet.explain.nearest.nearest_patches` (``batch_size``,
             ``device``, ``num_workers``, ``precision``, ...).
     """
     splits = {}
     for split, dataset in datasets.items():
+        indices = None if limit is None else range(min(int(limit), len(dataset)))
+        total = len(dataset) if indices is None else len(indices)
         if progress is not None:
-            with progress(f"analyze {split}", len(dataset)) as bar:
-                splits[split] = nearest_patches(model, dataset, k, progress=bar.update, **scan)
+            with progress(f"analyze {split}", total) as bar:
+                splits[split] = nearest_patches(model, dataset, k, indices=indices, progress=bar.update, **scan)
         else:
-            splits[split] = nearest_patches(model, dataset, k, **scan)
+            splits[split] = nearest_patches(model, dataset, k, indices=indices, **scan)
         logger.info("%s: mean purity of the %d nearest patches %.3f", split, k, _mean(splits[split]))
     return Analysis(model, splits, dict(datasets), k)
 

@@ -106,7 +106,8 @@ def denormalise(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 
 def prepare_input(image: Any, image_size: int, mean: Sequence[float], std: Sequence[float]) -> InputImage:
-    """A path, a PIL picture or a normalised tensor (3, S, S) / (1, 3, S, S) -> :class:`InputImage`.
+    """A path, a PIL picture or a normalised tensor (3, S, S) / (1, 3, S, S) -> :class:`InputImage`
+    (an :class:`InputImage` is returned as it is).
 
     Paths and pictures are resized to ``image_size`` squared (aspect ratio not kept, as the
     datasets do); a tensor is taken as it is (its S is the frame of the boxes).
@@ -115,6 +116,8 @@ def prepare_input(image: Any, image_size: int, mean: Sequence[float], std: Seque
         protopnet.data.BadImageError: an unreadable file (message ``"<path>: <reason>"``).
         TypeError / ValueError: anything else that is not an image.
     """
+    if isinstance(image, InputImage):
+        return image
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         original = _open_image(path)
@@ -140,16 +143,23 @@ def model_members(model: Any) -> list[tuple[int | None, Any]]:
     return [(None, model)]
 
 
-def _member_tensor(net: Any, inp: InputImage, device: torch.device) -> torch.Tensor:
-    """The (1, 3, s, s) input for one network: the caller's tensor when it fits the network's
-    normalisation (any s works for a single model), else made from the picture."""
-    mean = tuple(float(m) for m in net.mean)
-    std = tuple(float(s) for s in net.std)
-    if inp.tensor is not None and inp.tensor_stats == (mean, std):
-        return inp.tensor.unsqueeze(0).to(device, torch.float32)
-    size = int(getattr(net, "image_size", inp.size))
-    picture = inp.picture if inp.picture.width == size else inp.picture.resize((size, size), Image.Resampling.BILINEAR)
-    return normalise(picture, mean, std).unsqueeze(0).to(device)
+def model_input(model: Any, inp: InputImage, device: torch.device) -> torch.Tensor:
+    """The (1, 3, S, S) tensor ``model`` takes: the caller's tensor when one was given, else the
+    picture normalised with ``model.mean`` / ``model.std``."""
+    x = inp.tensor if inp.tensor is not None else normalise(inp.picture, model.mean, model.std)  # (3, S, S)
+    return x.unsqueeze(0).to(device, torch.float32)
+
+
+def member_inputs(model: Any, x: torch.Tensor) -> list[tuple[int | None, Any, torch.Tensor]]:
+    """``(member id, network, its input)`` for every network whose logits make ``model``'s:
+    the model itself for a ProtoPNet; for an ensemble, each member with the ensemble's input
+    converted as the ensemble's own forward converts it (``model.member_input``), so the score
+    sheet adds up to the ensemble's logits."""
+    members = model_members(model)
+    if members[0][0] is None:
+        return [(None, model, x)]
+    convert = getattr(model, "member_input", None)
+    return [(i, net, convert(x, i) if convert is not None else x) for i, net in members]
 
 
 # -- prototypes and their evidence ----------------------------------------------------------------
@@ -199,8 +209,7 @@ class PrototypeMatch:
         position: (row, col) latent cell of that patch's top-left corner.
         weights: (K,) its last-layer weights to every class.
         provenance: its push provenance (source image path, box, ...), or None before push.
-        images: kind ("patch", "source", "overlay") -> existing picture file in the model
-            directory, when the model was saved with its prototype pictures.
+        directory: the model directory the prototype's network was loaded from, or None.
     """
 
     prototype: int
@@ -212,9 +221,18 @@ class PrototypeMatch:
     position: tuple[int, int]
     weights: np.ndarray = field(repr=False)
     provenance: dict[str, Any] | None = field(repr=False)
-    images: dict[str, Path] = field(repr=False)
+    directory: str | None = field(repr=False)
     _regions: _Regions = field(repr=False)
     _original_size: tuple[int, int] | None = field(default=None, repr=False)
+    _images: dict[str, Path] | None = field(default=None, repr=False)
+
+    @property
+    def images(self) -> dict[str, Path]:
+        """kind ("patch", "source", "overlay") -> the prototype's existing picture file in the
+        model directory (saved with the model after push); empty when there is none."""
+        if self._images is None:
+            self._images = prototype_image_files(self.provenance, self.directory)
+        return self._images
 
     @property
     def key(self) -> tuple[int | None, int]:
@@ -531,16 +549,15 @@ def _draw_from_provenance(provenance: dict[str, Any] | None) -> dict[str, Image.
         return {}
 
 
-def _prototype_images(net: Any, j: int) -> dict[str, Path]:
-    """Existing picture files of prototype j in the model directory it was loaded from."""
-    provenance = getattr(net, "provenance", None)
-    directory = getattr(net, "source_directory", None)
-    if not provenance or not directory or j >= len(provenance):
+def prototype_image_files(provenance: dict[str, Any] | None, directory: str | os.PathLike[str] | None) -> dict[str, Path]:
+    """Existing picture files of a prototype (its provenance entry's ``images``) in ``directory``,
+    the model directory it was loaded from; paths outside the directory are refused."""
+    if not provenance or not directory:
         return {}
     from ..checkpoint import CheckpointError, safe_relative_path
 
     found = {}
-    for kind, relative in dict(provenance[j].get("images") or {}).items():
+    for kind, relative in dict(provenance.get("images") or {}).items():
         try:
             path = safe_relative_path(Path(directory), relative)
         except CheckpointError:
@@ -573,39 +590,41 @@ def explain(
         percentile: the threshold of the boxes (push uses 95).
 
     Returns:
-        an :class:`Explanation`. The model is run once (per ensemble member) in eval mode; its
-        training flag is restored afterwards.
+        an :class:`Explanation`. The model is run once (per ensemble member) in eval mode; the
+        training flag of each of its modules is restored afterwards.
 
     Raises:
         protopnet.data.BadImageError: ``image`` is an unreadable file.
     """
     if top_classes < 1 or top_prototypes < 0:
         raise ValueError(f"top_classes must be >= 1 and top_prototypes >= 0, got {top_classes} and {top_prototypes}")
-    members = model_members(model)
-    first = members[0][1]
-    class_names = list(getattr(model, "class_names", first.class_names))
+    class_names = list(model.class_names)
     num_classes = len(class_names)
-    inp = prepare_input(image, int(getattr(first, "image_size", 224)), first.mean, first.std)
+    inp = prepare_input(image, int(getattr(model, "image_size", 224)), model.mean, model.std)
+    run_device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = model_input(model, inp, run_device)  # (1, 3, S, S)
 
     logits = np.zeros(num_classes, dtype=np.float64)
     maps: dict[Any, torch.Tensor] = {}
     raw: list[tuple[Any, Any, list[float], list[float], list[int], np.ndarray]] = []
-    for member, net in members:
-        run_device = torch.device(device) if device is not None else next(net.parameters()).device
-        x = _member_tensor(net, inp, run_device)  # (1, 3, s, s)
-        was_training = net.training
-        net.eval()
-        try:
-            out = net(x)
-        finally:
-            net.train(was_training)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        outputs = [(member, net, net(xi)) for member, net, xi in member_inputs(model, x)]
+    finally:
+        for module, training in modes.items():  # every sub-module exactly as it was
+            module.training = training
+    for member, net, out in outputs:
         if out.logits.shape[1] != num_classes:
             raise ValueError(f"model {member} has {out.logits.shape[1]} classes, expected {num_classes}")
         logits += out.logits[0].double().cpu().numpy()
         distances = out.distances[0].float()  # (M, H', W')
         maps[member] = net.similarity(distances).cpu()  # (M, H', W')
         where = distances.flatten(1).argmin(dim=1).cpu()  # (M,)
-        raw.append((member, net, out.similarities[0].float().cpu().tolist(), out.min_distances[0].float().cpu().tolist(), (where).tolist(), net.last_layer.weight.detach().float().cpu().numpy()))
+        sims = out.similarities[0].float().cpu().tolist()  # M floats
+        dmins = out.min_distances[0].float().cpu().tolist()  # M floats
+        weight = net.last_layer.weight.detach().float().cpu().numpy()  # (K, M)
+        raw.append((member, net, sims, dmins, where.tolist(), weight))
 
     regions = _Regions(maps, inp.size, percentile)
     matches: list[PrototypeMatch] = []
@@ -613,6 +632,7 @@ def explain(
         width = maps[member].shape[2]
         classes = net.prototype_classes.tolist()
         provenance = getattr(net, "provenance", None) or []
+        directory = getattr(net, "source_directory", None)
         for j, k in enumerate(classes):
             matches.append(
                 PrototypeMatch(
@@ -625,7 +645,7 @@ def explain(
                     position=(where[j] // width, where[j] % width),
                     weights=weight[:, j],
                     provenance=provenance[j] if j < len(provenance) else None,
-                    images=_prototype_images(net, j),
+                    directory=directory,
                     _regions=regions,
                     _original_size=inp.original_size,
                 )

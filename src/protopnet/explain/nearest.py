@@ -34,6 +34,7 @@ class NearestPatches:
             draw the patch's region), or None when not kept.
         prototype_classes: (M,) each prototype's class.
         image_size: side of the dataset's pictures (the frame of the boxes).
+        scanned: how many images were scanned (unreadable ones not counted).
     """
 
     distances: torch.Tensor
@@ -43,6 +44,7 @@ class NearestPatches:
     activations: torch.Tensor | None
     prototype_classes: torch.Tensor
     image_size: int
+    scanned: int = 0
 
     @property
     def k(self) -> int:
@@ -172,7 +174,7 @@ class TopK:
             cand_a = torch.cat([self.activations, maps], dim=1)  # (M, k + B, H', W')
             self.activations = torch.gather(cand_a, 1, order.view(m, self.k, 1, 1).expand(m, self.k, hp, wp))
 
-    def result(self, prototype_classes: torch.Tensor, image_size: int) -> NearestPatches:
+    def result(self, prototype_classes: torch.Tensor, image_size: int, scanned: int = 0) -> NearestPatches:
         return NearestPatches(
             distances=self.distances,
             indices=self.indices,
@@ -181,6 +183,7 @@ class TopK:
             activations=self.activations,
             prototype_classes=prototype_classes.detach().cpu().long(),
             image_size=int(image_size),
+            scanned=int(scanned),
         )
 
 
@@ -241,4 +244,4 @@ def nearest_patches(
     finally:
         model.train(was_training)
     logger.info("scanned %d images for the %d nearest patches of %d prototypes", seen, k, model.num_prototypes)
-    return top.result(model.prototype_classes, int(getattr(dataset, "image_size", getattr(model, "image_size", 224))))
+    return top.result(model.prototype_classes, int(getattr(dataset, "image_size", getattr(model, "image_size", 224))), seen)

@@ -513,12 +513,12 @@ def write_analysis_report(
 
     # The prototypes' own pictures: the model directory's files, else redrawn from the train split.
     provenance = getattr(model, "provenance", None) or []
-    from .local import _prototype_images
+    from .local import prototype_image_files
 
     train = analysis.datasets.get("train")
     proto_src: dict[int, dict[str, str | None]] = {}
     for j in range(len(classes)):
-        found = _prototype_images(model, j)
+        found = prototype_image_files(provenance[j] if j < len(provenance) else None, getattr(model, "source_directory", None))
         entry: dict[str, str | None] = {}
         for kind in ("patch", "source"):
             if kind in found:
@@ -560,7 +560,7 @@ def write_analysis_report(
 
     report = Report(title or "Prototype gallery", subtitle=f"{len(classes)} prototypes, {len(names)} classes, {analysis.k} nearest patches per prototype")
     summary_rows = "".join(
-        f'<tr><td>{esc(split)}</td><td class="num">{len(analysis.datasets[split])}</td>'
+        f'<tr><td>{esc(split)}</td><td class="num">{analysis.splits[split].scanned}</td>'
         f'<td class="num mean-purity">{percent(analysis.mean_purity(split))}</td></tr>'
         for split in splits
     )
