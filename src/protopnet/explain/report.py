@@ -246,10 +246,15 @@ summary { cursor: pointer; color: var(--accent); }
 .strip figcaption { overflow-wrap: anywhere; }
 .strip figure.other img { border: 2px solid var(--bad); }
 .strip figure.same img { border: 2px solid var(--good); }
-.purity-bar { height: 6px; background: #eee; border-radius: 3px; margin-top: 3px; overflow: hidden; }
+.purity-bar { display: block; height: 6px; background: #eee; border-radius: 3px; margin-top: 3px; overflow: hidden; }
 .purity-bar span { display: block; height: 100%; background: var(--good); }
 .proto-detail { border-top: 1px solid var(--line); padding-top: 6px; }
 .proto-detail .head { display: flex; gap: 14px; align-items: center; }
+.splits { display: flex; flex-wrap: wrap; gap: 8px 40px; }
+.splits p { margin: 6px 0 2px; }
+table.totals { width: 100%; }
+table.totals td.num { text-align: right; }
+.proto-detail .back { font-size: 12px; margin: 0 0 8px; }
 footer { margin-top: 36px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--line); padding-top: 8px; }
 """
 
@@ -611,6 +616,7 @@ def write_analysis_report(
             f'<section class="proto-detail" id="prototype-{j}"><div class="head">{img(proto_src[j].get("patch"), f"prototype {j}", "small")}'
             f"<h3>Prototype {j} — class <q>{esc(names[k])}</q></h3></div>"
         )
+        columns = []
         for split in splits:
             nearest = analysis.splits[split]
             dataset = analysis.datasets[split]
@@ -629,10 +635,11 @@ def write_analysis_report(
                     f'<a href="{esc(srcs[1]) if srcs else "#"}">{img(srcs[0] if srcs else None, f"nearest patch {slot + 1}", "small", title=tip)}</a>'
                     f"<figcaption>{esc(names[label])}<br>d = {esc(fmt(float(nearest.distances[j, slot]), 2))}</figcaption></figure>"
                 )
-            details.append(
-                f'<p>{esc(split)} — purity <b>{percent(purity[split][j])}</b></p><div class="strip" data-split="{esc(split)}">{"".join(figures)}</div>'
+            columns.append(
+                f'<div><p>{esc(split)} data — purity <b>{percent(purity[split][j])}</b></p>'
+                f'<div class="strip" data-split="{esc(split)}">{"".join(figures)}</div></div>'
             )
-        details.append('<p><a href="#gallery">back to the gallery</a></p></section>')
+        details.append(f'<div class="splits">{"".join(columns)}</div><p class="back"><a href="#class-{k}">back to the gallery</a></p></section>')
     details.append("</section>")
     report.add(Html("".join(details)))
     for section in extra_sections:
