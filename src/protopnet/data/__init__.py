@@ -53,8 +53,9 @@ def _folder_split(root: Path, split: str) -> tuple[Path, list[str] | None]:
     subfolders = set(list_class_folders(root))
     split_folders = [name for names in _SPLIT_FOLDERS.values() for name in names if name in subfolders]
     if not split_folders:
-        if split != "train":
-            logger.warning("%s has no %s/ sub-folder: using the whole tree for split %r", root, split, split)
+        if split not in ("train", "all"):
+            # Never hand back the training images as a test set.
+            raise FileNotFoundError(f"{root}: a flat ImageFolder tree has no {split}/ sub-folder (use split 'all' for the whole tree)")
         return root, None
     wanted = [name for name in _SPLIT_FOLDERS.get(split, (split,)) if name in subfolders]
     if not wanted:

@@ -1,0 +1,65 @@
+"""protopnet evaluate MODEL_DIR --data ... [--json FILE] [--interpretability]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+from .common import DATA_HELP, CommandError, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail
+
+logger = logging.getLogger(__name__)
+
+
+def create_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = add_parser(
+        subparsers,
+        "evaluate",
+        "Top-1, top-5 and per-class accuracy of a trained model on a dataset's test split.",
+        "protopnet evaluate runs/demo/model --data synthetic --json runs/demo/eval.json",
+    )
+    parser.add_argument("model", help="a model directory (written by train, push, prune, edit or ensemble)")
+    parser.add_argument("--data", required=True, help=DATA_HELP)
+    parser.add_argument("--split", default="test", help="which split to evaluate: test (default), train or all")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--interpretability", action="store_true", help="also measure interpretability (needs part annotations)")
+    add_device_arguments(parser)
+    return parser
+
+
+def execute(args: argparse.Namespace) -> int:
+    from ..checkpoint import atomic_write_json
+    from ..train.evaluate import evaluate
+
+    model = load_model_or_fail(args.model, args.device)
+    try:
+        dataset = dataset_for_model(model, args.data, args.split)
+    except FileNotFoundError as error:
+        raise CommandError(f"{error}; pass --split all to evaluate on the whole tree") from None
+    device = next(model.parameters()).device
+    report: dict[str, Any] = evaluate(model, dataset, batch_size=args.batch_size, device=device, num_workers=args.workers)
+    report = {"model": args.model, "data": args.data, "split": args.split, **report}
+    if args.interpretability:
+        report["interpretability"] = interpretability_report(model, dataset, args)
+    print(f"top-1 accuracy {report['accuracy']:.4f}  top-5 {report['top5']:.4f}  ({report['n']} images)")
+    worst = sorted(report["per_class"].items(), key=lambda kv: kv[1])[:5]
+    if worst:
+        print("lowest per-class accuracy: " + ", ".join(f"{name} {acc:.2f}" for name, acc in worst))
+    if "interpretability" in report:
+        for key, value in report["interpretability"].items():
+            if isinstance(value, (int, float)):
+                print(f"{key}: {value:.4f}")
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The interpretability figures ``--interpretability`` adds (see protopnet.interpretability)."""
+    from .. import interpretability
+
+    if hasattr(interpretability, "evaluate_interpretability"):
+        return interpretability.evaluate_interpretability(model, dataset, batch_size=args.batch_size)
+    return {"prototype_localization": interpretability.prototype_localization(model, dataset)["localization"]}

@@ -1,0 +1,44 @@
+"""protopnet push MODEL_DIR --data ... --out DIR"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .common import DATA_HELP, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, progress_factory
+
+
+def create_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = add_parser(
+        subparsers,
+        "push",
+        "Project every prototype onto its nearest training patch of its own class (paper 2.2) and save the result as a new model.",
+        "protopnet push runs/demo/model --data synthetic --out runs/demo/pushed",
+    )
+    parser.add_argument("model", help="a model directory")
+    parser.add_argument("--data", required=True, help=DATA_HELP + " (its training split is pushed onto)")
+    parser.add_argument("--out", required=True, help="where to write the pushed model directory")
+    add_device_arguments(parser)
+    return parser
+
+
+def execute(args: argparse.Namespace) -> int:
+    from ..checkpoint import save_model
+    from ..train.push import push_prototypes
+
+    model = load_model_or_fail(args.model, args.device)
+    dataset = dataset_for_model(model, args.data, "train")
+    make_bar = progress_factory(args.quiet)
+    bar = make_bar("push", len(dataset)) if make_bar else None
+    provenance = push_prototypes(
+        model, dataset, batch_size=args.batch_size, num_workers=args.workers,
+        progress=bar.update if bar is not None else None,
+    )
+    if bar is not None:
+        bar.close()
+    model.history.append({"event": "push", "data": args.data, "source": args.model})
+    save_model(model, args.out, dataset=dataset)
+    moved = [p["distance"] for p in provenance]
+    print(json.dumps({"model": args.out, "prototypes": len(provenance), "mean_distance_moved": sum(moved) / len(moved)}))
+    return 0
