@@ -103,6 +103,19 @@ def test_members_with_other_sizes_and_normalisation_see_their_own_input():
     assert out.distances[0].shape[-1] == 4 and out.distances[1].shape[-1] == 6
 
 
+@pytest.mark.parametrize("target", [20, 32, 64])
+def test_resize_matrix_is_antialiased_bilinear(target):
+    import torch.nn.functional as F
+
+    from protopnet.ensemble import resize_matrix
+
+    x = torch.rand(2, 3, 48, 48)
+    r = resize_matrix(48, target)
+    expected = F.interpolate(x, size=(target, target), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.allclose(r @ x @ r.t(), expected, atol=1e-5)
+    assert torch.allclose(r.sum(dim=1), torch.ones(target), atol=1e-6)  # rows are weights summing to 1
+
+
 def test_members_must_share_classes():
     with pytest.raises(ValueError, match="member 1 has 4 classes but member 0 has 3"):
         Ensemble([member(0), member(1, names=NAMES + ["gull"])])

@@ -18,7 +18,9 @@ backbone, prototype count and shape, input size and normalisation:
   (:meth:`Ensemble.member_input`): un-normalised, resized to the member's size (bilinear, with
   antialiasing when shrinking) and normalised with the member's mean/std. A member whose size and
   normalisation equal the ensemble's gets the input unchanged, so a member alone and inside the
-  ensemble give identical numbers. Resizing the normalised tensor is close to but not bit-equal
+  ensemble give identical numbers. The resize is PyTorch's antialiased bilinear filter written
+  as matrix products (:func:`resize_matrix`), so an exported ensemble resizes identically.
+  Resizing the normalised tensor is close to but not bit-equal
   with resizing the picture with PIL first; to explain a member exactly as it sees images on its
   own, run it on data prepared with its own size and normalisation.
 
@@ -29,10 +31,12 @@ model directory per member in ``members/0``, ``members/1``, ...;
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,7 +57,38 @@ from .checkpoint import (
 logger = logging.getLogger(__name__)
 
 COMBINATION = "sum of the members' logits (paper Section 2.5)"
-RESIZE = "bilinear (antialiased when shrinking), align_corners=False, on the un-normalised tensor"
+RESIZE = "bilinear (antialiased when shrinking), align_corners=False, on the un-normalised tensor, as two matrix products"
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_weights(source: int, target: int) -> np.ndarray:
+    scale = source / target
+    support = scale if scale >= 1.0 else 1.0  # the triangle filter widens when shrinking
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    weights = np.zeros((target, source), dtype=np.float64)
+    for i in range(target):
+        centre = scale * (i + 0.5)
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), source)
+        taps = np.maximum(0.0, 1.0 - np.abs((np.arange(lo, hi) - centre + 0.5) * inv))
+        total = taps.sum()
+        weights[i, lo:hi] = taps / total if total > 0 else taps
+    return weights
+
+
+def resize_matrix(source: int, target: int) -> torch.Tensor:
+    """(target, source) float32 matrix R with ``R @ v`` = ``v`` resized along one axis like
+    ``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)`` (the separable
+    triangle filter PyTorch and PIL use, widened by the scale when shrinking).
+
+    Resizing an image is then ``R_rows @ image @ R_cols.T``: the same numbers as PyTorch's
+    antialiased bilinear resize, but made of matrix products with constant weights, which export
+    to ONNX (PyTorch's ONNX exporter has no antialiased resize). The weights are computed with
+    NumPy, so tracing records them as constants.
+    """
+    if source < 1 or target < 1:
+        raise ValueError(f"sizes must be positive, got {source} -> {target}")
+    return torch.from_numpy(_resize_weights(int(source), int(target)).astype(np.float32))
 
 
 class EnsembleOutput(NamedTuple):
@@ -198,7 +233,9 @@ class Ensemble(nn.Module):
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         raw = x * std + mean  # (B, 3, S, S) in [0, 1]
         if x.shape[-1] != size or x.shape[-2] != size:
-            raw = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
+            rows = resize_matrix(x.shape[-2], size).to(x)  # (S_i, S)
+            cols = resize_matrix(x.shape[-1], size).to(x)  # (S_i, S)
+            raw = torch.matmul(torch.matmul(rows, raw), cols.t())  # (B, 3, S_i, S_i)
         m_mean = torch.tensor(tuple(member.mean), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         m_std = torch.tensor(tuple(member.std), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (raw - m_mean) / m_std

@@ -218,7 +218,9 @@ def run_onnx(path: str | Path, images: torch.Tensor) -> list[torch.Tensor]:
 
 def run_torchscript(path: str | Path, images: torch.Tensor) -> list[torch.Tensor]:
     """Run an exported TorchScript file on images (B, 3, S, S)."""
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated.*")
+        module = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return [t.float() for t in module(images.detach().float().cpu())]
 
@@ -252,3 +254,12 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     onnx = _require_onnx()
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_torchscript_metadata(path: str | Path) -> dict[str, str]:
+    """The facts stored in an exported TorchScript file's ``protopnet.json``."""
+    extra = {"protopnet.json": ""}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated.*")
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra["protopnet.json"] or "{}")
