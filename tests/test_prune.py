@@ -266,7 +266,7 @@ def pushed_model_dir(tmp_path: Path, train: ProtoDataset) -> Path:
 
     model = tiny_model(per_class=3, seed=5, class_names=train.classes)
     push_prototypes(model, train)
-    return save_model(model, tmp_path / "model", dataset=train)
+    return save_model(model, tmp_path / "model", dataset=train, extra={"test_accuracy": 0.5})
 
 
 def test_saved_pruned_model_and_escaped_report(tmp_path):
@@ -289,6 +289,8 @@ def test_saved_pruned_model_and_escaped_report(tmp_path):
         assert patch.name.startswith(f"{new:04d}_")
         assert patch.read_bytes() == (source / old[j]["images"]["patch"]).read_bytes()
     assert again.history[-1]["event"] == "prune"
+    extra = json.loads((out / "model.json").read_text())["extra"]
+    assert extra["test_accuracy"] == 0.5 and extra["pruning"]["removed"] == report.removed
     data = json.loads((out / "pruning.json").read_text())
     assert data["removed"] == report.removed and data["rule"]["k"] == 6
     assert all(p["nearest"] for p in data["prototypes"])

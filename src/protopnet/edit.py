@@ -251,11 +251,15 @@ def relabel_prototype(model: Any, index: int, new_class: int, *, incorrect_class
 
     Its last-layer column is reset to the paper's initialisation for its new class (+1 to the
     new class, ``incorrect_class_connection`` to every other), since the old weights encoded the
-    old class; re-fit the last layer afterwards. Returns the old class.
+    old class; re-fit the last layer afterwards. Relabelling to the class it already has changes
+    nothing. Returns the old class.
     """
     (j,) = check_prototype_indices(model, [index], "relabel")
     k = _check_class(model, new_class)
     old = int(model.prototype_classes[j])
+    if old == k:
+        logger.info("prototype %d already belongs to class %d: not relabelled", j, k)
+        return old
     model.prototype_classes[j] = k
     column = torch.full((model.num_classes,), float(incorrect_class_connection), device=model.last_layer.weight.device)
     column[k] = 1.0
@@ -690,11 +694,26 @@ def save_edited_model(
                 run_config = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError) as error:
                 logger.warning("not keeping %s/config.yaml: %s", source, error)
+        merged = dict(_source_extra(source))
+        merged.update(extra or {})
         model.source_directory = str(staging)
         try:
-            return save_model(model, directory, run_config=run_config, extra=extra)
+            return save_model(model, directory, run_config=run_config, extra=merged or None)
         except BaseException:
             model.source_directory = str(source) if source is not None else None
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _source_extra(source: Path | None) -> dict[str, Any]:
+    """The ``extra`` section of the source model's ``model.json`` (metrics of the run), if any."""
+    if source is None or not (source / "model.json").is_file():
+        return {}
+    import json
+
+    try:
+        extra = json.loads((source / "model.json").read_text(encoding="utf-8")).get("extra")
+    except (OSError, ValueError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
