@@ -266,8 +266,9 @@ def test_running_top_k_breaks_ties_by_dataset_index_whatever_the_batch_order():
     for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
         top = TopK(2, 3)
         for i in order:  # one image per batch
-            top.update(d[i : i + 1], labels[i : i + 1], indices[i : i + 1], lambda t: -t)
+            top.update(d[i : i + 1], labels[i : i + 1], indices[i : i + 1])
         results.append(top.indices.tolist())
+        assert top.result(torch.tensor([0, 1]), 8, similarity=lambda t: -t).activations[1, 0].item() == -0.5
     assert results[0] == results[1] == results[2] == [[12, 10, 11], [11, 13, 10]]
 
 

@@ -53,14 +53,12 @@ class InputImage:
     Attributes:
         picture: RGB picture of ``size x size`` pixels (the frame every box is given in).
         tensor: the normalised (3, size, size) tensor when the caller gave one, else None.
-        tensor_stats: (mean, std) that tensor is normalised with.
         path: the file it was read from, or None.
         original_size: (width, height) of the file / PIL picture before resizing, or None.
     """
 
     picture: Image.Image
     tensor: torch.Tensor | None = None
-    tensor_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     path: str | None = None
     original_size: tuple[int, int] | None = None
 
@@ -129,8 +127,7 @@ def prepare_input(image: Any, image_size: int, mean: Sequence[float], std: Seque
         tensor = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
         if tensor.dim() != 3 or tensor.shape[0] != 3 or tensor.shape[1] != tensor.shape[2]:
             raise ValueError(f"expected a normalised image tensor (3, S, S) or (1, 3, S, S), got shape {tuple(image.shape)}")
-        stats = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
-        return InputImage(denormalise(tensor, *stats), tensor=tensor.detach(), tensor_stats=stats)
+        return InputImage(denormalise(tensor, mean, std), tensor=tensor.detach())
     raise TypeError(f"cannot explain a {type(image).__name__}: give a file path, a PIL image or a normalised tensor (3, S, S)")
 
 
@@ -168,15 +165,25 @@ class _Regions:
     """Activation maps on the input and their boxes, computed when first asked for, in batches.
 
     Args:
-        maps: member id -> (M, H', W') similarity maps of that member's prototypes on the input.
+        distances: member id -> (M, H', W') distance maps of that member's prototypes on the input.
+        similarity: member id -> the member's distance -> similarity function.
         size: side of the input picture (the frame of the boxes).
     """
 
-    def __init__(self, maps: dict[Any, torch.Tensor], size: int, percentile: float) -> None:
-        self.maps = maps
+    def __init__(self, distances: dict[Any, torch.Tensor], similarity: dict[Any, Any], size: int, percentile: float) -> None:
+        self.distances = distances
+        self.similarity = similarity
         self.size = int(size)
         self.percentile = float(percentile)
         self.boxes: dict[tuple[Any, int], list[int]] = {}
+        self._maps: dict[Any, torch.Tensor] = {}
+
+    def maps(self, member: Any) -> torch.Tensor:
+        """(M, H', W') similarity maps of ``member``'s prototypes on the input (CPU, float32)."""
+        if member not in self._maps:
+            with torch.no_grad():
+                self._maps[member] = self.similarity[member](self.distances[member]).float().cpu()
+        return self._maps[member]
 
     def compute(self, keys: Iterable[tuple[Any, int]]) -> None:
         """Compute the boxes of ``keys`` (member, prototype) not yet known, one batch per member."""
@@ -186,7 +193,7 @@ class _Regions:
                 wanted.setdefault(member, []).append(j)
         for member, indices in wanted.items():
             indices = sorted(set(indices))
-            boxes = activation_boxes(self.maps[member][indices], (self.size, self.size), self.percentile)
+            boxes = activation_boxes(self.maps(member)[indices], (self.size, self.size), self.percentile)
             for j, box in zip(indices, boxes.tolist()):
                 self.boxes[(member, j)] = [int(v) for v in box]
 
@@ -241,7 +248,7 @@ class PrototypeMatch:
     @property
     def activation(self) -> np.ndarray:
         """(H', W') similarity map of this prototype over the input's patches."""
-        return self._regions.maps[self.member][self.prototype].numpy()
+        return self._regions.maps(self.member)[self.prototype].numpy()
 
     @property
     def box(self) -> list[int]:
@@ -574,7 +581,6 @@ def explain(
     top_classes: int = 3,
     top_prototypes: int = 10,
     *,
-    device: str | torch.device | None = None,
     percentile: float = 95.0,
 ) -> Explanation:
     """Explain the classification of one image (paper Figure 3 and Figure 5a).
@@ -583,10 +589,10 @@ def explain(
         model: a :class:`protopnet.ProtoPNet` (or an ensemble exposing ``members``, whose logits
             are the sum of its members').
         image: a file path, a PIL picture (resized to ``model.image_size`` squared) or a tensor
-            (3, S, S) / (1, 3, S, S) normalised with ``model.mean`` / ``model.std``.
+            (3, S, S) / (1, 3, S, S) normalised with ``model.mean`` / ``model.std``. It runs on
+            the model's device.
         top_classes: how many of the most probable classes get a score sheet.
         top_prototypes: how many of the most activated prototypes (over all classes) to list.
-        device: where to run (default: the model's device).
         percentile: the threshold of the boxes (push uses 95).
 
     Returns:
@@ -601,11 +607,11 @@ def explain(
     class_names = list(model.class_names)
     num_classes = len(class_names)
     inp = prepare_input(image, int(getattr(model, "image_size", 224)), model.mean, model.std)
-    run_device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = model_input(model, inp, run_device)  # (1, 3, S, S)
+    x = model_input(model, inp, next(model.parameters()).device)  # (1, 3, S, S), on the model's device
 
     logits = np.zeros(num_classes, dtype=np.float64)
-    maps: dict[Any, torch.Tensor] = {}
+    maps: dict[Any, torch.Tensor] = {}  # member -> (M, H', W') distances
+    similarity: dict[Any, Any] = {}
     raw: list[tuple[Any, Any, list[float], list[float], list[int], np.ndarray]] = []
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -619,17 +625,18 @@ def explain(
             raise ValueError(f"model {member} has {out.logits.shape[1]} classes, expected {num_classes}")
         logits += out.logits[0].double().cpu().numpy()
         distances = out.distances[0].float()  # (M, H', W')
-        maps[member] = net.similarity(distances).cpu()  # (M, H', W')
+        maps[member] = distances
+        similarity[member] = net.similarity
         where = distances.flatten(1).argmin(dim=1).cpu()  # (M,)
         sims = out.similarities[0].float().cpu().tolist()  # M floats
         dmins = out.min_distances[0].float().cpu().tolist()  # M floats
         weight = net.last_layer.weight.detach().float().cpu().numpy()  # (K, M)
         raw.append((member, net, sims, dmins, where.tolist(), weight))
 
-    regions = _Regions(maps, inp.size, percentile)
+    regions = _Regions(maps, similarity, inp.size, percentile)
     matches: list[PrototypeMatch] = []
     for member, net, sims, dmins, where, weight in raw:
-        width = maps[member].shape[2]
+        width = maps[member].shape[-1]
         classes = net.prototype_classes.tolist()
         provenance = getattr(net, "provenance", None) or []
         directory = getattr(net, "source_directory", None)

@@ -128,59 +128,82 @@ class NearestPatches:
 class TopK:
     """A running top-k (smallest distance) per prototype, fed one batch at a time.
 
-    Ties are broken by the smaller dataset index, so any batch order gives the same answer.
+    The state lives on the device of the distances it is fed (no transfer per batch). Ties are
+    broken by the smaller dataset index, so any batch order gives the same answer.
+
+    Args:
+        num_prototypes: M.
+        k: patches kept per prototype.
+        keep_activations: keep each winner's (H', W') distance map, to draw its region.
     """
 
     def __init__(self, num_prototypes: int, k: int, keep_activations: bool = True) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        self.m = int(num_prototypes)
         self.k = int(k)
         self.keep_activations = keep_activations
-        self.distances = torch.full((num_prototypes, k), float("inf"))
-        self.indices = torch.full((num_prototypes, k), -1, dtype=torch.long)
-        self.labels = torch.full((num_prototypes, k), -1, dtype=torch.long)
-        self.positions = torch.zeros(num_prototypes, k, 2, dtype=torch.long)
-        self.activations: torch.Tensor | None = None
+        self.distances = torch.full((self.m, k), float("inf"))  # (M, k)
+        self.indices = torch.full((self.m, k), -1, dtype=torch.long)  # (M, k)
+        self.labels = torch.full((self.m, k), -1, dtype=torch.long)  # (M, k)
+        self.positions = torch.zeros(self.m, k, 2, dtype=torch.long)  # (M, k, 2)
+        self.maps: torch.Tensor | None = None  # (M, k, H', W') distance maps of the winners
 
-    def update(self, distances: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, similarity: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def _to(self, device: torch.device) -> None:
+        if self.distances.device != device:
+            self.distances, self.indices = self.distances.to(device), self.indices.to(device)
+            self.labels, self.positions = self.labels.to(device), self.positions.to(device)
+            self.maps = self.maps.to(device) if self.maps is not None else None
+
+    def update(self, distances: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         """Fold one batch in.
 
         Args:
             distances: (B, M, H', W') squared distances of the batch's patches to every prototype.
             labels, indices: (B,) labels and dataset indices of the batch's images.
-            similarity: distance -> similarity, to keep the activation maps of the winners.
         """
         b, m, hp, wp = distances.shape
-        best, where = distances.detach().flatten(2).min(dim=2)  # (B, M)
-        best, where = best.float().cpu().t(), where.cpu().t()  # (M, B)
+        device = distances.device
+        self._to(device)
+        distances = distances.detach().float()
+        best, where = distances.flatten(2).min(dim=2)  # (B, M)
+        best, where = best.t(), where.t()  # (M, B)
+        indices, labels = indices.to(device).view(1, b).expand(m, b), labels.to(device).view(1, b).expand(m, b)
         cand_d = torch.cat([self.distances, best], dim=1)  # (M, k + B)
-        cand_i = torch.cat([self.indices, indices.cpu().view(1, b).expand(m, b)], dim=1)  # (M, k + B)
+        cand_i = torch.cat([self.indices, indices], dim=1)  # (M, k + B)
         # Sort by (distance, index): a stable sort by index, then a stable sort by distance.
         by_index = torch.sort(cand_i, dim=1, stable=True).indices
         by_distance = torch.sort(torch.gather(cand_d, 1, by_index), dim=1, stable=True).indices
-        order = torch.gather(by_index, 1, by_distance)[:, : self.k]  # (M, k) positions in the candidates
-        if torch.equal(order, torch.arange(self.k).expand(m, self.k)):
-            return  # nothing in this batch beats the current top-k
-        cand_l = torch.cat([self.labels, labels.cpu().view(1, b).expand(m, b)], dim=1)
+        order = torch.gather(by_index, 1, by_distance)[:, : self.k]  # (M, k) positions among the candidates
+        cand_l = torch.cat([self.labels, labels], dim=1)  # (M, k + B)
         cand_p = torch.cat([self.positions, torch.stack([where // wp, where % wp], dim=2)], dim=1)  # (M, k + B, 2)
         self.distances = torch.gather(cand_d, 1, order)
         self.indices = torch.gather(cand_i, 1, order)
         self.labels = torch.gather(cand_l, 1, order)
         self.positions = torch.gather(cand_p, 1, order.unsqueeze(2).expand(m, self.k, 2))
-        if self.keep_activations and similarity is not None:
-            maps = similarity(distances.detach().float()).cpu().permute(1, 0, 2, 3)  # (M, B, H', W')
-            if self.activations is None:
-                self.activations = torch.zeros(m, self.k, hp, wp)
-            cand_a = torch.cat([self.activations, maps], dim=1)  # (M, k + B, H', W')
-            self.activations = torch.gather(cand_a, 1, order.view(m, self.k, 1, 1).expand(m, self.k, hp, wp))
+        if self.keep_activations:
+            # Gather only the M x k winning maps (no copy of the whole batch's maps).
+            rows = torch.arange(m, device=device).view(m, 1)  # (M, 1)
+            from_batch = order >= self.k  # (M, k)
+            new = distances[(order - self.k).clamp(min=0), rows]  # (M, k, H', W'): image order-k, prototype row
+            if self.maps is None:
+                self.maps = new
+            else:
+                kept = self.maps[rows, order.clamp(max=self.k - 1)]  # (M, k, H', W')
+                self.maps = torch.where(from_batch.view(m, self.k, 1, 1), new, kept)
 
-    def result(self, prototype_classes: torch.Tensor, image_size: int, scanned: int = 0) -> NearestPatches:
+    def result(self, prototype_classes: torch.Tensor, image_size: int, scanned: int = 0, similarity: Callable[[torch.Tensor], torch.Tensor] | None = None) -> NearestPatches:
+        """The top-k found so far, on the CPU; ``similarity`` (distance -> similarity) turns the
+        kept distance maps into activation maps."""
+        activations = None
+        if self.maps is not None and similarity is not None:
+            activations = similarity(self.maps).float().cpu()
         return NearestPatches(
-            distances=self.distances,
-            indices=self.indices,
-            labels=self.labels,
-            positions=self.positions,
-            activations=self.activations,
+            distances=self.distances.cpu(),
+            indices=self.indices.cpu(),
+            labels=self.labels.cpu(),
+            positions=self.positions.cpu(),
+            activations=activations,
             prototype_classes=prototype_classes.detach().cpu().long(),
             image_size=int(image_size),
             scanned=int(scanned),
@@ -237,11 +260,12 @@ def nearest_patches(
             with autocast(device, precision):
                 z = model.latent(images)  # (B, D, H, W)
             distances = model.distances(z)  # (B, M, H', W') float32
-            top.update(distances, batch.labels, batch.indices, model.similarity)
+            top.update(distances, batch.labels, batch.indices)
             seen += len(batch.indices)
             if progress is not None:
                 progress(len(batch.indices))
     finally:
         model.train(was_training)
     logger.info("scanned %d images for the %d nearest patches of %d prototypes", seen, k, model.num_prototypes)
-    return top.result(model.prototype_classes, int(getattr(dataset, "image_size", getattr(model, "image_size", 224))), seen)
+    size = int(getattr(dataset, "image_size", getattr(model, "image_size", 224)))
+    return top.result(model.prototype_classes, size, seen, model.similarity)
