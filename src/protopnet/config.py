@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -40,7 +41,7 @@ class ModelConfig:
         from .model.backbones import available_backbones
 
         if self.backbone not in available_backbones() and not self.backbone.startswith("timm/"):
-            raise ConfigError(f"model.backbone: unknown backbone {self.backbone!r}; allowed: {', '.join(available_backbones())} or timm/<name>")
+            raise ConfigError(f"model.backbone: unknown backbone {_show(self.backbone)}; allowed: {', '.join(available_backbones())} or timm/<name>")
         _positive("model.prototypes_per_class", self.prototypes_per_class)
         _positive("model.prototype_dim", self.prototype_dim)
         if len(self.prototype_size) != 2 or min(self.prototype_size) < 1:
@@ -80,7 +81,7 @@ class DataConfig:
         for name in ("batch_size", "test_batch_size", "push_batch_size", "synthetic_classes", "synthetic_train_per_class", "synthetic_test_per_class"):
             _positive(f"data.{name}", getattr(self, name))
         if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: expected an integer >= 0, got {self.num_workers}")
+            raise ConfigError(f"data.num_workers: expected an integer >= 0, got {_show(self.num_workers)}")
 
 
 @dataclass
@@ -106,7 +107,7 @@ class ScheduleConfig:
         _positive("schedule.epochs", self.epochs)
         for name in ("warm_epochs", "push_start", "last_layer_iterations"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"schedule.{name}: expected an integer >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"schedule.{name}: expected an integer >= 0, got {_show(getattr(self, name))}")
         _positive("schedule.push_every", self.push_every)
         _positive("schedule.joint_lr_step", self.joint_lr_step)
         _positive("schedule.joint_lr_gamma", self.joint_lr_gamma)
@@ -161,9 +162,9 @@ class RunConfig:
 
     def validate(self) -> None:
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise ConfigError(f"run.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+            raise ConfigError(f"run.device: expected auto, cpu, cuda, cuda:N or mps, got {_show(self.device)}")
         if self.threads < 0:
-            raise ConfigError(f"run.threads: expected an integer >= 0 (0 = PyTorch's default), got {self.threads}")
+            raise ConfigError(f"run.threads: expected an integer >= 0 (0 = PyTorch's default), got {_show(self.threads)}")
 
 
 @dataclass
@@ -225,6 +226,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path}: not valid YAML: {error}".splitlines()[0]) from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a UTF-8 text file") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deeply to be a config") from None
+        except ValueError as error:  # PyYAML lets int() errors through (numbers over 4300 digits)
+            raise ConfigError(f"{path}: not valid YAML: {error}".splitlines()[0]) from None
     return Config.from_dict(data, overrides)
 
 
@@ -235,8 +240,26 @@ def _names(cls: type) -> list[str]:
 
 
 def _positive(key: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{key}: expected a number > 0, got {value!r}")
+    # ints are checked without float(): a huge int must not raise OverflowError
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if not (finite and not isinstance(value, bool) and value > 0):
+        raise ConfigError(f"{key}: expected a number > 0, got {_show(value)}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 4
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for error messages (YAML anchors can make huge or self-referencing values)."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int too long for str() (Python's 4300-digit limit)
+        text = f"<{type(value).__name__} too large to print>"
+    text = " ".join(text.split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _plain(value: Any) -> Any:
@@ -248,10 +271,10 @@ def _plain(value: Any) -> Any:
 
 
 def _deep_copy(value: Any) -> Any:
+    """Copy the config mapping and its section mappings (all that overrides change). Values are
+    not copied: YAML anchors can make them self-referencing or exponentially large."""
     if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in value.items()}
     return value
 
 
@@ -264,23 +287,35 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. schedule.epochs=3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {_show(item)}: value nested too deeply") from None
+    if not isinstance(value, str) and _is_text_field(parts[0], parts[1]) and not (value is None and raw.strip() in ("null", "~")):
+        value = raw.strip()  # data.root=2001-12-14 or run.device=0 mean the text, not a date or number
     section = data.setdefault(parts[0], {})
     if not isinstance(section, dict):
-        raise ConfigError(f"section {parts[0]!r} must be a mapping, got {section!r}")
+        raise ConfigError(f"section {parts[0]!r} must be a mapping, got {_show(section)}")
     section[parts[1]] = value
+
+
+def _is_text_field(section: str, key: str) -> bool:
+    hints = typing.get_type_hints(Config)
+    if section not in hints:
+        return False
+    field_hint = typing.get_type_hints(hints[section]).get(key)
+    return field_hint is str or (typing.get_origin(field_hint) in (types.UnionType, typing.Union) and str in typing.get_args(field_hint))
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(_names(cls))}, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(_names(cls))}, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown key; allowed keys in {where}: {', '.join(sorted(known))}")
+            raise ConfigError(f"{prefix}{_show(key) if not isinstance(key, str) else _show(key)[1:-1]}: unknown key; allowed keys in {where}: {', '.join(sorted(known))}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -299,7 +334,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     args = typing.get_args(hint)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{key}: {_show(value)} is not allowed; choose one of {', '.join(map(str, args))}")
         return value
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
@@ -308,25 +343,30 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return _coerce(key, inner[0], value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {_show(value)}")
         return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: expected an integer between -2**63 and 2**63-1, got {_show(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return value
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {_show(value)}")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - a programming error
