@@ -386,6 +386,10 @@ def _png_data_uri(picture: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
@@ -436,7 +440,7 @@ def render_html(report: PruneReport, *, dataset: Any = None, source_directory: s
         "td,th{border:1px solid #bbb;padding:0.25em 0.5em;text-align:left;vertical-align:middle}"
         ".same{background:#e6f4e6}.other{background:#fbe9e9}code{font-size:0.9em}</style></head><body>",
         "<h1>Prototype pruning</h1>",
-        f"<p>{e(report.to_json()['rule']['description'])} (paper Section 2.6; reference k = {REFERENCE_K}, threshold = {REFERENCE_THRESHOLD}).</p>",
+        f"<p>{e(_sentence(report.to_json()['rule']['description']))} (paper Section 2.6; reference k = {REFERENCE_K}, threshold = {REFERENCE_THRESHOLD}).</p>",
         f"<p>Run at {e(report.when)}. Prototypes: {len(report.prototypes)} before, {len(report.kept)} after; "
         f"<strong>{len(report.removed)} pruned</strong>.</p>",
         "<h2>Accuracy</h2><table><tr><th>data</th><th>before</th><th>after removal</th><th>after last-layer re-fit</th></tr>",
