@@ -166,10 +166,11 @@ def test_any_backbone_and_prototype_size(backbone, size, prototype_size):
         assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
 
 
-def test_ensemble_score_sheet_is_the_union_of_the_members(saved):
+def test_ensemble_score_sheet_is_the_union_of_the_members(saved, tmp_path):
     from protopnet.ensemble import Ensemble
 
-    model, data, _ = saved
+    _, data, directory = saved
+    model = protopnet.load_model(directory)  # a copy: saving the ensemble re-points its members' directories
     other = tiny_model(num_classes=3, prototypes_per_class=1, prototype_size=(1, 1), seed=3, class_names=model.class_names)
     other.image_size, other.mean, other.std = 32, model.mean, model.std  # a different input size
     ensemble = Ensemble([model, other]).eval()
@@ -186,6 +187,13 @@ def test_ensemble_score_sheet_is_the_union_of_the_members(saved):
     blob = e.to_json()
     assert all("member" in row for sheet in blob["classes"] for row in sheet["prototypes"])
     assert all(0 <= v <= 64 for m in e.matches for v in m.box)  # member 1's maps are drawn in the 64 px frame
+    # the command explains a saved ensemble too, with each member's own prototype pictures
+    ensemble.save(tmp_path / "ensemble")
+    picture.save(tmp_path / "in.png")
+    assert run_cli("explain", tmp_path / "ensemble", tmp_path / "in.png", "--out", tmp_path / "out") == 0
+    blob = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    assert blob["classes"][0]["logit"] == pytest.approx(e.classes[0].logit, abs=1e-5)
+    assert any(p["prototype_images"] and p["member"] == 0 for p in blob["prototypes"])
 
 
 # -- pictures, JSON, figure -----------------------------------------------------------------------
