@@ -21,6 +21,13 @@ number 5 even though it becomes number 4.
 Shapes: B images, D latent channels, H x W latent map, M prototypes of h x w cells,
 H' x W' = (H - h + 1) x (W - w + 1) patch positions, K classes, N images of a dataset.
 
+    >>> from protopnet.edit import Replacement, edit_model, save_edited_model
+    >>> model = protopnet.load_model("runs/cub/model")
+    >>> report = edit_model(model, train_data, test_dataset=test_data, remove=[3, 17], relabel={5: 2},
+    ...                     replace=[Replacement(4, image="bird.jpg", box=[40, 52, 88, 96])])
+    >>> report.accuracy_before["test"], report.accuracy_after["test"]
+    >>> save_edited_model(model, "runs/cub/edited", pictures=report.pictures)
+
 The helpers here (:func:`scan_similarities`, :func:`refit_last_layer`,
 :func:`remove_prototypes`, :func:`save_edited_model`) are shared with :mod:`protopnet.prune`.
 """

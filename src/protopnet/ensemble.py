@@ -8,6 +8,12 @@ and which exposes the concatenated prototype facts (classes, last-layer weights,
 prototype comes from) so an explanation can build the combined score sheet
 (:meth:`Ensemble.score_rows`) whose points add up to the ensemble's logits.
 
+    >>> from protopnet.ensemble import Ensemble
+    >>> ensemble = Ensemble([protopnet.load_model(d) for d in ("vgg19", "resnet34", "densenet121")])
+    >>> out = ensemble(x)                       # out.logits (B, K) = sum of the members' logits
+    >>> rows = ensemble.score_rows(x)[0]        # one row per prototype; points add up to the logits
+    >>> ensemble.save("runs/ensemble"); protopnet.load_model("runs/ensemble")   # -> Ensemble
+
 Members must agree on the classes (same number, same names, same order). They may differ in
 backbone, prototype count and shape, input size and normalisation:
 

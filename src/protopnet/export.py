@@ -1,5 +1,9 @@
 """Export a ProtoPNet (or an ensemble) to ONNX or TorchScript for serving without protopnet.
 
+    >>> from protopnet.export import check_export, export_onnx
+    >>> export_onnx(model, "model.onnx")
+    >>> check_export(model, "model.onnx")       # max |difference| per output vs PyTorch
+
 The exported graph takes ``images`` (B, 3, S, S) — square pictures of the model's input size S,
 scaled to [0, 1] and normalised with the model's mean/std (recorded in the file) — and returns
 

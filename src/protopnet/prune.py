@@ -7,6 +7,11 @@ nearest training patches (reference ``k = 6``), and removes the prototypes for w
 last layer is then re-optimised (the convex stage of Section 2.2) on similarities that were cached
 during the same pass over the training images — the network runs over the training set once.
 
+    >>> from protopnet.prune import prune, save_pruned
+    >>> report = prune(model, train_data, k=6, threshold=3, test_dataset=test_data)
+    >>> report.removed, report.accuracy["test"]          # {"before", "after_removal", "after"}
+    >>> save_pruned(model, report, "runs/cub/pruned", dataset=train_data)   # + pruning.json/.html
+
 What counts as "the k nearest patches"
     ``per_image=True`` (default): each training image contributes one candidate, its patch
     nearest to the prototype, so the k nearest come from k different images. This is what the
