@@ -298,3 +298,30 @@ def test_real_cub_slice(tmp_path):
     assert manifest["splits"]["train"]["pictures"] == len(source) and manifest["splits"]["test"]["pictures"] == len(test)
     first = Image.open(out / "train" / manifest["folders"][0] / f"{Path(source.path(0)).stem}.png").convert("RGB")
     assert np.array_equal(np.asarray(first), np.asarray(source.load_image(0)))
+
+
+def test_training_reads_the_augmented_tree_without_validation_copies(prepared, tmp_path):
+    from protopnet.config import ConfigError, load_config
+    from protopnet.train import Trainer, build_run_data
+
+    out, _ = prepared
+    overrides = [f"data.root={out}", "data.offline_augmentation=true", "data.augment=false", "data.image_size=24",
+                 "data.val_fraction=0.34", "data.batch_size=8", "model.backbone=tiny_cnn", "model.pretrained=false",
+                 "model.prototypes_per_class=2", "model.prototype_dim=8", "schedule.epochs=1", "schedule.warm_epochs=1",
+                 "schedule.last_layer_iterations=1", "run.device=cpu", "output.save_prototype_images=false"]
+    config = load_config(None, overrides)
+    data = build_run_data(config, (0.5,) * 3, (0.25,) * 3)
+    assert len(data.clean) == 6 and len(data.val_indices) == 3 and len(data.train) == 18
+    assert all("train_augmented" in data.train.path(i) for i in data.training_items)
+    sources = augmented_sources([data.train.path(i) for i in data.training_items], data.clean.files)
+    assert sorted(sources) == sorted(data.train_indices * 3)  # every copy of a training image, nothing else
+    result = Trainer(config, tmp_path / "run", data=data).fit()
+    assert result.test is not None and result.test["n"] == 3
+    assert {m["stage"] for m in result.metrics} == {"warm", "push", "last_layer"}
+
+    (tmp_path / "bare" / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "bare" / "train" / "a" / "x.png")
+    with pytest.raises(ValueError, match="train_augmented.*protopnet data"):
+        build_run_data(load_config(None, [*overrides, f"data.root={tmp_path / 'bare'}"]), (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ConfigError, match="offline_augmentation"):
+        load_config(None, ["data.offline_augmentation=true"])

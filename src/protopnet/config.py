@@ -56,12 +56,18 @@ class DataConfig:
     ``root`` is ``synthetic`` (the built-in dataset), an ImageFolder tree, a CUB-200-2011 or a
     Stanford Cars directory. ``val_fraction`` of the training images (stratified) is held out for
     model selection; the test split is only ever reported.
+
+    ``augment`` is the on-the-fly augmentation. ``offline_augmentation`` trains on the
+    ``root/train_augmented/`` tree that ``protopnet data`` writes (the paper's setting: 30 fixed
+    augmented copies of each training image) instead of ``root/train/``; push, the last layer and
+    validation still use ``root/train/``, and the copies of validation images are left out.
     """
 
     root: str = "synthetic"
     image_size: int = 224
     crop: Literal["bbox", "full"] = "bbox"
     augment: bool = True
+    offline_augmentation: bool = False
     val_fraction: float = 0.1
     batch_size: int = 80
     test_batch_size: int = 100
@@ -82,6 +88,8 @@ class DataConfig:
             _positive(f"data.{name}", getattr(self, name))
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected an integer >= 0, got {_show(self.num_workers)}")
+        if self.offline_augmentation and self.root == "synthetic":
+            raise ConfigError("data.offline_augmentation: needs data.root to be a directory written by 'protopnet data' (with train_augmented/), not synthetic")
 
 
 @dataclass
