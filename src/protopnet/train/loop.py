@@ -12,21 +12,12 @@ A run directory holds:
 Every step starts from a seed derived from ``run.seed`` and its index, inside
 ``torch.random.fork_rng`` (the caller's random state is untouched), so a run resumed from the
 checkpoint after any step ends with the same weights as an uninterrupted run.
-
-Killed at any moment (SIGKILL, power loss), a run loses at most its current step: every file and
-directory is replaced atomically, a checkpoint is renamed into place only once complete, and
-``--resume`` skips a checkpoint that fails its checksums, falling back to the one before. It first
-removes what the killed writes left behind (``.step-*.tmp``, ``.model.*.tmp``...). A write that
-fails (disk full, read-only) stops the run with one line saying which step is safely
-checkpointed. ``PROTOPNET_KILL_AT`` (see :func:`protopnet.checkpoint.fault_point`) kills a run at
-a chosen point, for tests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,8 +31,6 @@ from torch import nn
 from ..checkpoint import (
     CheckpointError,
     atomic_write_json,
-    clean_interrupted_writes,
-    fault_point,
     atomic_write_text,
     flatten_state,
     load_tensors,
@@ -56,7 +45,7 @@ from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device
 from .evaluate import accuracy_report, predict_logits
 from .last_layer import collect_similarities, optimise_last_layer
-from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
+from .loader import BadImageLog, IndexedSubset, make_loader
 from .push import push_prototypes
 from .stages import Step, parameter_groups, plan_schedule, set_trainable
 
@@ -298,69 +287,53 @@ class Trainer:
 
     # -- stages -----------------------------------------------------------------------------
     def _train_epoch(self, step: Step) -> dict[str, Any]:
-        """One warm or joint epoch. The global batch order comes from the step's seed; with
-        several processes each global batch is split across ranks and every rank's loss is
-        weighted by its share, so DDP's gradient average equals the single-process gradient."""
         cfg = self.config
         set_trainable(self.model, step.stage)
         optimizer = self.optimizers[step.stage]
         forward = self._forward_model()
         forward.train()
-        subset = IndexedSubset(self.data.train, self.data.train_indices)
+        subset = IndexedSubset(self.data.train, self.data.training_items)
         seed = self._step_seed(step)
+        sampler = self._sampler(self.data.training_items, shuffle=True, seed=seed)
         generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(subset), generator=generator).tolist()
-        world, rank = _world(), _rank()
-        sampler = ShardedBatchSampler(order, cfg.data.batch_size, rank, world)
-        global_sizes = [len(b) for b in sampler.global_batches()]
-        if world > 1 and global_sizes and global_sizes[-1] < world:
-            sampler.order = sampler.order[: len(order) - global_sizes[-1]]  # too small to split: dropped
-            global_sizes = global_sizes[:-1]
         loader = make_loader(
-            subset, cfg.data.batch_size, generator=generator, num_workers=cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda", batch_sampler=sampler,
+            subset, cfg.data.batch_size, shuffle=True, generator=generator, num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", sampler=sampler,
         )
         fmt = memory_format(cfg.run.channels_last)
         identity = self.model.class_identity
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
-        seen = torch.zeros((), device=self.device)
-        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(global_sizes)) as bar:
-            for batch, global_size in zip(loader, global_sizes):
+        seen = 0
+        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(loader)) as bar:
+            for batch in loader:
                 self.bad_images.add(batch.bad)
                 if batch.images is None:
-                    if world == 1:
-                        bar.update(1)
-                        continue
-                    # Every rank must take part in the gradient all-reduce: a zero-weight stand-in.
-                    batch = batch._replace(images=torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), labels=torch.zeros(1, dtype=torch.long))
-                    share = 0.0
-                else:
-                    share = len(batch.labels) * world / max(global_size - _bad_in(batch), 1)
+                    bar.update(1)
+                    continue
                 images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
                 labels = batch.labels.to(self.device, non_blocking=True)
                 with autocast(self.device, cfg.run.precision):
                     out = forward(images)
                 loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients)
                 optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss * share if world > 1 else loss).backward()
+                self.scaler.scale(loss).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
-                b = float(labels.shape[0]) if share > 0 else 0.0
+                b = labels.shape[0]
                 for k, v in terms.items():
                     sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * b
-                correct += (out.logits.argmax(1) == labels).sum() if b else 0
+                correct += (out.logits.argmax(1) == labels).sum()
                 seen += b
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(float(seen), 1):.3f}")
-        keys = sorted(sums)
-        totals = torch.stack([*(sums[k] for k in keys), correct.float(), seen.float()]) if keys else None
-        if totals is not None and world > 1:
+                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(seen, 1):.3f}")
+        totals = torch.stack([*(sums[k] for k in sorted(sums)), correct.float(), torch.tensor(float(seen), device=self.device)]) if sums else None
+        if totals is not None and _world() > 1:
             dist.all_reduce(totals)
         record: dict[str, Any] = {}
         if totals is not None:
             n = max(float(totals[-1]), 1.0)
-            for i, k in enumerate(keys):
+            for i, k in enumerate(sorted(sums)):
                 record[k] = float(totals[i]) / n
             record["train_accuracy"] = float(totals[-2]) / n
         if step.stage == "joint":
@@ -376,7 +349,7 @@ class Trainer:
                 self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
                 device=self.device, num_workers=cfg.data.num_workers, precision=cfg.run.precision,
                 channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
-                progress=lambda n: (bar.update(n), fault_point("push")), bad_images=self.bad_images,
+                progress=bar.update, bad_images=self.bad_images,
             )
         moved = [p["distance"] for p in provenance]
         self.model.history.append({"event": "push", "step": step.index, "epoch": step.epoch, "time": _now()})
@@ -419,13 +392,10 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _check_writable(self.out_dir)
-        if not resume and self.is_main and self._checkpoint_dirs():
-            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if self.is_main:  # what a killed run left half-written
-            clean_interrupted_writes(self.out_dir / "checkpoints")
-            clean_interrupted_writes(self.out_dir)
         if resume:
             self._resume()
+        elif self.is_main and (self.out_dir / "checkpoints").exists() and any((self.out_dir / "checkpoints").iterdir()):
+            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
         if self.is_main:
             atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
         elapsed_before = sum(r.get("seconds", 0.0) for r in self.metrics)
@@ -445,10 +415,7 @@ class Trainer:
                 record = {"step": step.index, "stage": step.stage, "epoch": step.epoch, **record, "val_accuracy": val,
                           "seconds": round(time.perf_counter() - t0, 3)}
                 self.metrics.append(record)
-                try:
-                    self._after_step(step, val)
-                except OSError as error:
-                    raise self._write_failure(error, f"step {step.index} ({step.stage}, epoch {step.epoch})") from None
+                self._after_step(step, val)
                 overall.update(1)
                 logger.info("step %d %s epoch %d: %s", step.index, step.stage, step.epoch, _short(record))
         if self.selected_step is None and self.is_main:
@@ -475,22 +442,6 @@ class Trainer:
             self._save_checkpoint(step)
             self._write_metrics()
 
-    def _write_failure(self, error: OSError, what: str) -> OSError:
-        """One line for a failed write (disk full, read-only): what was lost and what is safe."""
-        done = self._checkpoint_dirs()
-        safe = f"the checkpoint {done[-1].name} is intact" if done else "no step was checkpointed yet"
-        reason = error.strerror or str(error)
-        failure = OSError(
-            f"could not save {what} in {self.out_dir}: {reason}; {safe}: free some space (or make the directory writable) "
-            "and run the same command with --resume"
-        )
-        failure.errno = error.errno
-        return failure
-
-    def _checkpoint_dirs(self) -> list[Path]:
-        root = self.out_dir / "checkpoints"
-        return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
-
     def _finish(self, seconds: float) -> TrainResult:
         from ..checkpoint import load_model
 
@@ -512,14 +463,9 @@ class Trainer:
                 "seconds": round(seconds, 2),
                 "bad_images": len(self.bad_images),
             }
-            try:
-                atomic_write_json(self.out_dir / "results.json", results)
-                if len(self.bad_images):
-                    atomic_write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.bad_images.items.items())))
-            except OSError as error:
-                raise self._write_failure(error, "the results") from None
+            atomic_write_json(self.out_dir / "results.json", results)
             if len(self.bad_images):
-                logger.warning("%d unreadable images were skipped; they are listed in %s", len(self.bad_images), self.out_dir / "bad_images.txt")
+                atomic_write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.bad_images.items.items())))
         return TrainResult(self.out_dir, model_dir, val or {}, test, seconds, self.metrics)
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -550,21 +496,18 @@ class Trainer:
 
         def fill(tmp: Path) -> None:
             state["model_sha256"] = save_tensors(tmp / "model.safetensors", self.model.state_dict())
-            fault_point("checkpoint-write")
             state["state_sha256"] = save_tensors(tmp / "state.safetensors", extra_tensors)
             atomic_write_json(tmp / "state.json", state)
 
         root = self.out_dir / "checkpoints"
         write_directory_atomically(root / f"step-{step.index:05d}", fill)
-        for old in self._checkpoint_dirs()[: -self.config.output.keep_checkpoints]:
-            # renamed first, so a kill halfway through the deletion leaves no half checkpoint
-            doomed = root / f".{old.name}.del-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+        kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in kept[: -self.config.output.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> None:
         root = self.out_dir / "checkpoints"
-        candidates = self._checkpoint_dirs()[::-1]
+        candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True) if root.is_dir() else []
         for path in candidates:
             try:
                 self._load_checkpoint(path)
@@ -638,11 +581,6 @@ def _check_writable(directory: Path) -> None:
     usage = shutil.disk_usage(directory)
     if usage.free < 50 * 1024 * 1024:
         raise OSError(f"only {usage.free // (1024 * 1024)} MiB free under {directory}; training needs room for checkpoints")
-
-
-def _bad_in(batch: Any) -> int:
-    """Unreadable items of this rank's slice (their share of the global batch is dropped)."""
-    return len(batch.bad) if _world() == 1 else 0
 
 
 def _now() -> str:
