@@ -9,6 +9,7 @@ that copies of validation images are kept out of training.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -300,7 +301,7 @@ def test_real_cub_slice(tmp_path):
     assert np.array_equal(np.asarray(first), np.asarray(source.load_image(0)))
 
 
-def test_training_reads_the_augmented_tree_without_validation_copies(prepared, tmp_path):
+def test_training_reads_the_augmented_tree_without_validation_copies(prepared, tmp_path, monkeypatch):
     from protopnet.config import ConfigError, load_config
     from protopnet.train import Trainer, build_run_data
 
@@ -315,7 +316,18 @@ def test_training_reads_the_augmented_tree_without_validation_copies(prepared, t
     assert all("train_augmented" in data.train.path(i) for i in data.training_items)
     sources = augmented_sources([data.train.path(i) for i in data.training_items], data.clean.files)
     assert sorted(sources) == sorted(data.train_indices * 3)  # every copy of a training image, nothing else
+    loop = importlib.import_module("protopnet.train.loop")  # protopnet.train is also a function
+
+    views = []
+    real_subset = loop.IndexedSubset
+
+    def spy(dataset, indices=None, *args, **kwargs):
+        views.append((dataset, None if indices is None else list(indices)))
+        return real_subset(dataset, indices, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "IndexedSubset", spy)
     result = Trainer(config, tmp_path / "run", data=data).fit()
+    assert (data.train, data.training_items) in views  # the epoch went through the augmented copies
     assert result.test is not None and result.test["n"] == 3
     assert {m["stage"] for m in result.metrics} == {"warm", "push", "last_layer"}
 
