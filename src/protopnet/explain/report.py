@@ -193,7 +193,7 @@ class Report:
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'\">\n"
             f"<title>{esc(self.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
             f"<header><h1>{esc(self.title)}</h1>{subtitle}</header>\n{body}\n"
-            f'<footer>Made by protopnet. {esc(METHOD_NOTE)}</footer>\n</main>\n</body>\n</html>\n'
+            f"<footer>Made by protopnet {esc(_version())}.</footer>\n</main>\n</body>\n</html>\n"
         )
 
     def write(self, path: str | os.PathLike[str]) -> Path:
@@ -201,6 +201,12 @@ class Report:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.render(), encoding="utf-8")
         return path
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 METHOD_NOTE = f"How the highlighted regions are found: {UPSAMPLING_DESCRIPTION}."
