@@ -57,9 +57,26 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The interpretability figures ``--interpretability`` adds (see protopnet.interpretability)."""
+    """The interpretability figures ``--interpretability`` adds (see protopnet.interpretability).
+
+    The nearest-patch purity and the prototype localisation read the training split (the push
+    images) when the data has one; otherwise the evaluated split. Metrics the data cannot support
+    (no part annotations, say) are listed with the reason under ``skipped``.
+    """
     from .. import interpretability
 
-    if hasattr(interpretability, "evaluate_interpretability"):
-        return interpretability.evaluate_interpretability(model, dataset, batch_size=args.batch_size)
-    return {"prototype_localization": interpretability.prototype_localization(model, dataset)["localization"]}
+    if not hasattr(interpretability, "evaluate_interpretability"):
+        return {"prototype_localization": interpretability.prototype_localization(model, dataset)["localization"]}
+    train = dataset if args.split == "train" else None
+    if train is None:
+        try:
+            train = dataset_for_model(model, args.data, "train")
+        except (CommandError, FileNotFoundError, ValueError) as error:
+            logger.info("no training split for purity and prototype localisation (%s); using the %s split", error, args.split)
+    device = next(model.parameters()).device
+    figures = interpretability.evaluate_interpretability(
+        model, dataset, train_dataset=train, batch_size=args.batch_size, device=device, num_workers=args.workers
+    )
+    for name, reason in figures.get("skipped", {}).items():
+        print(f"{name}: not measured ({reason})")
+    return figures
