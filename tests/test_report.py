@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import protopnet
-from protopnet.explain import Html, Report, Section, analyze, explain, write_analysis_report, write_explanation_report
+from protopnet.explain import Html, Report, Section, analyze, explain, write_analysis_report, write_demo_report, write_explanation_report
 from protopnet.regions import UPSAMPLING_DESCRIPTION
 
 from conftest import ColourDataset, tiny_model
@@ -142,6 +142,23 @@ def test_analysis_report_accepts_extra_sections(setup, tmp_path):
     ids = {a.get("id") for _, a in page.tags}
     assert links and all(link[1:] in ids for link in links)
     assert len(page.find("figure", "nearest-patch")) == 2 * 2 * model.num_prototypes
+
+
+def test_demo_report_explains_the_chosen_test_images(setup, tmp_path):
+    model, data = setup
+    figures = {"test_accuracy": 0.875, "localization": 0.5, "prototypes": 9, "model": "somewhere"}
+    index = write_demo_report(model, data, [0, 4], tmp_path / "demo", figures)
+    page = assert_offline(index)
+    text = index.read_text()
+    assert "87.5%" in text and "somewhere" not in text  # known figures only, formatted
+    assert len(page.find("h2", "demo-image")) == 2 and XSS not in text
+    ids = [a["id"] for _, a in page.tags if "id" in a]
+    assert len(ids) == len(set(ids))  # two explanations on one page, no clashing anchors
+    for n, i in enumerate([0, 4], start=1):
+        e = explain(model, data.load_image(i), top_classes=2)
+        assert sum(1 for a in page.find("table", "score-sheet") if a["data-class-index"] == str(e.predicted)) >= 1
+        assert (tmp_path / "demo" / "explanations" / f"{n:02d}.json").is_file()
+    assert len(page.find("tr", "score-row")) == sum(len(s.rows) for i in (0, 4) for s in explain(model, data.load_image(i), top_classes=2).classes)
 
 
 # -- in a real browser ----------------------------------------------------------------------------

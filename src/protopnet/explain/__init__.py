@@ -24,7 +24,7 @@ from .analysis import Analysis, analyze
 from .boxes import activation_boxes, scale_box
 from .local import ClassSheet, Explanation, InputImage, PrototypeMatch, ScoreRow, build_sheet, explain, model_members, nearest_prototypes
 from .nearest import NearestPatches, TopK, nearest_patches
-from .report import DataImages, FileImages, Html, Report, Section, write_analysis_report, write_explanation_html, write_explanation_report
+from .report import DataImages, FileImages, Html, Report, Section, write_analysis_report, write_demo_report, write_explanation_html, write_explanation_report
 
 __all__ = [
     "Analysis",
@@ -49,6 +49,7 @@ __all__ = [
     "nearest_prototypes",
     "scale_box",
     "write_analysis_report",
+    "write_demo_report",
     "write_explanation_html",
     "write_explanation_report",
 ]

@@ -261,6 +261,7 @@ summary { cursor: pointer; color: var(--accent); }
 table.totals { width: 100%; }
 table.totals td.num { text-align: right; }
 .proto-detail .back { font-size: 12px; margin: 0 0 8px; }
+h2.demo-image { font-size: 22px; margin-top: 56px; border-bottom: 3px solid var(--accent); }
 footer { margin-top: 36px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--line); padding-top: 8px; }
 """
 
@@ -651,4 +652,57 @@ def write_analysis_report(
     for section in extra_sections:
         report.add(section)
     (directory / "analysis.json").write_text(json.dumps(analysis.to_json(), indent=1) + "\n", encoding="utf-8")
+    return report.write(directory / "index.html")
+
+
+# -- the demo ---------------------------------------------------------------------------------------
+
+_DEMO_FIGURES = (
+    ("test_accuracy", "Test accuracy", percent),
+    ("top5", "Top-5 test accuracy", percent),
+    ("validation_accuracy", "Validation accuracy", percent),
+    ("localization", "Prototypes on the class-defining part", percent),
+    ("localization_chance", "… the same for boxes placed at random", percent),
+    ("prototypes", "Prototypes", str),
+    ("classes", "Classes", str),
+    ("train_seconds", "Training time (seconds)", lambda v: f"{float(v):.1f}"),
+)
+
+
+def write_demo_report(
+    model: Any,
+    dataset: Any,
+    indices: Sequence[int],
+    directory: str | os.PathLike[str],
+    figures: dict[str, Any] | None = None,
+    picture_rows: int = 5,
+) -> Path:
+    """The demo's page, ``directory/index.html``: the run's figures, then the explanation (score
+    sheets of the two most probable classes) of each test image ``dataset[i]`` for i in
+    ``indices``, with its true class. Each explanation's JSON goes to
+    ``directory/explanations/NN.json``. Returns the HTML path."""
+    from .local import explain
+
+    directory = Path(directory)
+    images = FileImages(directory)
+    report = Report("ProtoPNet demo: this looks like that", subtitle="A model trained on the built-in synthetic dataset, explained")
+    rows = []
+    for key, label, show in _DEMO_FIGURES:
+        value = (figures or {}).get(key)
+        if value is not None:
+            rows.append([label, show(value)])
+    if rows:
+        report.add(Section("How well it works", rows=rows, header=["", "value"], anchor="figures"))
+    names = list(model.class_names)
+    for n, index in enumerate(indices, start=1):
+        explanation = explain(model, dataset.load_image(int(index)), top_classes=min(2, len(names)), top_prototypes=4)
+        explanation.save_json(directory / "explanations" / f"{n:02d}.json")
+        truth = names[int(dataset.targets[int(index)])]
+        verdict = "right" if explanation.predicted == int(dataset.targets[int(index)]) else "wrong"
+        report.add(Html(f'<h2 class="demo-image">Test image {n}: truly <q>{esc(truth)}</q> — the model is {verdict}</h2>'))
+        for block in explanation_blocks(explanation, images, picture_rows, prefix=f"image{n}-"):
+            report.add(block)
+    report.add(_how_to_read())
+    report.add(Html('<p class="note">For every prototype\'s nearest training and test patches, run '
+                    "<code>protopnet analyze MODEL_DIR --data synthetic --out DIR</code>.</p>"))
     return report.write(directory / "index.html")
