@@ -20,7 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +47,30 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A file whose loading could execute code (a pickle) was refused."""
+
+
+# -- crash testing ------------------------------------------------------------------------------
+
+KILL_VARIABLE = "PROTOPNET_KILL_AT"
+_kill_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A crash-test hook, inert unless the environment variable ``PROTOPNET_KILL_AT`` is set.
+
+    ``PROTOPNET_KILL_AT=NAME:N`` makes the process SIGKILL itself the N-th time (default 1) it
+    reaches ``fault_point(NAME)``, so tests can kill a real ``protopnet train`` at a chosen moment
+    and check that ``--resume`` recovers. The points: ``batch`` (after each training batch),
+    ``push`` (after each push batch), ``checkpoint-write`` (a checkpoint half-written in its
+    temporary directory) and ``directory-swap`` (between the two renames that replace a directory).
+    """
+    spec = os.environ.get(KILL_VARIABLE)
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _kill_counts[name] = _kill_counts.get(name, 0) + 1
+    if _kill_counts[name] >= int(spec.partition(":")[2] or 1):
+        logger.warning("%s=%s: killing this process at %s", KILL_VARIABLE, spec, name)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 # -- atomic files -------------------------------------------------------------------------------
@@ -103,6 +129,7 @@ def write_directory_atomically(target: str | Path, fill: Callable[[Path], None])
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             os.replace(target, old)
+            fault_point("directory-swap")  # a kill here leaves only the old version: see clean_interrupted_writes
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -112,6 +139,40 @@ def write_directory_atomically(target: str | Path, fill: Callable[[Path], None])
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.tmp|(?P<kind>old|del)-\d+-\d+)")
+
+
+def clean_interrupted_writes(directory: str | Path) -> list[str]:
+    """Tidy ``directory`` after a process died while writing into it.
+
+    Removes what :func:`atomic_write_bytes` and :func:`write_directory_atomically` leave behind
+    when killed: ``.NAME.XXXXXXXX.tmp`` (a write that never finished), ``.NAME.old-*`` (the
+    replaced version) and ``.NAME.del-*`` (a directory being deleted). When ``NAME`` itself is
+    missing — the process died between the two renames that replace a directory — its old
+    version is renamed back first. Returns the names removed or restored.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    done = []
+    for entry in sorted(directory.iterdir(), key=lambda p: p.name, reverse=True):
+        match = _LEFTOVER.fullmatch(entry.name)
+        if match is None:
+            continue
+        target = directory / match["name"]
+        if match["kind"] == "old" and not target.exists() and not target.is_symlink():
+            os.replace(entry, target)
+            logger.warning("restored %s from %s (a replacement was interrupted)", target, entry.name)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        done.append(entry.name)
+    if done:
+        logger.info("%s: cleaned up after an interrupted write: %s", directory, ", ".join(done))
+    return done
 
 
 # -- tensors inside JSON-able state ------------------------------------------------------------
@@ -285,18 +346,81 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         if pickles:
             raise UnsafeCheckpointError(f"{directory}: holds only pickled files ({', '.join(pickles)}); refused — loading a pickle can run code")
         raise CheckpointError(f"{directory}: not a protopnet model directory (no model.json)")
+    safe_relative_path(directory, "model.json")  # not a symlink to somewhere else
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_path}: JSON nested too deeply") from None
+    except OSError as error:
+        raise CheckpointError(f"{meta_path}: cannot read ({error.strerror or error})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a protopnet model description (format != {FORMAT!r})")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: written by a newer protopnet (format version {meta.get('version')}); upgrade protopnet")
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{meta_path}: 'version' must be an integer, got {_brief(version)}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: written by a newer protopnet (format version {_brief(version)}); upgrade protopnet")
+    if not isinstance(meta.get("kind", "protopnet"), str):
+        raise CheckpointError(f"{meta_path}: 'kind' must be a string, got {_brief(meta.get('kind'))}")
+    for key in ("provenance", "history"):
+        if not isinstance(meta.get(key) or [], list):
+            raise CheckpointError(f"{meta_path}: {key!r} must be a list, got {_brief(meta.get(key))}")
     for entry in meta.get("provenance") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("images") or {}, dict):
+            raise CheckpointError(f"{meta_path}: each provenance entry must be a mapping with an 'images' mapping, got {_brief(entry)}")
         for relative in (entry.get("images") or {}).values():
             safe_relative_path(directory, relative)
     return meta
+
+
+def _brief(value: Any) -> str:
+    """A short repr for error messages about untrusted files."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str()
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_MAX_IMAGE_SIZE = 16384
+
+
+def _check_architecture(directory: Path, arch: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Check model.json's architecture against the (checksummed) tensors *before* building the
+    network, so odd or huge values in an untrusted model.json are refused instead of making the
+    loader allocate more than the tensor file holds."""
+    where = f"{directory}/model.json"
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{where}: 'architecture' must be a mapping, got {_brief(arch)}")
+    prototypes, weight = tensors.get("prototypes"), tensors.get("last_layer.weight")
+    if prototypes is None or prototypes.dim() != 4 or weight is None or weight.dim() != 2 or weight.shape[1] != prototypes.shape[0]:
+        raise CheckpointError(f"{directory}: the tensors lack prototypes (M, D, h, w) and a last layer (K, M)")
+    m, dim, h, w = prototypes.shape
+
+    def check(key: str, ok: bool, expected: Any) -> None:
+        if key in arch and not ok:
+            raise CheckpointError(f"{where}: architecture.{key} is {_brief(arch[key])}, but the tensors need {expected}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    check("num_classes", arch.get("num_classes") == weight.shape[0] and is_int(arch.get("num_classes")), weight.shape[0])
+    check("prototype_dim", arch.get("prototype_dim") == dim and is_int(arch.get("prototype_dim")), dim)
+    check("prototype_size", arch.get("prototype_size") == [h, w], [h, w])
+    classes = arch.get("prototype_classes")
+    check("prototype_classes", isinstance(classes, list) and len(classes) == m and all(is_int(c) for c in classes), f"a list of {m} class indices")
+    if "prototype_classes" not in arch:
+        per_class = arch.get("prototypes_per_class", 10)
+        if not is_int(per_class) or per_class * arch.get("num_classes", 200) != m:
+            raise CheckpointError(f"{where}: architecture.prototypes_per_class is {_brief(per_class)}, but the tensors hold {m} prototypes")
+    names = arch.get("class_names")
+    check("class_names", isinstance(names, list) and len(names) == weight.shape[0] and all(isinstance(n, str) for n in names), f"a list of {weight.shape[0]} strings")
+    for key in ("backbone", "add_on", "activation"):
+        check(key, isinstance(arch.get(key), str), "a string")
+    check("epsilon", isinstance(arch.get("epsilon"), (int, float)) and not isinstance(arch.get("epsilon"), bool), "a number")
 
 
 LOADERS: dict[str, Callable[[Path, dict[str, Any], str | torch.device], Any]] = {}
@@ -314,16 +438,30 @@ def register_loader(kind: str) -> Callable:
 
 @register_loader("protopnet")
 def _load_protopnet(directory: Path, meta: dict[str, Any], device: str | torch.device) -> ProtoPNet:
-    arch = dict(meta["architecture"])
+    where = f"{directory}/model.json"
+    files = meta.get("tensors")
+    if not isinstance(files, dict) or not isinstance(files.get("sha256", ""), (str, type(None))):
+        raise CheckpointError(f"{where}: 'tensors' must be a mapping with 'file' and 'sha256', got {_brief(files)}")
+    image = meta.get("image", {})
+    size = image.get("size", 224) if isinstance(image, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= _MAX_IMAGE_SIZE:
+        raise CheckpointError(f"{where}: 'image.size' must be an integer in [1, {_MAX_IMAGE_SIZE}], got {_brief(size if isinstance(image, dict) else image)}")
+    # The tensors come first (checksummed, read from inside the directory): the architecture is
+    # checked against their shapes before anything is built.
+    tensors = load_tensors(safe_relative_path(directory, files.get("file")), files.get("sha256"))
+    arch = meta.get("architecture")
+    _check_architecture(directory, arch, tensors)
     try:
         model = ProtoPNet(pretrained=False, **arch)
-    except TypeError as error:
-        raise CheckpointError(f"{directory}/model.json: architecture does not match this protopnet ({error})") from None
-    tensors = load_tensors(directory / meta["tensors"]["file"], meta["tensors"].get("sha256"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except (TypeError, ValueError, KeyError, ImportError, RuntimeError) as error:
+        raise CheckpointError(f"{where}: architecture does not match this protopnet ({' '.join(str(error).split())[:200]})") from None
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"{directory}: tensors do not match the architecture ({str(error).splitlines()[-1].strip()[:200]})") from None
     if missing or unexpected:
         raise CheckpointError(f"{directory}: tensors do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.image_size = int(meta.get("image", {}).get("size", 224))
+    model.image_size = size
     model.provenance = meta.get("provenance")
     model.history = list(meta.get("history") or [])
     model.source_directory = str(directory)

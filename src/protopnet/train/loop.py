@@ -12,12 +12,21 @@ A run directory holds:
 Every step starts from a seed derived from ``run.seed`` and its index, inside
 ``torch.random.fork_rng`` (the caller's random state is untouched), so a run resumed from the
 checkpoint after any step ends with the same weights as an uninterrupted run.
+
+Killed at any moment (SIGKILL, power loss), a run loses at most its current step: every file and
+directory is replaced atomically, a checkpoint is renamed into place only once complete, and
+``--resume`` skips a checkpoint that fails its checksums, falling back to the one before. It first
+removes what the killed writes left behind (``.step-*.tmp``, ``.model.*.tmp``...). A write that
+fails (disk full, read-only) stops the run with one line saying which step is safely
+checkpointed. ``PROTOPNET_KILL_AT`` (see :func:`protopnet.checkpoint.fault_point`) kills a run at
+a chosen point, for tests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +40,8 @@ from torch import nn
 from ..checkpoint import (
     CheckpointError,
     atomic_write_json,
+    clean_interrupted_writes,
+    fault_point,
     atomic_write_text,
     flatten_state,
     load_tensors,
@@ -327,6 +338,7 @@ class Trainer:
                 seen += b
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(seen, 1):.3f}")
+                fault_point("batch")
         totals = torch.stack([*(sums[k] for k in sorted(sums)), correct.float(), torch.tensor(float(seen), device=self.device)]) if sums else None
         if totals is not None and _world() > 1:
             dist.all_reduce(totals)
@@ -349,7 +361,7 @@ class Trainer:
                 self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
                 device=self.device, num_workers=cfg.data.num_workers, precision=cfg.run.precision,
                 channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
-                progress=bar.update, bad_images=self.bad_images,
+                progress=lambda n: (bar.update(n), fault_point("push")), bad_images=self.bad_images,
             )
         moved = [p["distance"] for p in provenance]
         self.model.history.append({"event": "push", "step": step.index, "epoch": step.epoch, "time": _now()})
@@ -392,10 +404,13 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _check_writable(self.out_dir)
+        if not resume and self.is_main and self._checkpoint_dirs():
+            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if self.is_main:  # what a killed run left half-written
+            clean_interrupted_writes(self.out_dir / "checkpoints")
+            clean_interrupted_writes(self.out_dir)
         if resume:
             self._resume()
-        elif self.is_main and (self.out_dir / "checkpoints").exists() and any((self.out_dir / "checkpoints").iterdir()):
-            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
         if self.is_main:
             atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
         elapsed_before = sum(r.get("seconds", 0.0) for r in self.metrics)
@@ -415,7 +430,10 @@ class Trainer:
                 record = {"step": step.index, "stage": step.stage, "epoch": step.epoch, **record, "val_accuracy": val,
                           "seconds": round(time.perf_counter() - t0, 3)}
                 self.metrics.append(record)
-                self._after_step(step, val)
+                try:
+                    self._after_step(step, val)
+                except OSError as error:
+                    raise self._write_failure(error, f"step {step.index} ({step.stage}, epoch {step.epoch})") from None
                 overall.update(1)
                 logger.info("step %d %s epoch %d: %s", step.index, step.stage, step.epoch, _short(record))
         if self.selected_step is None and self.is_main:
@@ -442,6 +460,22 @@ class Trainer:
             self._save_checkpoint(step)
             self._write_metrics()
 
+    def _write_failure(self, error: OSError, what: str) -> OSError:
+        """One line for a failed write (disk full, read-only): what was lost and what is safe."""
+        done = self._checkpoint_dirs()
+        safe = f"the checkpoint {done[-1].name} is intact" if done else "no step was checkpointed yet"
+        reason = error.strerror or str(error)
+        failure = OSError(
+            f"could not save {what} in {self.out_dir}: {reason}; {safe}: free some space (or make the directory writable) "
+            "and run the same command with --resume"
+        )
+        failure.errno = error.errno
+        return failure
+
+    def _checkpoint_dirs(self) -> list[Path]:
+        root = self.out_dir / "checkpoints"
+        return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
+
     def _finish(self, seconds: float) -> TrainResult:
         from ..checkpoint import load_model
 
@@ -463,9 +497,14 @@ class Trainer:
                 "seconds": round(seconds, 2),
                 "bad_images": len(self.bad_images),
             }
-            atomic_write_json(self.out_dir / "results.json", results)
+            try:
+                atomic_write_json(self.out_dir / "results.json", results)
+                if len(self.bad_images):
+                    atomic_write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.bad_images.items.items())))
+            except OSError as error:
+                raise self._write_failure(error, "the results") from None
             if len(self.bad_images):
-                atomic_write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.bad_images.items.items())))
+                logger.warning("%d unreadable images were skipped; they are listed in %s", len(self.bad_images), self.out_dir / "bad_images.txt")
         return TrainResult(self.out_dir, model_dir, val or {}, test, seconds, self.metrics)
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -496,18 +535,21 @@ class Trainer:
 
         def fill(tmp: Path) -> None:
             state["model_sha256"] = save_tensors(tmp / "model.safetensors", self.model.state_dict())
+            fault_point("checkpoint-write")
             state["state_sha256"] = save_tensors(tmp / "state.safetensors", extra_tensors)
             atomic_write_json(tmp / "state.json", state)
 
         root = self.out_dir / "checkpoints"
         write_directory_atomically(root / f"step-{step.index:05d}", fill)
-        kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-        for old in kept[: -self.config.output.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self._checkpoint_dirs()[: -self.config.output.keep_checkpoints]:
+            # renamed first, so a kill halfway through the deletion leaves no half checkpoint
+            doomed = root / f".{old.name}.del-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def _resume(self) -> None:
         root = self.out_dir / "checkpoints"
-        candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True) if root.is_dir() else []
+        candidates = self._checkpoint_dirs()[::-1]
         for path in candidates:
             try:
                 self._load_checkpoint(path)
