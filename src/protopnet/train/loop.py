@@ -402,7 +402,6 @@ class Trainer:
         selected model on the test split."""
         start = time.perf_counter()
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             _check_writable(self.out_dir)
         if not resume and self.is_main and self._checkpoint_dirs():
             raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -612,9 +611,11 @@ class _NullBar:
 
 
 def _check_writable(directory: Path) -> None:
-    """Fail before any training work if the output directory is read-only or the disk is full."""
+    """Create the output directory; fail before any training work if that is impossible, if it is
+    read-only or if the disk is full."""
     probe = directory / ".write-test"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"\0" * 1024 * 1024)
         probe.unlink()
     except OSError as error:
