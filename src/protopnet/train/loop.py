@@ -24,6 +24,7 @@ a chosen point, for tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -619,7 +620,8 @@ def _check_writable(directory: Path) -> None:
         probe.write_bytes(b"\0" * 1024 * 1024)
         probe.unlink()
     except OSError as error:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.unlink()
         raise OSError(f"cannot write to {directory}: {error.strerror or error} (is it read-only or is the disk full?)") from None
     usage = shutil.disk_usage(directory)
     if usage.free < 50 * 1024 * 1024:
