@@ -20,10 +20,28 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as F
 
 from protopnet.data.errors import BadImageError
+
+
+class _Lazy:
+    """A module (or one of its attributes) imported on first use: importing torchvision costs
+    seconds (it pulls in torch._dynamo), which every ``protopnet`` command would pay otherwise."""
+
+    def __init__(self, module: str, attribute: str | None = None) -> None:
+        self._where = (module, attribute)
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        module, attribute = self._where
+        target = importlib.import_module(module)
+        return getattr(getattr(target, attribute) if attribute else target, name)
+
+
+v2: Any = _Lazy("torchvision.transforms.v2")
+F: Any = _Lazy("torchvision.transforms.v2.functional")
+InterpolationMode: Any = _Lazy("torchvision.transforms", "InterpolationMode")
 
 logger = logging.getLogger(__name__)
 
