@@ -100,6 +100,10 @@ class ScheduleConfig:
     add-on + prototypes, last layer fixed). After epoch ``e`` with ``e >= push_start`` and
     ``(e - push_start) % push_every == 0`` — and after the final epoch when ``push_at_end`` —
     prototypes are pushed and the last layer is optimised for ``last_layer_iterations`` passes.
+
+    ``frozen_backbone_blocks``: the first N blocks of the backbone stay frozen in the joint stage
+    too (see :func:`protopnet.train.stages.backbone_blocks`; 0, the paper's setting, trains the
+    whole backbone). On a CPU this cuts a joint epoch's cost: no backward pass through them.
     """
 
     epochs: int = 30
@@ -110,10 +114,11 @@ class ScheduleConfig:
     last_layer_iterations: int = 20
     joint_lr_step: int = 5
     joint_lr_gamma: float = 0.1
+    frozen_backbone_blocks: int = 0
 
     def validate(self) -> None:
         _positive("schedule.epochs", self.epochs)
-        for name in ("warm_epochs", "push_start", "last_layer_iterations"):
+        for name in ("warm_epochs", "push_start", "last_layer_iterations", "frozen_backbone_blocks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name}: expected an integer >= 0, got {_show(getattr(self, name))}")
         _positive("schedule.push_every", self.push_every)

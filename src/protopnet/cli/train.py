@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from .common import CommandError, add_parser, progress_factory
 
@@ -38,10 +40,13 @@ def execute(args: argparse.Namespace) -> int:
     if args.out:
         config.output.dir = args.out
     apply_threads(config.run.threads)
-    try:
-        result = train(config, config.output.dir, resume=args.resume, progress=progress_factory(args.quiet))
-    except FileExistsError as error:
-        raise CommandError(str(error)) from None
+    with distributed_from_environment(config) as rank:
+        try:
+            result = train(config, config.output.dir, resume=args.resume, progress=progress_factory(args.quiet or rank > 0))
+        except FileExistsError as error:
+            raise CommandError(str(error)) from None
+    if rank > 0:
+        return 0
     summary = {
         "model": str(result.model_dir),
         "validation_accuracy": result.validation.get("accuracy"),
@@ -50,6 +55,34 @@ def execute(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary), file=sys.stdout)
     return 0
+
+
+@contextlib.contextmanager
+def distributed_from_environment(config: Any) -> Iterator[int]:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1); yields this rank.
+
+    NCCL when the config's device is CUDA, gloo otherwise. Each rank uses the GPU of its
+    LOCAL_RANK. Without torchrun's variables this is a no-op yielding 0.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield 0
+        return
+    import torch
+    import torch.distributed as dist
+
+    from ..runtime import resolve_device
+
+    device = resolve_device(config.run.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        config.run.device = f"cuda:{local_rank}"
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
 
 
 def apply_threads(threads: int) -> None:

@@ -106,8 +106,15 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     sampler: Any = None,
+    batch_sampler: Any = None,
 ) -> DataLoader:
-    """A DataLoader over ``subset`` that skips unreadable images."""
+    """A DataLoader over ``subset`` that skips unreadable images (``batch_sampler``, when given,
+    decides the batches and ``batch_size``/``shuffle``/``sampler`` are ignored)."""
+    if batch_sampler is not None:
+        return DataLoader(
+            subset, batch_sampler=batch_sampler, generator=generator, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=False, collate_fn=collate_indexed,
+        )
     return DataLoader(
         subset,
         batch_size=batch_size,
@@ -119,3 +126,36 @@ def make_loader(
         persistent_workers=num_workers > 0,
         collate_fn=collate_indexed,
     )
+
+
+class ShardedBatchSampler:
+    """Batches of one global order, each global batch split evenly across ranks.
+
+    Rank ``r`` of ``world`` receives, for every global batch of ``batch_size`` positions, the
+    ``r``-th contiguous slice of it. Together the ranks see exactly the batches a single process
+    would see with the same order, so DistributedDataParallel (which averages gradients) computes
+    the single-process update whenever the loss of each rank is weighted by its share of the
+    global batch (see :func:`rank_share`). Slices differ by at most one item; a rank may get an
+    empty slice in a tiny last batch.
+
+    Args:
+        order: the global order of positions (e.g. ``torch.randperm(n, generator=g)``).
+        batch_size: the global batch size.
+        rank, world: this process and the number of processes.
+    """
+
+    def __init__(self, order: Sequence[int], batch_size: int, rank: int, world: int) -> None:
+        self.order = [int(i) for i in order]
+        self.batch_size = int(batch_size)
+        self.rank, self.world = int(rank), int(world)
+
+    def global_batches(self) -> list[list[int]]:
+        return [self.order[i : i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            bounds = [round(len(batch) * r / self.world) for r in range(self.world + 1)]
+            yield batch[bounds[self.rank] : bounds[self.rank + 1]]
+
+    def __len__(self) -> int:
+        return (len(self.order) + self.batch_size - 1) // self.batch_size

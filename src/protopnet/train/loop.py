@@ -57,7 +57,7 @@ from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device
 from .evaluate import accuracy_report, predict_logits
 from .last_layer import collect_similarities, optimise_last_layer
-from .loader import BadImageLog, IndexedSubset, make_loader
+from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
 from .push import push_prototypes
 from .stages import Step, parameter_groups, plan_schedule, set_trainable
 
@@ -299,54 +299,70 @@ class Trainer:
 
     # -- stages -----------------------------------------------------------------------------
     def _train_epoch(self, step: Step) -> dict[str, Any]:
+        """One warm or joint epoch. The global batch order comes from the step's seed; with
+        several processes each global batch is split across ranks and every rank's loss is
+        weighted by its share, so DDP's gradient average equals the single-process gradient."""
         cfg = self.config
-        set_trainable(self.model, step.stage)
+        set_trainable(self.model, step.stage, cfg.schedule.frozen_backbone_blocks)
         optimizer = self.optimizers[step.stage]
         forward = self._forward_model()
         forward.train()
         subset = IndexedSubset(self.data.train, self.data.training_items)
         seed = self._step_seed(step)
-        sampler = self._sampler(self.data.training_items, shuffle=True, seed=seed)
         generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(subset), generator=generator).tolist()
+        world, rank = _world(), _rank()
+        sampler = ShardedBatchSampler(order, cfg.data.batch_size, rank, world)
+        global_sizes = [len(b) for b in sampler.global_batches()]
+        if world > 1 and global_sizes and global_sizes[-1] < world:
+            sampler.order = sampler.order[: len(order) - global_sizes[-1]]  # too small to split: dropped
+            global_sizes = global_sizes[:-1]
         loader = make_loader(
-            subset, cfg.data.batch_size, shuffle=True, generator=generator, num_workers=cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda", sampler=sampler,
+            subset, cfg.data.batch_size, generator=generator, num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", batch_sampler=sampler,
         )
         fmt = memory_format(cfg.run.channels_last)
         identity = self.model.class_identity
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
-        seen = 0
-        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(loader)) as bar:
-            for batch in loader:
+        seen = torch.zeros((), device=self.device)
+        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(global_sizes)) as bar:
+            for batch, global_size in zip(loader, global_sizes):
                 self.bad_images.add(batch.bad)
                 if batch.images is None:
-                    bar.update(1)
-                    continue
+                    if world == 1:
+                        bar.update(1)
+                        continue
+                    # Every rank must take part in the gradient all-reduce: a zero-weight stand-in.
+                    batch = batch._replace(images=torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), labels=torch.zeros(1, dtype=torch.long))
+                    share = 0.0
+                else:
+                    share = len(batch.labels) * world / max(global_size - _bad_in(batch), 1)
                 images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
                 labels = batch.labels.to(self.device, non_blocking=True)
                 with autocast(self.device, cfg.run.precision):
                     out = forward(images)
                 loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients)
                 optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
+                self.scaler.scale(loss * share if world > 1 else loss).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
-                b = labels.shape[0]
+                b = float(labels.shape[0]) if share > 0 else 0.0
                 for k, v in terms.items():
                     sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * b
-                correct += (out.logits.argmax(1) == labels).sum()
+                correct += (out.logits.argmax(1) == labels).sum() if b else 0
                 seen += b
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(seen, 1):.3f}")
+                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(float(seen), 1):.3f}")
                 fault_point("batch")
-        totals = torch.stack([*(sums[k] for k in sorted(sums)), correct.float(), torch.tensor(float(seen), device=self.device)]) if sums else None
-        if totals is not None and _world() > 1:
+        keys = sorted(sums)
+        totals = torch.stack([*(sums[k] for k in keys), correct.float(), seen.float()]) if keys else None
+        if totals is not None and world > 1:
             dist.all_reduce(totals)
         record: dict[str, Any] = {}
         if totals is not None:
             n = max(float(totals[-1]), 1.0)
-            for i, k in enumerate(sorted(sums)):
+            for i, k in enumerate(keys):
                 record[k] = float(totals[i]) / n
             record["train_accuracy"] = float(totals[-2]) / n
         if step.stage == "joint":
@@ -626,6 +642,11 @@ def _check_writable(directory: Path) -> None:
     usage = shutil.disk_usage(directory)
     if usage.free < 50 * 1024 * 1024:
         raise OSError(f"only {usage.free // (1024 * 1024)} MiB free under {directory}; training needs room for checkpoints")
+
+
+def _bad_in(batch: Any) -> int:
+    """Unreadable items of this rank's slice (their share of the global batch is dropped)."""
+    return len(batch.bad) if _world() == 1 else 0
 
 
 def _now() -> str:

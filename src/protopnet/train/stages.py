@@ -73,10 +73,29 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     }
 
 
-def set_trainable(model: nn.Module, stage: str) -> None:
-    """Freeze everything but what ``stage`` trains."""
+def backbone_blocks(features: nn.Module) -> list[nn.Module]:
+    """The backbone's blocks in forward order: the children of ``features``, looking through
+    wrappers that hold a single child (DenseNet's ReLU wrapper, timm's). MobileNetV2: its 19
+    ``features`` blocks; ResNet: conv1, bn1, relu, maxpool, layer1..layer4; VGG: every layer."""
+    module = features
+    children = list(module.children())
+    while len(children) == 1:
+        module = children[0]
+        children = list(module.children())
+    return children or [module]
+
+
+def set_trainable(model: nn.Module, stage: str, frozen_blocks: int = 0) -> None:
+    """Freeze everything but what ``stage`` trains; the first ``frozen_blocks`` blocks of the
+    backbone (:func:`backbone_blocks`) stay frozen even in the stages that train it."""
     if stage not in TRAINABLE:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    if frozen_blocks < 0:
+        raise ValueError(f"frozen_blocks must be >= 0, got {frozen_blocks}")
     for part, params in parameter_groups(model).items():
         for p in params:
             p.requires_grad_(part in TRAINABLE[stage])
+    if frozen_blocks and "features" in TRAINABLE[stage]:
+        for block in backbone_blocks(model.features)[:frozen_blocks]:
+            for p in block.parameters():
+                p.requires_grad_(False)
