@@ -31,6 +31,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 def execute(args: argparse.Namespace) -> int:
     from ..checkpoint import atomic_write_json
     from ..train.evaluate import evaluate
+    from ..train.loader import BadImageLog
 
     model = load_model_or_fail(args.model, args.device)
     try:
@@ -38,11 +39,16 @@ def execute(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         raise CommandError(f"{error}; pass --split all to evaluate on the whole tree") from None
     device = next(model.parameters()).device
-    report: dict[str, Any] = evaluate(model, dataset, batch_size=args.batch_size, device=device, num_workers=args.workers)
-    report = {"model": args.model, "data": args.data, "split": args.split, **report}
+    bad = BadImageLog()  # unreadable files are skipped (each logged once), counted and listed
+    report: dict[str, Any] = evaluate(model, dataset, batch_size=args.batch_size, device=device, num_workers=args.workers, bad_images=bad)
+    report = {"model": args.model, "data": args.data, "split": args.split, **report,
+              "bad_images": len(bad), "bad_image_files": dict(sorted(bad.items.items()))}
     if args.interpretability:
         report["interpretability"] = interpretability_report(model, dataset, args)
     print(f"top-1 accuracy {report['accuracy']:.4f}  top-5 {report['top5']:.4f}  ({report['n']} images)")
+    if len(bad):
+        first, reason = next(iter(report["bad_image_files"].items()))
+        print(f"skipped {len(bad)} unreadable images (first: {first}: {reason})")
     worst = sorted(report["per_class"].items(), key=lambda kv: kv[1])[:5]
     if worst:
         print("lowest per-class accuracy: " + ", ".join(f"{name} {acc:.2f}" for name, acc in worst))
