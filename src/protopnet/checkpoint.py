@@ -349,8 +349,8 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     safe_relative_path(directory, "model.json")  # not a symlink to somewhere else
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, or an int over 4300 digits
+        raise CheckpointError(f"{meta_path}: not valid JSON ({' '.join(str(error).split())[:200]})") from None
     except RecursionError:
         raise CheckpointError(f"{meta_path}: JSON nested too deeply") from None
     except OSError as error:
@@ -490,7 +490,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Any:
         _import_optional_loaders()
     if kind not in LOADERS:
         raise CheckpointError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(sorted(LOADERS))}")
-    return LOADERS[kind](directory, meta, device)
+    try:
+        return LOADERS[kind](directory, meta, device)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:  # a field of the wrong shape
+        raise CheckpointError(f"{directory}/model.json: malformed {kind} description ({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
 
 
 def _import_optional_loaders() -> None:
