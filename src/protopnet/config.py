@@ -231,6 +231,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data: Any = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory, not a YAML config file")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
