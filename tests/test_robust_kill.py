@@ -166,3 +166,26 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
     stages = [[json.loads(line)["stage"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
     assert stages[0] == stages[1] and len(stages[0]) == STEPS
     shutil.rmtree(tmp_path / "full")
+
+
+def test_cleanup_removes_only_what_killed_writes_leave_and_restores_a_swapped_directory(tmp_path):
+    from protopnet.checkpoint import clean_interrupted_writes
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00002").mkdir(parents=True)
+    (run / "checkpoints" / ".step-00003.k2j4_x9a.tmp").mkdir()  # a checkpoint being written
+    (run / "checkpoints" / ".step-00003.k2j4_x9a.tmp" / "model.safetensors").write_bytes(b"half")
+    (run / "checkpoints" / ".step-00000.del-12-345").mkdir()  # an old checkpoint being deleted
+    (run / ".model.abcdefgh.tmp").mkdir()  # the new model, being written
+    (run / ".model.old-12-999").mkdir()  # the old model, renamed away: model/ is missing
+    (run / ".model.old-12-999" / "model.json").write_text("{}")
+    (run / ".metrics.jsonl.zz99_abc.tmp").write_text("partial")
+    for keep in (".hidden", "notes.tmp", ".notes.tmp", ".model.old", "step-00001.tmp"):  # not ours: kept
+        (run / keep).write_text("user file")
+    clean_interrupted_writes(run / "checkpoints")
+    clean_interrupted_writes(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00002"]
+    assert sorted(p.name for p in run.iterdir()) == [".hidden", ".model.old", ".notes.tmp", "checkpoints", "model", "notes.tmp", "step-00001.tmp"]
+    assert (run / "model" / "model.json").read_text() == "{}"  # the old version is back in place
+    (run / ".model.old-13-1").mkdir()  # with model/ present, a leftover old version just goes
+    assert clean_interrupted_writes(run) == [".model.old-13-1"] and (run / "model" / "model.json").exists()
