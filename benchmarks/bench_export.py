@@ -59,7 +59,8 @@ def main() -> None:
             start = time.perf_counter()
             export(model, path)
             seconds = time.perf_counter() - start
-            worst = check_export(model, path, name, batch_sizes=(1, args.batch))
+            check = check_export(model, path, name, batch_sizes=(1, args.batch))
+            worst = check.max_abs_diff
             if name == "onnx":
                 import onnxruntime as ort
 
@@ -74,7 +75,7 @@ def main() -> None:
                     latency = timed(lambda: module(x), args.repeat)
             print(
                 f"{name:<19}: {1000 * latency:8.1f} ms/batch; export {seconds:.2f} s; {path.stat().st_size / 1e6:.2f} MB; "
-                f"max |diff| logits {worst['logits']:.1e}, similarities {worst['similarities']:.1e}, distances {worst['distances']:.1e}"
+                f"max |diff| logits {worst['logits']:.1e}, similarities {worst['similarities']:.1e}, distances {worst['distances']:.1e}; within tolerance: {check.ok}"
             )
 
 

@@ -66,8 +66,9 @@ def test_onnx_matches_pytorch_for_any_batch(tmp_path, onnx_runtime, size):
     d = got[2].flatten(2).amin(2)
     assert torch.allclose(got[1], torch.log((d + 1) / (d + 1e-4)), atol=1e-4)
     assert torch.allclose(got[0], got[1] @ model.last_layer.weight.detach().t(), atol=1e-4)
-    worst = check_export(model, path, "onnx", batch_sizes=(1, 3))
-    assert set(worst) == {"logits", "similarities", "distances"} and max(worst.values()) <= TOLERANCE
+    check = check_export(model, path, "onnx", batch_sizes=(1, 3))
+    assert set(check.max_abs_diff) == {"logits", "similarities", "distances"}
+    assert max(check.max_abs_diff.values()) <= TOLERANCE and check.ok
 
 
 def test_onnx_metadata_and_io_names(tmp_path, onnx_runtime):
@@ -96,7 +97,42 @@ def test_torchscript_matches_pytorch_for_any_batch(tmp_path):
         assert_close(reference_outputs(model, x), run_torchscript(path, x), ["logits", "similarities", "distances"])
     facts = read_torchscript_metadata(path)
     assert facts["image_size"] == "32" and json.loads(facts["mean"]) == pytest.approx(list(model.mean))
-    assert max(check_export(model, path, "torchscript").values()) <= TOLERANCE
+    check = check_export(model, path, "torchscript")
+    assert max(check.max_abs_diff.values()) <= TOLERANCE and check.ok
+
+
+def test_pushed_model_on_its_own_push_images(tmp_path, onnx_runtime):
+    """Pushed prototypes sit at distance ~0 from patches of the push images, where the log
+    activation's slope is ~1/epsilon: distances must still agree to 1e-4, and similarities and
+    logits within what that distance tolerance allows."""
+    from protopnet.data.base import ProtoDataset
+    from protopnet.train.push import push_prototypes
+
+    class Noise(ProtoDataset):
+        classes, targets = ["a", "b", "c"], [0, 1, 2, 0, 1, 2]
+
+        def __len__(self):
+            return 6
+
+        def load_image(self, index):
+            from PIL import Image
+
+            rng = torch.Generator().manual_seed(index)
+            return Image.fromarray((torch.rand(32, 32, 3, generator=rng) * 255).byte().numpy())
+
+    data = Noise(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    model = tiny(seed=2)
+    push_prototypes(model, data)
+    path = export_onnx(model, tmp_path / "pushed.onnx")
+    images = torch.stack([data[i][0] for i in range(6)])
+    check = check_export(model, path, "onnx", images=images)
+    assert check.ok, check.to_json()
+    assert check.max_abs_diff["distances"] <= TOLERANCE
+    assert float(reference_outputs(model, images)[2].flatten(2).amin(2).min()) < 1e-3  # really near 0
+    # a file of another model fails the check
+    other = export_onnx(tiny(seed=9), tmp_path / "other.onnx")
+    bad = check_export(model, other, "onnx", images=images)
+    assert not bad.ok and bad.worst_ratio["logits"] > 1
 
 
 def test_ensemble_exports_one_distance_output_per_member(tmp_path, onnx_runtime):
@@ -129,7 +165,8 @@ def test_cli_export(tmp_path, capsys, onnx_runtime):
     for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.pt")):
         assert main(["-q", "export", str(source), "--format", fmt, "--out", str(tmp_path / name)]) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert summary["format"] == fmt and max(summary["max_abs_diff"].values()) <= TOLERANCE
+        assert summary["format"] == fmt and summary["check"]["ok"]
+        assert max(summary["check"]["max_abs_diff"].values()) <= TOLERANCE
         assert (tmp_path / name).stat().st_size == summary["bytes"]
     assert main(["-q", "export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.onnx")]) == 1
     assert "no such model directory" in capsys.readouterr().err
