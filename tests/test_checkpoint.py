@@ -70,6 +70,26 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
     assert not marker.exists(), "loading must never execute code"
 
 
+def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # safetensors starts with its header length (8 bytes, little-endian): 0x980 starts with 0x80,
+    # the pickle protocol marker (a saved model's tensor file had exactly this header).
+    from protopnet.checkpoint import refuse_pickle
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n] + b" " * (0x980 - n)  # JSON may end in spaces
+    path.write_bytes((0x980).to_bytes(8, "little") + header + data[8 + n :])
+    assert path.read_bytes()[:1] == b"\x80"
+    refuse_pickle(path)
+    assert torch.equal(load_file(str(path))["w"], torch.ones(2))
+    path.write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(UnsafeCheckpointError):
+        refuse_pickle(path)
+
+
 def test_paths_in_model_json_cannot_leave_the_directory(tmp_path):
     data = ColourDataset()
     model = tiny_model()

@@ -247,8 +247,10 @@ def refuse_pickle(path: str | Path) -> None:
         )
     if path.is_file():
         with open(path, "rb") as handle:
-            head = handle.read(2)
-        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol >= 2, or torch's zip format
+            head = handle.read(9)
+        if head[8:9] == b"{":  # safetensors: 8-byte header length (its first byte may be 0x80), then JSON
+            return
+        if head[:1] == b"\x80" or head[:2] == b"PK":  # pickle protocol >= 2, or torch's zip format
             raise UnsafeCheckpointError(f"{path}: looks like a pickle / torch.save archive; refused (loading it could run code)")
 
 
