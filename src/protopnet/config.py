@@ -101,6 +101,11 @@ class ScheduleConfig:
     ``(e - push_start) % push_every == 0`` — and after the final epoch when ``push_at_end`` —
     prototypes are pushed and the last layer is optimised for ``last_layer_iterations`` passes.
 
+    ``pretrain_epochs``: epochs of plain supervised training of the backbone (global max
+    pooling + a temporary linear head, cross-entropy) before everything else — the offline stand-in
+    for ImageNet weights when a backbone starts from scratch (the demo). 0, the paper's setting,
+    starts from the given (pretrained) backbone.
+
     ``frozen_backbone_blocks``: the first N blocks of the backbone stay frozen in the joint stage
     too (see :func:`protopnet.train.stages.backbone_blocks`; 0, the paper's setting, trains the
     whole backbone). On a CPU this cuts a joint epoch's cost: no backward pass through them.
@@ -115,10 +120,11 @@ class ScheduleConfig:
     joint_lr_step: int = 5
     joint_lr_gamma: float = 0.1
     frozen_backbone_blocks: int = 0
+    pretrain_epochs: int = 0
 
     def validate(self) -> None:
         _positive("schedule.epochs", self.epochs)
-        for name in ("warm_epochs", "push_start", "last_layer_iterations", "frozen_backbone_blocks"):
+        for name in ("warm_epochs", "push_start", "last_layer_iterations", "frozen_backbone_blocks", "pretrain_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name}: expected an integer >= 0, got {_show(getattr(self, name))}")
         _positive("schedule.push_every", self.push_every)
@@ -136,6 +142,7 @@ class OptimConfig:
     add_on_lr: float = 3e-3
     prototypes_lr: float = 3e-3
     last_layer_lr: float = 1e-4
+    pretrain_lr: float = 1e-3
     weight_decay: float = 1e-3
 
     def validate(self) -> None:

@@ -74,7 +74,8 @@ def run_demo(
 
 
 def _write_report(model: Any, trainer: Any, out_dir: Path, count: int, figures: dict[str, Any]) -> Path | None:
-    """Explain ``count`` test images (one per class, first ones) and write ``index.html``."""
+    """Explain ``count`` test images (of different classes) and write ``index.html``; the
+    pictures are also saved as ``samples/<class>.png`` to try ``protopnet explain`` on."""
     from .explain import write_demo_report
 
     test = trainer.data.test
@@ -86,4 +87,8 @@ def _write_report(model: Any, trainer: Any, out_dir: Path, count: int, figures: 
             seen.add(label)
         if len(chosen) >= count:
             break
+    samples = out_dir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    for i in chosen:
+        test.load_image(i).save(samples / f"{test.classes[test.targets[i]]}.png")
     return write_demo_report(model, test, chosen, out_dir, figures)

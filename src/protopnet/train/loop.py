@@ -25,6 +25,7 @@ a chosen point, for tests.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -177,8 +178,8 @@ def build_model(config: Config, class_names: list[str]) -> ProtoPNet:
 def backbone_normalisation(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     from ..model.backbones import build_backbone
 
-    if config.model.backbone == "tiny_cnn":
-        built = build_backbone("tiny_cnn", pretrained=False)
+    if config.model.backbone in ("tiny_cnn", "tiny_cnn_gn"):
+        built = build_backbone(config.model.backbone, pretrained=False)
         return built.mean, built.std
     from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
 
@@ -231,6 +232,9 @@ class Trainer:
         self.is_main = _rank() == 0
         self.plan = plan_schedule(config.schedule)
         mean, std = backbone_normalisation(config)
+        if data is None and config.data.cache and _world() > 1:
+            # Rank 0 decodes the images into the cache; the other ranks then read it.
+            data = _run_on_main(lambda: build_run_data(config, mean, std))
         self.data = data or build_run_data(config, mean, std)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed)
@@ -238,6 +242,11 @@ class Trainer:
         self.model.to(self.device)
         if config.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # Backbone pre-training (schedule.pretrain_epochs) trains the features with a temporary
+        # linear head on globally max-pooled features; the head is dropped afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.run.seed + 1)
+            self.pretrain_net = _PretrainNet(self.model.features, self.model.add_on[0].in_channels, len(self.data.class_names)).to(self.device)
         self.optimizers = self._make_optimizers()
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizers["joint"], step_size=config.schedule.joint_lr_step, gamma=config.schedule.joint_lr_gamma
@@ -249,7 +258,7 @@ class Trainer:
         self.selected_step: int | None = None
         self.bad_images = BadImageLog()
         self.next_step = 0
-        self._ddp: nn.Module | None = None
+        self._ddp: dict[str, nn.Module] | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -270,6 +279,12 @@ class Trainer:
                 ]
             ),
             "last_layer": torch.optim.Adam([{"params": groups["last_layer"], "lr": o.last_layer_lr}]),
+            "pretrain": torch.optim.Adam(
+                [
+                    {"params": groups["features"], "lr": o.pretrain_lr, "weight_decay": o.weight_decay},
+                    {"params": list(self.pretrain_net.head.parameters()), "lr": o.pretrain_lr},
+                ]
+            ),
         }
 
     def _step_seed(self, step: Step) -> int:
@@ -280,15 +295,24 @@ class Trainer:
             return _NullBar()
         return self.progress(description, total)
 
-    def _forward_model(self) -> nn.Module:
-        """The module to call in training: the DDP wrapper when distributed."""
+    def _forward_model(self, stage: str = "joint") -> nn.Module:
+        """The module to call in training (the pre-training net in ``pretrain``): the DDP
+        wrapper when distributed.
+
+        One wrapper per stage: DDP synchronises only the parameters that require gradients when
+        it is built, and each stage trains a different set (a wrapper built in ``warm`` would
+        leave the backbone's gradients of ``joint`` unsynchronised). Every trainable parameter of
+        a stage takes part in its loss, so no search for unused parameters is needed.
+        """
+        module = self.pretrain_net if stage == "pretrain" else self.model
         if _world() > 1:
-            if self._ddp is None:
-                self._ddp = nn.parallel.DistributedDataParallel(
-                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
+            self._ddp = self._ddp or {}
+            if stage not in self._ddp:
+                self._ddp[stage] = nn.parallel.DistributedDataParallel(
+                    module, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=False
                 )
-            return self._ddp
-        return self.model
+            return self._ddp[stage]
+        return module
 
     def _sampler(self, indices: list[int], shuffle: bool, seed: int) -> Any:
         if _world() <= 1:
@@ -305,7 +329,7 @@ class Trainer:
         cfg = self.config
         set_trainable(self.model, step.stage, cfg.schedule.frozen_backbone_blocks)
         optimizer = self.optimizers[step.stage]
-        forward = self._forward_model()
+        forward = self._forward_model(step.stage)
         forward.train()
         subset = IndexedSubset(self.data.train, self.data.training_items)
         seed = self._step_seed(step)
@@ -313,10 +337,6 @@ class Trainer:
         order = torch.randperm(len(subset), generator=generator).tolist()
         world, rank = _world(), _rank()
         sampler = ShardedBatchSampler(order, cfg.data.batch_size, rank, world)
-        global_sizes = [len(b) for b in sampler.global_batches()]
-        if world > 1 and global_sizes and global_sizes[-1] < world:
-            sampler.order = sampler.order[: len(order) - global_sizes[-1]]  # too small to split: dropped
-            global_sizes = global_sizes[:-1]
         loader = make_loader(
             subset, cfg.data.batch_size, generator=generator, num_workers=cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", batch_sampler=sampler,
@@ -326,34 +346,51 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen = torch.zeros((), device=self.device)
-        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(global_sizes)) as bar:
-            for batch, global_size in zip(loader, global_sizes):
+        total = cfg.schedule.pretrain_epochs if step.stage == "pretrain" else cfg.schedule.epochs
+        with self._bar(f"epoch {step.epoch + 1}/{total} {step.stage}", len(sampler)) as bar:
+            for batch in loader:
                 self.bad_images.add(batch.bad)
+                if batch.images is None and world == 1:
+                    bar.update(1)
+                    continue
+                readable = len(batch.labels)
+                if world > 1:
+                    # The share of this rank's slice in the global batch's readable images (one
+                    # scalar all-reduce), so DDP's average is the single-process gradient even
+                    # when some rank met unreadable images.
+                    count = torch.tensor([float(readable)], device=self.device)
+                    dist.all_reduce(count)
+                    share = readable * world / count.clamp(min=1.0)
+                if batch.images is None and float(count) == 0:
+                    bar.update(1)  # no rank has a readable image: skipped, as a single process does
+                    continue
                 if batch.images is None:
-                    if world == 1:
-                        bar.update(1)
-                        continue
-                    # Every rank must take part in the gradient all-reduce: a zero-weight stand-in.
+                    # An empty slice (unreadable images, or a last global batch smaller than the
+                    # world): every rank must take part in the gradient all-reduce, so it runs a
+                    # zero-weight stand-in.
                     batch = batch._replace(images=torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), labels=torch.zeros(1, dtype=torch.long))
-                    share = 0.0
-                else:
-                    share = len(batch.labels) * world / max(global_size - _bad_in(batch), 1)
+                    share = torch.zeros(1, device=self.device)
                 images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
                 labels = batch.labels.to(self.device, non_blocking=True)
                 with autocast(self.device, cfg.run.precision):
                     out = forward(images)
-                loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients)
+                if step.stage == "pretrain":
+                    loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+                    terms = {"ce": loss.detach(), "loss": loss.detach()}
+                else:
+                    loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients)
                 optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss * share if world > 1 else loss).backward()
+                self.scaler.scale(loss * share.squeeze(0) if world > 1 else loss).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
-                b = float(labels.shape[0]) if share > 0 else 0.0
+                b = float(readable)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * b
                 correct += (out.logits.argmax(1) == labels).sum() if b else 0
                 seen += b
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(float(seen), 1):.3f}")
+                if self.progress is not None and self.is_main:  # float() waits for the GPU
+                    bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(float(seen), 1):.3f}")
                 fault_point("batch")
         keys = sorted(sums)
         totals = torch.stack([*(sums[k] for k in keys), correct.float(), seen.float()]) if keys else None
@@ -418,13 +455,16 @@ class Trainer:
         """Run every planned step (from the last checkpoint when ``resume``), then evaluate the
         selected model on the test split."""
         start = time.perf_counter()
-        if self.is_main:
+
+        def prepare() -> None:  # rank 0 only: the other ranks never write
             _check_writable(self.out_dir)
-        if not resume and self.is_main and self._checkpoint_dirs():
-            raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if self.is_main:  # what a killed run left half-written
+            if not resume and self._checkpoint_dirs():
+                raise FileExistsError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
+            # what a killed run left half-written
             clean_interrupted_writes(self.out_dir / "checkpoints")
             clean_interrupted_writes(self.out_dir)
+
+        _run_on_main(prepare)
         if resume:
             self._resume()
         if self.is_main:
@@ -436,15 +476,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     torch.manual_seed(self._step_seed(step))
-                    if step.stage in ("warm", "joint"):
+                    if step.stage in ("pretrain", "warm", "joint"):
                         record = self._train_epoch(step)
                     elif step.stage == "push":
                         record = self._push(step)
                     else:
                         record = self._last_layer(step)
-                    val = self._validate()
+                    val = self._validate() if step.stage != "pretrain" else None
                 record = {"step": step.index, "stage": step.stage, "epoch": step.epoch, **record, "val_accuracy": val,
                           "seconds": round(time.perf_counter() - t0, 3)}
+                self._merge_bad_images()
                 self.metrics.append(record)
                 try:
                     self._after_step(step, val)
@@ -492,19 +533,54 @@ class Trainer:
         root = self.out_dir / "checkpoints"
         return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
 
-    def _finish(self, seconds: float) -> TrainResult:
+    def _merge_bad_images(self) -> None:
+        """With several processes, every rank learns the unreadable images the others met."""
+        if _world() > 1:
+            gathered: list[Any] = [None] * _world()
+            dist.all_gather_object(gathered, self.bad_images.items)
+            for items in gathered:
+                for path, reason in items.items():
+                    self.bad_images.items.setdefault(path, reason)
+
+    def _selected_model(self, model_dir: Path) -> nn.Module:
+        """The saved model, loaded by rank 0 (the other ranks receive its tensors: they need no
+        access to the file)."""
         from ..checkpoint import load_model
 
+        selected = _run_on_main(lambda: load_model(model_dir, device=self.device))
+        if _world() == 1:
+            return selected
+        if not self.is_main:
+            selected = copy.deepcopy(self.model).to(memory_format=torch.contiguous_format)
+        tensors = selected.state_dict()
+        layout = [sorted((k, tuple(v.shape)) for k, v in tensors.items())]
+        dist.broadcast_object_list(layout, src=0)
+        if layout[0] != sorted((k, tuple(v.shape)) for k, v in tensors.items()):
+            raise CheckpointError(f"{model_dir}: the saved model does not match the trained architecture")
+        for key, _ in layout[0]:
+            buffer = tensors[key].contiguous()
+            dist.broadcast(buffer, src=0)
+            tensors[key].copy_(buffer)
+        return selected.eval()
+
+    def _finish(self, seconds: float) -> TrainResult:
+        """Evaluate the selected model on validation and test (sharded across ranks) and write
+        ``results.json`` (rank 0)."""
         model_dir = self.out_dir / "model"
-        selected = load_model(model_dir, device=self.device)
+        selected = self._selected_model(model_dir)
+        cfg = self.config
+        common = dict(batch_size=cfg.data.test_batch_size, device=self.device, num_workers=cfg.data.num_workers, bad_images=self.bad_images)
         val = None
         if self.data.val_indices:
-            logits, labels, _ = predict_logits(selected, self.data.clean, indices=self.data.val_indices, batch_size=self.config.data.test_batch_size, device=self.device)
+            logits, labels, _ = predict_logits(selected, self.data.clean, indices=self.data.val_indices,
+                                               sampler=self._sampler(self.data.val_indices, False, 0), **common)
             val = accuracy_report(logits, labels, self.data.class_names)
         test = None
         if self.data.test is not None:
-            logits, labels, _ = predict_logits(selected, self.data.test, batch_size=self.config.data.test_batch_size, device=self.device, bad_images=self.bad_images)
+            every = range(len(self.data.test))
+            logits, labels, _ = predict_logits(selected, self.data.test, sampler=self._sampler(every, False, 0), **common)
             test = accuracy_report(logits, labels, self.data.class_names)
+        self._merge_bad_images()
         if self.is_main:
             results = {
                 "selected_step": self.selected_step,
@@ -526,6 +602,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         opt_skeleton, opt_tensors = flatten_state({k: o.state_dict() for k, o in self.optimizers.items()}, "optim")
+        opt_tensors.update({f"pretrain_head.{k}": v for k, v in self.pretrain_net.head.state_dict().items()})
         state = {
             "version": STATE_VERSION,
             "next_step": self.next_step,
@@ -589,6 +666,7 @@ class Trainer:
         other = load_tensors(path / "state.safetensors", state["state_sha256"])
         self._match_prototype_count(model_tensors)
         self.model.load_state_dict(model_tensors)
+        self.pretrain_net.head.load_state_dict({k[len("pretrain_head."):]: v for k, v in other.items() if k.startswith("pretrain_head.")})
         optim_states = unflatten_state(state["optimizers"], other)
         self.optimizers = self._make_optimizers()
         for k, o in self.optimizers.items():
@@ -611,6 +689,25 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+
+
+class _PretrainOutput(NamedTuple):
+    logits: torch.Tensor
+
+
+class _PretrainNet(nn.Module):
+    """Backbone + global max pooling + a linear head: (B, 3, S, S) -> logits (B, K).
+
+    Max pooling, like ProtoPNet's own min-distance pooling, keeps the evidence of a small part
+    that average pooling would dilute among background cells."""
+
+    def __init__(self, features: nn.Module, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> _PretrainOutput:
+        return _PretrainOutput(self.head(self.features(x).amax(dim=(2, 3))))
 
 
 class _NullBar:
@@ -644,9 +741,23 @@ def _check_writable(directory: Path) -> None:
         raise OSError(f"only {usage.free // (1024 * 1024)} MiB free under {directory}; training needs room for checkpoints")
 
 
-def _bad_in(batch: Any) -> int:
-    """Unreadable items of this rank's slice (their share of the global batch is dropped)."""
-    return len(batch.bad) if _world() == 1 else 0
+def _run_on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and return its result there (None on the other ranks). With
+    several processes every rank then raises the exception ``fn`` raised, so no rank is left
+    waiting in a collective operation for a rank that failed."""
+    result, error = None, None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except Exception as caught:  # noqa: BLE001 - handed to every rank, then raised
+            error = caught
+    if _world() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def _now() -> str:

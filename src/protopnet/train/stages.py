@@ -14,10 +14,11 @@ from torch import nn
 
 from ..config import ScheduleConfig
 
-STAGES = ("warm", "joint", "push", "last_layer")
+STAGES = ("pretrain", "warm", "joint", "push", "last_layer")
 
 # Which parts of the network each stage trains.
 TRAINABLE: dict[str, tuple[str, ...]] = {
+    "pretrain": ("features",),  # with a temporary linear head, see Trainer
     "warm": ("add_on", "prototypes"),
     "joint": ("features", "add_on", "prototypes"),
     "push": (),
@@ -46,7 +47,7 @@ def is_push_epoch(schedule: ScheduleConfig, epoch: int) -> bool:
 def plan_schedule(schedule: ScheduleConfig) -> list[Step]:
     """The ordered steps of a run.
 
-    Epoch e is ``warm`` when e < warm_epochs, else ``joint``; after a push epoch come ``push``
+    First ``pretrain_epochs`` backbone pre-training epochs (0 by default); then epoch e is ``warm`` when e < warm_epochs, else ``joint``; after a push epoch come ``push``
     and ``last_layer`` (its iterations run inside that one step).
     """
     steps: list[Step] = []
@@ -54,6 +55,8 @@ def plan_schedule(schedule: ScheduleConfig) -> list[Step]:
     def add(stage: str, epoch: int) -> None:
         steps.append(Step(len(steps), stage, epoch))
 
+    for epoch in range(schedule.pretrain_epochs):
+        add("pretrain", epoch)
     for epoch in range(schedule.epochs):
         add("warm" if epoch < schedule.warm_epochs else "joint", epoch)
         if is_push_epoch(schedule, epoch):
