@@ -4,10 +4,12 @@ valid config that survives a round trip through YAML."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import inspect
 import math
+import shutil
 import sys
 import tempfile
 import typing
@@ -99,6 +101,7 @@ YAML_TEXT = st.one_of(
 )
 
 _TMP = Path(tempfile.mkdtemp(prefix="fuzz-config-"))
+atexit.register(shutil.rmtree, _TMP, True)
 
 
 @SETTINGS

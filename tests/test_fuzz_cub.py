@@ -7,6 +7,7 @@ loads (a picture of the right size, a box inside it) or raises BadImageError (a 
 
 from __future__ import annotations
 
+import atexit
 import math
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from protopnet.data import CUB200, BadImageError
 from test_data_cub import FILES, write_tree
 
 _BASE = Path(tempfile.mkdtemp(prefix="fuzz-cub-"))
+atexit.register(shutil.rmtree, _BASE, True)
 write_tree(_BASE / "valid")
 
 TOKENS = st.sampled_from([

@@ -5,6 +5,7 @@ the directory and never allocates what the (checksummed) tensor file does not ho
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import shutil
@@ -177,6 +178,7 @@ JSON = st.recursive(
     max_leaves=6,
 )
 _TMP = Path(tempfile.mkdtemp(prefix="fuzz-model-json-"))
+atexit.register(shutil.rmtree, _TMP, True)
 
 
 def paths(value, prefix=()):
