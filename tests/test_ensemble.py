@@ -167,6 +167,27 @@ def test_loading_refuses_member_paths_outside_or_missing(tmp_path, bad):
         load_model(path)
 
 
+@pytest.mark.parametrize(
+    "key, value, pattern",
+    [
+        ("members", [], "non-empty 'members'"),
+        ("members", [7], "relative"),
+        ("image", "big", "'image' must be an object"),
+        ("image", {"size": 10**9}, "image size"),
+        ("image", {"mean": [0.5]}, "mean and std"),
+        ("history", "x", "'history'"),
+        ("class_names", ["x", "y", "z"], "class_names do not match"),
+    ],
+)
+def test_loading_refuses_hostile_model_json(tmp_path, key, value, pattern):
+    path = save_ensemble(Ensemble([member(0), member(1)]), tmp_path / "ens")
+    meta = json.loads((path / "model.json").read_text())
+    meta[key] = value
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=pattern):
+        load_model(path)
+
+
 def test_loading_refuses_tampered_member_tensors(tmp_path):
     path = save_ensemble(Ensemble([member(0), member(1)]), tmp_path / "ens")
     target = path / "members" / "1" / "model.safetensors"

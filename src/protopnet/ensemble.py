@@ -390,7 +390,7 @@ def _load_ensemble(directory: Path, meta: dict[str, Any], device: str | torch.de
     members = []
     for i, entry in enumerate(members_meta):
         relative = entry.get("path") if isinstance(entry, dict) else entry
-        path = safe_relative_path(directory, relative)
+        path = safe_relative_path(directory, relative)  # a non-string, absolute or escaping path is refused
         if path == root:
             raise CheckpointError(f"{directory}/model.json: member {i} path {relative!r} is the ensemble directory itself")
         if not (path / "model.json").is_file():
@@ -398,14 +398,20 @@ def _load_ensemble(directory: Path, meta: dict[str, Any], device: str | torch.de
         read_metadata(path)
         members.append(load_model(path, device=device))
     image = meta.get("image") or {}
+    history = meta.get("history") or []
+    if not isinstance(image, dict) or not isinstance(history, list):
+        raise CheckpointError(f"{directory}/model.json: 'image' must be an object and 'history' a list")
+    size = image.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 16384):
+        raise CheckpointError(f"{directory}/model.json: image size {size!r} is not an integer in 1..16384")
     try:
-        ensemble = Ensemble(members, image_size=image.get("size"), mean=image.get("mean"), std=image.get("std"))
-    except ValueError as error:
+        ensemble = Ensemble(members, image_size=size, mean=image.get("mean"), std=image.get("std"))
+    except (TypeError, ValueError) as error:
         raise CheckpointError(f"{directory}: {error}") from None
     names = meta.get("class_names")
-    if names is not None and list(names) != ensemble.class_names:
+    if names is not None and (not isinstance(names, list) or names != ensemble.class_names):
         raise CheckpointError(f"{directory}/model.json: class_names do not match the members' classes")
-    ensemble.history = list(meta.get("history") or [])
+    ensemble.history = list(history)
     ensemble.source_directory = str(directory)
     return ensemble.to(device).eval()
 
