@@ -1,0 +1,355 @@
+#!/usr/bin/env python
+"""A real-data result on a CPU: ProtoPNet vs. the same backbone with a plain linear head on
+CUB-200-2011 bounding-box crops.
+
+Both models start from the same ImageNet backbone (``$TORCH_HOME/hub/checkpoints``; ``--weights``
+sets that up from a folder of torchvision checkpoints), see the same images in the same split with
+the same online augmentation and the same decoded-picture cache, and follow the same schedule with
+the same optimiser settings as far as they apply:
+
+* **ProtoPNet** — ``protopnet.train.Trainer`` on the config, exactly what ``protopnet train CONFIG
+  data.root=DATA`` runs: warm-up (add-on + prototypes), joint (unfrozen backbone blocks + add-on +
+  prototypes), push, last layer.
+* **Linear baseline** — global average pooling + ``Linear(C, K)`` on the same backbone. Warm epochs
+  train the head alone (the warm add-on learning rate), joint epochs the unfrozen backbone blocks
+  (backbone learning rate) and the head (add-on learning rate, same StepLR), and where ProtoPNet
+  optimises its last layer the head gets the same number of passes at the last-layer learning rate
+  on the fixed pooled features. Cross-entropy only.
+
+Prints a markdown table (model | top-1 | top-5 | wall time) and writes the same numbers, with the
+settings, to a JSON file. Test accuracy is computed in float32 on each final model; the float32 vs
+bfloat16 inference accuracy of both is reported too.
+
+Full run (30 classes, 224 px, about 30 minutes on 2 CPU cores)::
+
+    python benchmarks/bench_cub.py --data ../shared/data/CUB_200_2011 --threads 2
+
+Smoke test (a minute)::
+
+    python benchmarks/bench_cub.py --data ../shared/data/CUB_200_2011 --classes 3 --epochs 2 --image-size 112 --out runs/bench_cub_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "cub200_mobilenet_v2.yaml"
+DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights"
+
+logger = logging.getLogger("bench_cub")
+
+
+# -- the baseline -------------------------------------------------------------------------------
+
+class BaselineOutput(NamedTuple):
+    logits: torch.Tensor  # (B, K)
+
+
+class LinearBaseline(nn.Module):
+    """The backbone, global average pooling and one linear layer: (B, 3, S, S) -> logits (B, K)."""
+
+    def __init__(self, backbone: str, num_classes: int, pretrained: bool) -> None:
+        super().__init__()
+        from protopnet.model.backbones import build_backbone
+
+        built = build_backbone(backbone, pretrained=pretrained)
+        self.features = built.module
+        self.head = nn.Linear(built.out_channels, num_classes)
+        self.mean, self.std, self.num_classes = built.mean, built.std, num_classes
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> BaselineOutput:
+        return BaselineOutput(self.head(self.pooled(x).float()))
+
+
+def _step_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7919 + 17) % (2**63 - 1)  # the Trainer's per-step seeds
+
+
+def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[LinearBaseline, list[dict[str, Any]]]:
+    """Train the linear baseline on ``data`` (a RunData) following ``config``'s schedule."""
+    from protopnet.runtime import autocast, memory_format, resolve_device
+    from protopnet.train.loader import IndexedSubset, make_loader
+    from protopnet.train.stages import backbone_blocks, plan_schedule
+
+    cfg, o = config, config.optim
+    device = resolve_device(cfg.run.device)
+    fmt = memory_format(cfg.run.channels_last)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = LinearBaseline(cfg.model.backbone, len(data.class_names), cfg.model.pretrained)
+    model.to(device)
+    if cfg.run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    features, head = list(model.features.parameters()), list(model.head.parameters())
+    optimizers = {
+        "warm": torch.optim.Adam([{"params": head, "lr": o.warm_add_on_lr, "weight_decay": o.weight_decay}]),
+        "joint": torch.optim.Adam([{"params": features, "lr": o.backbone_lr, "weight_decay": o.weight_decay},
+                                   {"params": head, "lr": o.add_on_lr, "weight_decay": o.weight_decay}]),
+        "last_layer": torch.optim.Adam([{"params": head, "lr": o.last_layer_lr}]),
+    }
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizers["joint"], step_size=cfg.schedule.joint_lr_step, gamma=cfg.schedule.joint_lr_gamma)
+    frozen = {id(p) for block in backbone_blocks(model.features)[: cfg.schedule.frozen_backbone_blocks] for p in block.parameters()}
+
+    def bar(description: str, total: int) -> Any:
+        return progress(description, total) if progress is not None else _NullBar()
+
+    metrics = []
+    for step in plan_schedule(cfg.schedule):
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"step": step.index, "stage": step.stage, "epoch": step.epoch}
+        with torch.random.fork_rng(devices=[]):
+            seed = _step_seed(cfg.run.seed, step.index)
+            torch.manual_seed(seed)
+            if step.stage in ("warm", "joint"):
+                for p in features:
+                    p.requires_grad_(step.stage == "joint" and id(p) not in frozen)
+                for p in head:
+                    p.requires_grad_(True)
+                model.train()
+                loader = make_loader(IndexedSubset(data.train, data.training_items), cfg.data.batch_size, shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed), num_workers=cfg.data.num_workers)
+                total = correct = 0
+                loss_sum = 0.0
+                with bar(f"baseline epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(loader)) as b:
+                    for batch in loader:
+                        if batch.images is None:
+                            b.update(1)
+                            continue
+                        images = batch.images.to(device).to(memory_format=fmt)
+                        labels = batch.labels.to(device)
+                        with autocast(device, cfg.run.precision):
+                            logits = model(images).logits
+                        loss = F.cross_entropy(logits.float(), labels)
+                        optimizers[step.stage].zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizers[step.stage].step()
+                        total += len(labels)
+                        correct += int((logits.argmax(1) == labels).sum())
+                        loss_sum += float(loss.detach()) * len(labels)
+                        b.update(1)
+                record.update(loss=loss_sum / max(total, 1), train_accuracy=correct / max(total, 1))
+                if step.stage == "joint":
+                    scheduler.step()
+            elif step.stage == "last_layer":
+                for p in features:
+                    p.requires_grad_(False)
+                model.eval()
+                pooled, labels = [], []
+                with torch.no_grad():
+                    for batch in make_loader(IndexedSubset(data.clean, data.train_indices, augment=False), cfg.data.push_batch_size):
+                        if batch.images is None:
+                            continue
+                        with autocast(device, cfg.run.precision):
+                            pooled.append(model.pooled(batch.images.to(device).to(memory_format=fmt)).float())
+                        labels.append(batch.labels.to(device))
+                x, y = torch.cat(pooled), torch.cat(labels)
+                generator = torch.Generator().manual_seed(seed)
+                with bar("baseline last layer", cfg.schedule.last_layer_iterations) as b:
+                    for _ in range(cfg.schedule.last_layer_iterations):
+                        correct = 0
+                        for chunk in torch.randperm(len(y), generator=generator).split(cfg.data.batch_size):
+                            logits = model.head(x[chunk])
+                            loss = F.cross_entropy(logits, y[chunk])
+                            optimizers["last_layer"].zero_grad(set_to_none=True)
+                            loss.backward()
+                            optimizers["last_layer"].step()
+                            correct += int((logits.argmax(1) == y[chunk]).sum())
+                        b.update(1)
+                record.update(train_accuracy=correct / max(len(y), 1))
+            elif step.stage != "push":  # push has no counterpart without prototypes
+                raise ValueError(f"the linear baseline has no counterpart of the {step.stage!r} stage; set it to 0 epochs")
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        metrics.append(record)
+        logger.info("baseline %s", record)
+    model.eval()
+    return model, metrics
+
+
+class _NullBar:
+    def __enter__(self) -> "_NullBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+def setup_torch_home(weights: Path | None, out: Path) -> str | None:
+    """Make torchvision find the checkpoints in ``weights`` (offline): link them into
+    ``$TORCH_HOME/hub/checkpoints``, creating ``out/torch_home`` when TORCH_HOME is unset."""
+    if weights is None or not weights.is_dir():
+        return os.environ.get("TORCH_HOME")
+    files = sorted(weights.glob("*.pth"))
+    home = Path(os.environ["TORCH_HOME"]) if os.environ.get("TORCH_HOME") else out / "torch_home"
+    target = home / "hub" / "checkpoints"
+    target.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        link = target / file.name
+        if not link.exists():
+            link.symlink_to(file.resolve())
+    os.environ["TORCH_HOME"] = str(home)
+    return str(home)
+
+
+def evaluate(model: Any, dataset: Any, config: Any, precision: str) -> dict[str, Any]:
+    from protopnet.train import accuracy_report, predict_logits
+
+    logits, labels, _ = predict_logits(model, dataset, batch_size=config.data.test_batch_size, precision=precision,
+                                       channels_last=config.run.channels_last and precision != "fp32", device="cpu")
+    report = accuracy_report(logits, labels, list(dataset.classes))
+    return {"n": report["n"], "top1": report["accuracy"], "top5": report["top5"]}
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:04.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="ProtoPNet vs. a linear head on the same backbone, CUB-200-2011 crops, on a CPU.",
+        epilog="example:\n  python benchmarks/bench_cub.py --data ../shared/data/CUB_200_2011 --threads 2\n"
+               "  python benchmarks/bench_cub.py --data ../shared/data/CUB_200_2011 --classes 3 --epochs 2 --image-size 112",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", required=True, help="a CUB-200-2011 directory (official layout, the 30-class slice, or 'protopnet data' output)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the ProtoPNet config (default: configs/cub200_mobilenet_v2.yaml)")
+    parser.add_argument("--out", default="runs/bench_cub", help="run directories, cache and JSON go here (default runs/bench_cub)")
+    parser.add_argument("--json", help="where to write the results (default: OUT/bench_cub.json)")
+    parser.add_argument("--classes", type=int, help="only the first K classes (smoke tests)")
+    parser.add_argument("--epochs", type=int, help="schedule.epochs (warm epochs capped at epochs - 1 so a joint epoch runs)")
+    parser.add_argument("--image-size", type=int, help="data.image_size (smoke tests; the result is at 224)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: the config's run.threads, else PyTorch's default)")
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="a folder of torchvision checkpoints linked into $TORCH_HOME (default ../shared/weights)")
+    parser.add_argument("--models", default="protopnet,baseline", help="which to train: protopnet, baseline or both (default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.precision=fp32")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    from protopnet.checkpoint import load_model
+    from protopnet.cli.common import progress_factory
+    from protopnet.config import load_config
+    from protopnet.data import build_dataset
+    from protopnet.train import Trainer, build_run_data
+    from protopnet.train.loop import backbone_normalisation
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - {"protopnet", "baseline"}:
+        sys.exit(f"bench_cub: --models must name protopnet and/or baseline, got {args.models!r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_home = setup_torch_home(Path(args.weights) if args.weights else None, out)
+
+    base = load_config(args.config)
+    overrides = [f"data.root={Path(args.data).resolve()}", f"output.dir={out / 'protopnet'}", f"data.cache_dir={out / 'cache'}"]
+    if args.image_size:
+        overrides.append(f"data.image_size={args.image_size}")
+    if args.epochs:
+        overrides += [f"schedule.epochs={args.epochs}", f"schedule.warm_epochs={min(base.schedule.warm_epochs, args.epochs - 1)}"]
+    if args.threads:
+        overrides.append(f"run.threads={args.threads}")
+    overrides += args.overrides
+    config = load_config(args.config, overrides)
+    if config.run.threads > 0:
+        torch.set_num_threads(config.run.threads)
+    progress = progress_factory(args.quiet)
+
+    dataset_kw: dict[str, Any] = {}
+    if args.classes:
+        names = build_dataset(config.data.root, split="train", image_size=config.data.image_size, crop=config.data.crop).classes
+        dataset_kw["classes"] = list(names[: args.classes])
+    t0 = time.perf_counter()
+    mean, std = backbone_normalisation(config)
+    data = build_run_data(config, mean, std, **dataset_kw)
+    data_seconds = time.perf_counter() - t0
+    n_train, n_test = len(data.training_items), len(data.test) if data.test is not None else 0
+    logger.info("data ready in %.1f s: %d classes, %d training / %d test images", data_seconds, len(data.class_names), n_train, n_test)
+
+    results: dict[str, Any] = {}
+    if "protopnet" in models:
+        run_dir = out / "protopnet"
+        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run directory
+        t0 = time.perf_counter()
+        trained = Trainer(config, run_dir, progress=progress, data=data).fit()
+        seconds = time.perf_counter() - t0
+        model = load_model(trained.model_dir, device="cpu")
+        results["protopnet"] = {
+            "label": f"ProtoPNet ({config.model.backbone}, {model.num_prototypes} prototypes)",
+            "test_fp32": {"n": trained.test["n"], "top1": trained.test["accuracy"], "top5": trained.test["top5"]},
+            "test_bf16": evaluate(model, data.test, config, "bf16"),
+            "seconds": seconds,
+            "steps": [{k: r[k] for k in ("stage", "epoch", "seconds") if k in r} for r in trained.metrics],
+            "model_dir": str(trained.model_dir),
+        }
+    if "baseline" in models:
+        t0 = time.perf_counter()
+        baseline, steps = train_baseline(config, data, progress)
+        fp32 = evaluate(baseline, data.test, config, "fp32")
+        seconds = time.perf_counter() - t0
+        results["baseline"] = {
+            "label": f"Linear head ({config.model.backbone}, GAP + Linear)",
+            "test_fp32": fp32,
+            "test_bf16": evaluate(baseline, data.test, config, "bf16"),
+            "seconds": seconds,
+            "steps": steps,
+        }
+
+    total = sum(r["seconds"] for r in results.values()) + data_seconds
+    lines = ["| model | top-1 | top-5 | wall time |", "|---|---:|---:|---:|"]
+    for r in results.values():
+        lines.append(f"| {r['label']} | {100 * r['test_fp32']['top1']:.1f} % | {100 * r['test_fp32']['top5']:.1f} % | {minutes(r['seconds'])} |")
+    targets: dict[str, Any] = {"total_seconds": round(total, 1), "total_within_30_min": total <= 1800}
+    notes = [
+        f"{len(data.class_names)} classes, {n_train} training / {n_test} test images, {config.data.image_size} px bounding-box crops; "
+        f"{torch.get_num_threads()} threads, precision {config.run.precision}{', channels_last' if config.run.channels_last else ''}; "
+        f"decoding + cache: {minutes(data_seconds)}; total: {minutes(total)}.",
+        "Test accuracy in float32; in bfloat16: " + ", ".join(f"{k} {100 * r['test_bf16']['top1']:.1f} %" for k, r in results.items()) + ".",
+    ]
+    if {"protopnet", "baseline"} <= results.keys():
+        gap = 100 * (results["protopnet"]["test_fp32"]["top1"] - results["baseline"]["test_fp32"]["top1"])
+        targets.update(protopnet_top1_at_least_80=results["protopnet"]["test_fp32"]["top1"] >= 0.80,
+                       gap_points=round(gap, 2), within_2_points_of_baseline=gap >= -2.0)
+        notes.append(f"ProtoPNet - baseline: {gap:+.1f} points.")
+    table = "\n".join(lines + [""] + notes)
+    print(table)
+    record = {
+        "config": str(args.config), "overrides": overrides, "data": str(Path(args.data).resolve()),
+        "classes": len(data.class_names), "train_images": n_train, "test_images": n_test,
+        "image_size": config.data.image_size, "threads": torch.get_num_threads(), "precision": config.run.precision,
+        "channels_last": config.run.channels_last, "data_seconds": round(data_seconds, 1), "results": results,
+        "targets": targets, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_home": torch_home, "table": table,
+    }
+    json_path = Path(args.json) if args.json else out / "bench_cub.json"
+    json_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    print(f"\nresults: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
