@@ -220,9 +220,17 @@ def test_fuzzed_model_json_loads_or_is_refused_in_one_line(model_dir, data):
     assert model.prototypes.shape == (6, 8, 1, 1)  # what loaded is what the tensors hold
 
 
-def test_a_malformed_ensemble_description_is_a_checkpoint_error(model_dir, tmp_path):
+def test_a_loader_meeting_a_malformed_field_raises_checkpoint_error(model_dir, tmp_path, monkeypatch):
+    from protopnet import checkpoint
+
+    monkeypatch.setitem(checkpoint.LOADERS, "robust-test", lambda directory, meta, device: meta["members"][0]["path"])
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model.json").write_text(json.dumps({"format": "protopnet-model", "version": 1, "kind": "robust-test", "members": 3}))
+    refused(odd, r"odd/model.json: malformed robust-test description \(TypeError")
+    # the ensemble loader, given an odd field
     ensemble = tmp_path / "ensemble"
     shutil.copytree(model_dir, ensemble / "members" / "0")
     meta = {"format": "protopnet-model", "version": 1, "kind": "ensemble", "members": ["members/0"], "image": [224]}
     (ensemble / "model.json").write_text(json.dumps(meta))
-    refused(ensemble, r"ensemble/model.json: malformed ensemble description \(AttributeError")
+    refused(ensemble, r"ensemble/model.json: ")
