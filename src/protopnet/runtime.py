@@ -4,9 +4,12 @@ PyTorch objects. Nothing here changes global state."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import ContextManager
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -25,6 +28,23 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {str(device)!r} asked for, but Apple MPS is not available here; use device=cpu or auto")
     return resolved
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The arithmetic a run uses on ``device`` for the configured ``precision``.
+
+    ``bf16`` on a CUDA GPU without bfloat16 (before Ampere) becomes ``fp16`` (the trainer then
+    scales the loss with a GradScaler); ``fp16`` on a CPU is refused (use bf16: CPUs with
+    AVX-512 BF16 or AMX run it natively). Everything else is returned unchanged.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("precision fp16 needs a GPU; on a CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("this GPU has no bfloat16: using fp16 autocast with loss scaling instead")
+        return "fp16"
+    return precision
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:

@@ -1,4 +1,33 @@
-"""protopnet train CONFIG.yaml [--out DIR] [--resume] [key=value ...]"""
+r"""protopnet train CONFIG.yaml [--out DIR] [--resume] [key=value ...]
+
+Several processes (DistributedDataParallel)
+-------------------------------------------
+``torchrun`` starts one process per GPU (or per CPU socket) and each joins the process group
+(NCCL on GPUs, gloo on CPUs)::
+
+    # one machine, N processes
+    torchrun --nproc_per_node=N -m protopnet train CONFIG.yaml --out runs/x
+
+    # several machines: the same command on each (HOST: one of them, reachable by all)
+    torchrun --nnodes=2 --nproc_per_node=8 \
+        --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=cub-run \
+        -m protopnet train CONFIG.yaml --out /shared/runs/x
+
+(``--standalone`` instead of the rendezvous options on one machine picks a free port.)
+
+What a single process would do is done, only split: every epoch has one seeded global batch
+order and each global batch of ``data.batch_size`` images is divided among the ranks (the loss of
+each rank weighted by its share, so the averaged gradient is the single-process gradient);
+validation, test evaluation, push and the last-layer stage's similarity vectors are sharded and
+gathered; push keeps the globally nearest patch (ties: the smaller dataset index). With a
+batch-independent backbone (no BatchNorm, e.g. ``tiny_cnn_gn``) the result equals the
+single-process run's up to float rounding; with BatchNorm each rank normalises with its own
+slice's statistics, as DistributedDataParallel usually does. Only rank 0 writes (checkpoints,
+model, metrics, results, the decoded-image cache, which it builds before the others read it);
+every rank reads the checkpoint on ``--resume`` and the cache, so on several machines ``--out``
+(and ``data.cache_dir``) must be on a filesystem they share. ``data.batch_size`` stays the global
+batch size: on N GPUs each processes about batch_size / N images per step.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ A registry maps a name to a builder returning a :class:`Backbone` — a module m
 
 Names: ``vgg11 vgg11_bn vgg13 vgg13_bn vgg16 vgg16_bn vgg19 vgg19_bn resnet18 resnet34 resnet50
 resnet101 resnet152 densenet121 densenet161 densenet169 densenet201 mobilenet_v2``, the
-from-scratch ``tiny_cnn`` used by the demo, and ``timm/<name>`` for any timm model (optional extra).
+from-scratch ``tiny_cnn`` used by the demo (and ``tiny_cnn_gn``, the same with GroupNorm), and
+``timm/<name>`` for any timm model (optional extra).
 Pretrained weights come through torchvision's own weights API (``IMAGENET1K_V1``), so a machine
 whose ``$TORCH_HOME/hub/checkpoints/`` holds the file loads it without a network.
 """
@@ -73,13 +74,21 @@ class TinyCNN(nn.Module):
     """A small from-scratch CNN (stride 8) for the offline demo: (B, 3, S, S) -> (B, 128, S/8, S/8).
 
     At 64 px its 8 x 8 map gives each latent cell an 8-pixel footprint, fine enough for part boxes.
+
+    ``norm``: ``batch`` (BatchNorm, the demo's) or ``group`` (GroupNorm with 8 groups: each image
+    is normalised on its own, so a batch split across processes computes exactly what one process
+    computes, and training and evaluation behave alike; SyncBatchNorm, the usual cure for
+    BatchNorm in DistributedDataParallel, needs GPUs).
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, norm: str = "batch") -> None:
         super().__init__()
+        if norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
 
         def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(min(8, cout), cout)
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), layer, nn.ReLU(inplace=True)]
 
         self.layers = nn.Sequential(
             *block(3, width, 1),
@@ -132,11 +141,16 @@ def _mobilenet_v2(pretrained: bool) -> Backbone:
     return Backbone(_torchvision_model("mobilenet_v2", pretrained).features, 1280, stride=32)
 
 
-def _tiny_cnn(pretrained: bool) -> Backbone:
-    if pretrained:
-        raise ValueError("backbone 'tiny_cnn' has no pretrained weights: use pretrained=False")
-    net = TinyCNN()
-    return Backbone(net, net.out_channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), stride=8)
+def _tiny_cnn(norm: str) -> Callable[[bool], Backbone]:
+    name = "tiny_cnn" if norm == "batch" else "tiny_cnn_gn"
+
+    def build(pretrained: bool) -> Backbone:
+        if pretrained:
+            raise ValueError(f"backbone {name!r} has no pretrained weights: use pretrained=False")
+        net = TinyCNN(norm=norm)
+        return Backbone(net, net.out_channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), stride=8)
+
+    return build
 
 
 BACKBONES: dict[str, Callable[[bool], Backbone]] = {
@@ -151,7 +165,8 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
     "densenet169": _densenet("densenet169", 1664),
     "densenet201": _densenet("densenet201", 1920),
     "mobilenet_v2": _mobilenet_v2,
-    "tiny_cnn": _tiny_cnn,
+    "tiny_cnn": _tiny_cnn("batch"),
+    "tiny_cnn_gn": _tiny_cnn("group"),
 }
 
 

@@ -55,7 +55,7 @@ from ..checkpoint import (
 from ..config import Config
 from ..losses import LossCoefficients, protopnet_loss
 from ..model.protopnet import ProtoPNet
-from ..runtime import autocast, memory_format, resolve_device
+from ..runtime import autocast, memory_format, resolve_device, resolve_precision
 from .evaluate import accuracy_report, predict_logits
 from .last_layer import collect_similarities, optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
@@ -229,6 +229,7 @@ class Trainer:
         self.out_dir = Path(out_dir or config.output.dir)
         self.progress = progress
         self.device = resolve_device(config.run.device)
+        self.precision = resolve_precision(self.device, config.run.precision)  # bf16 -> fp16 on old GPUs
         self.is_main = _rank() == 0
         self.plan = plan_schedule(config.schedule)
         mean, std = backbone_normalisation(config)
@@ -251,7 +252,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizers["joint"], step_size=config.schedule.joint_lr_step, gamma=config.schedule.joint_lr_gamma
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.run.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.coefficients = LossCoefficients(**{k: getattr(config.loss, k) for k in ("ce", "cluster", "separation", "l1")})
         self.metrics: list[dict[str, Any]] = []
         self.best_val = -1.0
@@ -372,7 +373,7 @@ class Trainer:
                     share = torch.zeros(1, device=self.device)
                 images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
                 labels = batch.labels.to(self.device, non_blocking=True)
-                with autocast(self.device, cfg.run.precision):
+                with autocast(self.device, self.precision):
                     out = forward(images)
                 if step.stage == "pretrain":
                     loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
@@ -413,7 +414,7 @@ class Trainer:
         with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} push", len(self.data.train_indices)) as bar:
             provenance = push_prototypes(
                 self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
-                device=self.device, num_workers=cfg.data.num_workers, precision=cfg.run.precision,
+                device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
                 channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
                 progress=lambda n: (bar.update(n), fault_point("push")), bad_images=self.bad_images,
             )
@@ -426,7 +427,7 @@ class Trainer:
         set_trainable(self.model, "last_layer")
         sims, labels, _ = collect_similarities(
             self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
-            device=self.device, num_workers=cfg.data.num_workers, precision=cfg.run.precision,
+            device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
             channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
             bad_images=self.bad_images,
         )
@@ -444,7 +445,7 @@ class Trainer:
             return None
         logits, labels, _ = predict_logits(
             self.model, self.data.clean, indices=self.data.val_indices, batch_size=self.config.data.test_batch_size,
-            device=self.device, num_workers=self.config.data.num_workers, precision=self.config.run.precision,
+            device=self.device, num_workers=self.config.data.num_workers, precision=self.precision,
             channels_last=self.config.run.channels_last, sampler=self._sampler(self.data.val_indices, False, 0),
             bad_images=self.bad_images,
         )

@@ -1,0 +1,221 @@
+"""DistributedDataParallel on CPU: ``torchrun --nproc_per_node=2 -m protopnet train`` (gloo) must
+train the model a single process trains on the same data and seed.
+
+Each test trains the same tiny config twice — once in this process, once as two torchrun ranks —
+and compares what the two runs leave on disk: the pushed prototypes' provenance (dataset index and
+patch position) exactly, the weights within float tolerance, the metrics of every step and the final
+validation and test accuracy. The backbone is ``tiny_cnn_gn`` (GroupNorm: per-image statistics; with
+BatchNorm every rank would normalise with the statistics of its own slice of the batch, and
+SyncBatchNorm needs GPUs). Rank 1 runs under an audit hook that records every write it makes inside
+the run directory: it must make none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from protopnet.config import load_config
+from protopnet.train import train
+
+from conftest import ColourDataset
+
+# Installed in the torchrun ranks through PYTHONPATH: on ranks other than 0 it records each write
+# (open for writing, mkdir, rename, remove) under PROTOPNET_TEST_WATCH into PROTOPNET_TEST_AUDIT.
+SITECUSTOMIZE = textwrap.dedent(
+    '''
+    import atexit, os, sys
+    _watch = os.environ.get("PROTOPNET_TEST_WATCH")
+    _log = os.environ.get("PROTOPNET_TEST_AUDIT")
+    if _watch and _log and os.environ.get("RANK", "0") != "0":
+        _watch = os.path.realpath(_watch)
+        _seen, _busy = [], [False]
+        _write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+        def _inside(path):
+            if isinstance(path, bytes):
+                path = os.fsdecode(path)
+            if not isinstance(path, str):
+                return False
+            return os.path.realpath(path).startswith(_watch)
+
+        def _hook(event, args):
+            if _busy[0]:
+                return
+            if event == "open":
+                path, mode, flags = args
+                writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                    isinstance(flags, int) and flags & _write_flags)
+                if writes and _inside(path):
+                    _seen.append(f"open {path} {mode} {flags}")
+            elif event == "os.mkdir":
+                if _inside(args[0]) and not os.path.exists(args[0]):  # exist_ok=True tries anyway
+                    _seen.append(f"{event} {args[0]}")
+            elif event in ("os.remove", "os.rmdir", "os.truncate", "shutil.rmtree"):
+                if _inside(args[0]):
+                    _seen.append(f"{event} {args[0]}")
+            elif event == "os.rename":
+                if _inside(args[0]) or _inside(args[1]):
+                    _seen.append(f"{event} {args[0]} -> {args[1]}")
+
+        def _dump():
+            _busy[0] = True
+            with open(_log + "." + os.environ["RANK"], "w") as handle:
+                handle.write("\\n".join(_seen))
+
+        sys.addaudithook(_hook)
+        atexit.register(_dump)
+    '''
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).parent / "torchrun"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _config_text(root: str, tmp_path: Path, **data: object) -> str:
+    config = {
+        "model": {"backbone": "tiny_cnn_gn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 16},
+        "data": {
+            "root": root, "image_size": 32, "augment": False, "val_fraction": 0.2, "batch_size": 8,
+            "test_batch_size": 7, "push_batch_size": 5, "synthetic_classes": 3, "synthetic_train_per_class": 7,
+            "synthetic_test_per_class": 4, **data,
+        },
+        # warm-up, joint (the backbone's gradients must be synchronised too), push, last layer,
+        # joint again, push, last layer
+        "schedule": {"epochs": 3, "warm_epochs": 1, "push_start": 1, "push_every": 1, "push_at_end": True, "last_layer_iterations": 3},
+        "run": {"seed": 3, "device": "cpu", "threads": 1},
+        "output": {"dir": str(tmp_path / "unused")},
+    }
+    return json.dumps(config)  # JSON is YAML
+
+
+def _train_both(tmp_path: Path, config_text: str) -> tuple[Path, Path, list[str]]:
+    """Train the config with torchrun (2 ranks) and, meanwhile, in this process."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    audit = tmp_path / "audit.log"
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PROTOPNET_TEST_WATCH=str(ddp), PROTOPNET_TEST_AUDIT=str(audit), OMP_NUM_THREADS="1",
+    )
+    command = [*_torchrun(), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "protopnet", "-q",
+               "train", str(path), "--out", str(ddp)]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as ranks:
+        try:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                train(load_config(path), single)
+            finally:
+                torch.set_num_threads(threads)
+            stdout, stderr = ranks.communicate(timeout=300)
+        finally:
+            if ranks.poll() is None:
+                ranks.kill()
+    assert ranks.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])  # rank 0 prints one summary line
+    assert summary["model"] == str(ddp / "model")
+    log = Path(f"{audit}.1")
+    assert log.exists(), "the audit hook did not run on rank 1"
+    writes = [line for line in log.read_text().splitlines() if line]
+    return single, ddp, writes
+
+
+def _assert_same_run(single: Path, ddp: Path) -> None:
+    # the files: rank 0 writes what a single process writes
+    def listing(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if "cache" not in p.parts}
+
+    assert listing(ddp) == listing(single)
+
+    a, b = load_file(str(single / "model" / "model.safetensors")), load_file(str(ddp / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        # Float noise only: the ranks sum in another order, and Adam turns a near-zero gradient
+        # of either sign into a step of +-lr, so a few coordinates may differ by about lr.
+        x, y = a[key].float(), b[key].float()
+        assert float((x - y).abs().max()) <= 5e-4, (key, float((x - y).abs().max()))
+        assert float((x - y).norm()) <= 1e-3 * max(float(x.norm()), 1e-6), (key, float((x - y).norm()), float(x.norm()))
+
+    ma, mb = json.loads((single / "model" / "model.json").read_text()), json.loads((ddp / "model" / "model.json").read_text())
+    prov_a = [(p["prototype"], p["dataset_index"], p["position"], p["path"]) for p in ma["provenance"]]
+    prov_b = [(p["prototype"], p["dataset_index"], p["position"], p["path"]) for p in mb["provenance"]]
+    assert prov_a == prov_b
+    for p, q in zip(ma["provenance"], mb["provenance"]):
+        assert math.isclose(p["distance"], q["distance"], rel_tol=1e-3, abs_tol=2e-3)
+        assert p["box"] == q["box"]
+
+    ra, rb = json.loads((single / "results.json").read_text()), json.loads((ddp / "results.json").read_text())
+    assert ra["selected_step"] == rb["selected_step"]
+    assert ra["bad_images"] == rb["bad_images"]
+    for split in ("validation", "test"):
+        assert ra[split]["n"] == rb[split]["n"]
+        assert ra[split]["accuracy"] == rb[split]["accuracy"]
+        assert ra[split]["per_class"] == rb[split]["per_class"]
+
+    steps_a = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    steps_b = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert [(s["stage"], s["epoch"]) for s in steps_a] == [(s["stage"], s["epoch"]) for s in steps_b]
+    assert [s["stage"] for s in steps_a].count("push") == 2
+    # losses, accuracies, push distances: equal up to the float noise Adam amplifies over the steps
+    for sa, sb in zip(steps_a, steps_b):
+        assert sa.keys() == sb.keys()
+        assert sa["val_accuracy"] == sb["val_accuracy"]
+        for key, value in sa.items():
+            if isinstance(value, float) and key != "seconds":
+                assert math.isclose(value, sb[key], rel_tol=1e-3, abs_tol=2e-3), (sa["step"], key, value, sb[key])
+
+
+def test_torchrun_two_ranks_train_what_one_process_trains(tmp_path):
+    """Synthetic data through the decoded-image cache; 17 training images in batches of 8 (the last
+    global batch has one image: rank 1 gets an empty slice and must still join the all-reduce)."""
+    single, ddp, writes = _train_both(tmp_path, _config_text("synthetic", tmp_path, cache=True, cache_dir=None))
+    assert writes == [], f"rank 1 wrote into the run directory: {writes[:5]}"
+    assert (ddp / "cache").is_dir()  # rank 0 built it, rank 1 read it
+    _assert_same_run(single, ddp)
+
+
+def test_unreadable_images_on_one_rank_do_not_change_the_update(tmp_path):
+    """An ImageFolder tree with unreadable files, batches of 2: when one rank's image is
+    unreadable, the other rank's image is the whole batch (its loss weight doubles) and the first
+    runs a zero-weight stand-in. Every rank learns of every bad file; rank 0 lists them all."""
+    root = tmp_path / "images"
+    source = ColourDataset(num_classes=3, per_class=7, image_size=32, seed=5)
+    for split, picks in (("train", range(0, 21)), ("test", range(0, 21, 2))):
+        for index in picks:
+            folder = root / split / source.classes[source.targets[index]]
+            folder.mkdir(parents=True, exist_ok=True)
+            source.load_image(index).save(folder / f"{index:03d}.png")
+    for name in ("train/colour_0/bad.png", "train/colour_1/bad.png", "train/colour_2/bad.png", "test/colour_1/bad.png"):
+        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+    text = _config_text(str(root), tmp_path, batch_size=2, val_fraction=0.15)
+    single, ddp, writes = _train_both(tmp_path, text)
+    assert writes == [], f"rank 1 wrote into the run directory: {writes[:5]}"
+    _assert_same_run(single, ddp)
+    listed = (ddp / "bad_images.txt").read_text()
+    assert listed == (single / "bad_images.txt").read_text()
+    assert len(listed.splitlines()) == 4 and all(line.split("\t")[0].endswith("bad.png") for line in listed.splitlines())

@@ -1,0 +1,130 @@
+"""bf16 autocast and channels_last on the CPU: every stage runs under them (the backbone really
+computes in bfloat16 on channels_last tensors), the prototype distances stay float32, and what the
+stages compute stays close to float32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from protopnet.config import Config
+from protopnet.runtime import autocast, resolve_precision
+from protopnet.train import RunData, Trainer
+from protopnet.train.evaluate import predict_logits
+from protopnet.train.last_layer import collect_similarities
+from protopnet.train.push import push_prototypes
+
+from conftest import ColourDataset, tiny_model
+
+
+def _config(tmp_path, precision: str, channels_last: bool) -> Config:
+    return Config.from_dict(
+        {
+            "model": {"backbone": "tiny_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8},
+            "data": {"image_size": 32, "batch_size": 6, "test_batch_size": 8, "push_batch_size": 5, "augment": False},
+            "schedule": {"epochs": 2, "warm_epochs": 1, "push_start": 1, "push_every": 1, "last_layer_iterations": 2},
+            "run": {"seed": 1, "device": "cpu", "precision": precision, "channels_last": channels_last},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+
+
+def _data() -> RunData:
+    train = ColourDataset(num_classes=3, per_class=6, seed=0)
+    test = ColourDataset(num_classes=3, per_class=2, seed=1)
+    return RunData(train, train, test, [i for i in range(len(train)) if i % 6], [0, 6, 12])
+
+
+def _record_first_conv(model) -> list[tuple[torch.dtype, bool, bool]]:
+    """(output dtype, input channels_last, grad enabled) of every call of the first convolution."""
+    calls = []
+    conv = next(m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(
+        lambda module, args, out: calls.append((out.dtype, args[0].is_contiguous(memory_format=torch.channels_last), torch.is_grad_enabled()))
+    )
+    return calls
+
+
+def test_a_whole_run_in_bf16_and_channels_last_runs_every_stage_that_way(tmp_path):
+    trainer = Trainer(_config(tmp_path, "bf16", True), data=_data())
+    calls = _record_first_conv(trainer.model)
+    result = trainer.fit()
+    stages = [r["stage"] for r in result.metrics]
+    assert stages == ["warm", "joint", "push", "last_layer"]
+    # training (grad enabled) and push / last-layer / validation passes (no grad): all bf16 on channels_last
+    assert {c[2] for c in calls} == {True, False}
+    assert all(dtype == torch.bfloat16 and channels_last for dtype, channels_last, _ in calls), set(calls)
+    assert trainer.model.features.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for record in result.metrics:
+        for key, value in record.items():
+            if isinstance(value, float):
+                assert math.isfinite(value), (record["stage"], key)
+    assert 0 <= result.test["accuracy"] <= 1 and result.test["n"] == 6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_distances_stay_float32_and_outputs_stay_close_to_fp32(channels_last):
+    model = tiny_model(num_classes=3, prototypes_per_class=2, prototype_dim=8).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        with autocast(torch.device("cpu"), "bf16"):
+            z = model.latent(x.to(memory_format=torch.channels_last) if channels_last else x)
+            out = model(x)
+    assert z.dtype == torch.bfloat16  # the backbone and add-on really ran in bf16
+    assert out.distances.dtype == torch.float32 and out.min_distances.dtype == torch.float32
+    assert out.similarities.dtype == torch.float32
+    scale = float(reference.distances.abs().max())
+    assert float((out.distances - reference.distances).abs().max()) <= 0.03 * scale
+    assert float((out.logits.float() - reference.logits).abs().max()) <= 0.05 * float(reference.logits.abs().max())
+
+
+def test_each_stage_in_bf16_channels_last_matches_fp32():
+    """Push (from random prototypes), then the similarities, logits and last-layer inputs of other
+    images: bf16 + channels_last against fp32. (On a prototype's own source patch the distance is
+    ~0, where the log activation turns bf16's rounding of the latent into a large change of
+    similarity; other images are what the comparison is about.)"""
+    data = ColourDataset(num_classes=3, per_class=5, seed=2)
+    other = ColourDataset(num_classes=3, per_class=3, seed=7)
+    model = tiny_model(num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    fast = tiny_model(num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    fast.load_state_dict(model.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    fast_calls = _record_first_conv(fast)
+    options = dict(precision="bf16", channels_last=True)
+
+    pushed = push_prototypes(model, data, batch_size=7)
+    pushed_bf16 = push_prototypes(fast, data, batch_size=7, **options)
+    assert fast.prototypes.dtype == torch.float32
+    same = sum(p["dataset_index"] == q["dataset_index"] and p["position"] == q["position"] for p, q in zip(pushed, pushed_bf16))
+    assert same >= len(pushed) - 1  # a near tie may go either way in bf16
+    for p, q in zip(pushed, pushed_bf16):
+        assert math.isclose(p["distance"], q["distance"], rel_tol=0.05, abs_tol=0.02)
+
+    logits, labels, _ = predict_logits(model, other, batch_size=7)
+    logits_bf16, labels_bf16, _ = predict_logits(fast, other, batch_size=7, **options)
+    assert torch.equal(labels, labels_bf16)
+    assert float((logits - logits_bf16).abs().max()) <= 0.08 * float(logits.abs().max())
+
+    sims, _, _ = collect_similarities(model, other, batch_size=7)
+    sims_bf16, _, _ = collect_similarities(fast, other, batch_size=7, **options)
+    assert sims_bf16.dtype == torch.float32
+    assert float((sims - sims_bf16).abs().max()) <= 0.05 * float(sims.abs().max())
+    assert fast_calls and all(dtype == torch.bfloat16 and cl for dtype, cl, _ in fast_calls)
+
+
+def test_bf16_on_a_gpu_without_bf16_falls_back_to_fp16(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision(torch.device("cuda"), "bf16") == "fp16"
+    assert "fp16" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision(torch.device("cuda"), "bf16") == "bf16"
+    assert resolve_precision(torch.device("cpu"), "bf16") == "bf16"
+    assert resolve_precision(torch.device("cpu"), "fp32") == "fp32"
+    with pytest.raises(ValueError, match="GPU"):
+        resolve_precision(torch.device("cpu"), "fp16")
