@@ -74,7 +74,7 @@ def test_the_cpu_config_freezes_its_first_blocks_and_trains_the_rest():
     c = load_config(CONFIGS / "cub200_mobilenet_v2.yaml", ["model.pretrained=false"])
     assert (c.model.backbone, c.data.image_size, c.model.prototypes_per_class, c.model.prototype_dim) == ("mobilenet_v2", 224, 10, 128)
     assert (c.run.precision, c.run.channels_last, c.data.cache, c.data.augment) == ("bf16", True, True, True)
-    assert c.schedule.frozen_backbone_blocks == 14
+    assert c.schedule.frozen_backbone_blocks == 7
     plan = plan_schedule(c.schedule)
     assert [st.stage for st in plan[-2:]] == ["push", "last_layer"] and sum(st.stage == "push" for st in plan) == 1
     torch.manual_seed(0)
@@ -82,14 +82,14 @@ def test_the_cpu_config_freezes_its_first_blocks_and_trains_the_rest():
     blocks = backbone_blocks(model.features)
     assert len(blocks) == 19  # MobileNetV2's features
     set_trainable(model, "joint", c.schedule.frozen_backbone_blocks)
-    assert not any(p.requires_grad for b in blocks[:14] for p in b.parameters())
-    assert all(p.requires_grad for b in blocks[14:] for p in b.parameters())
+    assert not any(p.requires_grad for b in blocks[:7] for p in b.parameters())
+    assert all(p.requires_grad for b in blocks[7:] for p in b.parameters())
     assert all(p.requires_grad for p in model.add_on.parameters()) and model.prototypes.requires_grad
     assert not model.last_layer.weight.requires_grad
     out = model(torch.randn(2, 3, 64, 64))
     out.logits.sum().backward()
-    assert all(p.grad is None for b in blocks[:14] for p in b.parameters())
-    assert all(p.grad is not None for p in blocks[18].parameters())
+    assert all(p.grad is None for b in blocks[:7] for p in b.parameters())
+    assert all(p.grad is not None for b in blocks[7:] for p in b.parameters())
     set_trainable(model, "warm", 14)
     assert not any(p.requires_grad for p in model.features.parameters())
     with pytest.raises(ValueError, match="frozen_blocks"):
@@ -115,3 +115,62 @@ def test_the_cpu_config_loads_the_shared_imagenet_weights_offline(torch_home, mo
     reference = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").features
     assert torch.equal(model.features[0][0].weight, reference[0][0].weight)
     assert not torch.equal(model.features[0][0].weight, torchvision.models.mobilenet_v2().features[0][0].weight)
+
+
+def _bench_module():
+    import importlib.util
+
+    path = CONFIGS.parent / "benchmarks" / "bench_cub.py"
+    spec = importlib.util.spec_from_file_location("bench_cub", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_cub_trains_both_models_and_writes_table_and_json(tmp_path, capsys):
+    import json
+
+    from test_prepare import make_cub
+
+    bench = _bench_module()
+    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=2)
+    out = tmp_path / "bench"
+    tiny = ["model.backbone=tiny_cnn", "model.pretrained=false", "model.prototypes_per_class=2", "model.prototype_dim=8",
+            "data.batch_size=4", "schedule.last_layer_iterations=2", "output.save_prototype_images=false"]
+    assert bench.main(["--data", str(src), "--out", str(out), "--epochs", "2", "--image-size", "32", "--threads", "1",
+                       "--weights", "", "--quiet", *tiny]) == 0
+    table = capsys.readouterr().out
+    assert "| model | top-1 | top-5 | wall time |" in table and "ProtoPNet (tiny_cnn, 6 prototypes)" in table and "Linear head" in table
+    record = json.loads((out / "bench_cub.json").read_text())
+    assert (record["classes"], record["train_images"], record["test_images"], record["image_size"]) == (3, 12, 6, 32)
+    for name in ("protopnet", "baseline"):
+        result = record["results"][name]
+        assert result["test_fp32"]["n"] == 6 and 0 <= result["test_fp32"]["top1"] <= result["test_fp32"]["top5"] <= 1
+        assert [s["stage"] for s in result["steps"]] == ["warm", "joint", "push", "last_layer"]
+    assert record["targets"]["gap_points"] == pytest.approx(
+        100 * (record["results"]["protopnet"]["test_fp32"]["top1"] - record["results"]["baseline"]["test_fp32"]["top1"]), abs=0.01)
+    assert (out / "protopnet" / "results.json").is_file() and (out / "cache").is_dir()
+
+
+def test_bench_baseline_follows_the_schedule_and_keeps_frozen_blocks(tmp_path):
+    from test_prepare import make_cub
+
+    from protopnet.train import build_run_data
+    from protopnet.train.loop import backbone_normalisation
+
+    bench = _bench_module()
+    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
+    config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn", "model.pretrained=false", "data.image_size=32",
+                                "data.batch_size=4", "schedule.epochs=3", "schedule.warm_epochs=1", "schedule.push_start=3",
+                                "schedule.last_layer_iterations=2", "schedule.frozen_backbone_blocks=4", "run.device=cpu",
+                                f"output.dir={tmp_path / 'run'}"])
+    data = build_run_data(config, *backbone_normalisation(config))
+    torch.manual_seed(config.run.seed)
+    initial = bench.LinearBaseline("tiny_cnn", 3, pretrained=False)  # the same init train_baseline makes
+    model, steps = bench.train_baseline(config, data)
+    assert [s["stage"] for s in steps] == ["warm", "joint", "joint", "push", "last_layer"]
+    before, after = backbone_blocks(initial.features), backbone_blocks(model.features)
+    conv = [i for i, b in enumerate(after) if isinstance(b, torch.nn.Conv2d)]
+    assert all(torch.equal(before[i].weight, after[i].weight) for i in conv if i < 4)  # frozen blocks untouched
+    assert any(not torch.equal(before[i].weight, after[i].weight) for i in conv if i >= 4)  # the rest trained
+    assert not torch.equal(initial.head.weight, model.head.weight)
