@@ -21,7 +21,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "analyze",
         help="Prototype gallery: each prototype's nearest patches in the train and test data and their class purity (HTML report)",
-        example="protopnet analyze runs/cub/model --data data/CUB_200_2011 --out runs/cub/analysis --k 5",
+        example="protopnet analyze demo-out/model --data synthetic --out demo-out/analysis --k 5",
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="a model directory")
     parser.add_argument("--data", required=True, help=DATA_HELP)

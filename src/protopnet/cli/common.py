@@ -20,7 +20,7 @@ def add_parser(subparsers: Any, name: str, help: str, example: str) -> argparse.
         name,
         help=help,
         description=help,
-        epilog=f"example:\n  {example}",
+        epilog=f"example (after `protopnet demo --out demo-out`):\n  {example}" if "demo-out/" in example else f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 

@@ -18,7 +18,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "edit",
         help="Remove, relabel or replace prototypes, re-fit the last layer and report the accuracy change",
-        example="protopnet edit runs/cub/model --remove 3,17 --relabel 5:2 --replace 4:photos/bird.jpg:40,52,88,96 --data data/CUB_200_2011 --out runs/cub/edited",
+        example="protopnet edit demo-out/model --remove 3,17 --relabel 5:2 --data synthetic --out demo-out/edited",
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="a model directory")
     parser.add_argument("--remove", action="append", default=[], metavar="J[,J...]", help="prototype indices to remove (repeatable)")

@@ -14,7 +14,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "ensemble",
         help="Combine several trained models into one ensemble model directory (logits summed)",
-        example="protopnet ensemble runs/vgg19/model runs/resnet34/model runs/densenet121/model --out runs/ensemble",
+        example="protopnet ensemble demo-out/model demo-out/edited --out demo-out/ensemble",
     )
     parser.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model directories sharing the same classes")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the ensemble (members are copied into DIR/members/<i>/)")

@@ -17,7 +17,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "evaluate",
         "Top-1, top-5 and per-class accuracy of a trained model on a dataset's test split.",
-        "protopnet evaluate runs/demo/model --data synthetic --json runs/demo/eval.json",
+        "protopnet evaluate demo-out/model --data synthetic --json demo-out/eval.json",
     )
     parser.add_argument("model", help="a model directory (written by train, push, prune, edit or ensemble)")
     parser.add_argument("--data", required=True, help=DATA_HELP)

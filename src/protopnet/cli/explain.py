@@ -28,7 +28,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "explain",
         help="Explain the classification of images: score sheets (this part looks like that prototype), as an HTML report and JSON",
-        example="protopnet explain runs/cub/model bird1.jpg bird2.jpg --out explanations/ --top-classes 3",
+        example="protopnet explain demo-out/model demo-out/samples/red_circle.png demo-out/samples/green_square.png --out demo-out/explained --top-classes 3",
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="a model (or ensemble) directory")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files to explain")

@@ -20,7 +20,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "export",
         help="Export a model to ONNX or TorchScript (logits, similarities and distance maps; dynamic batch)",
-        example="protopnet export runs/cub/model --format onnx --out cub.onnx",
+        example="protopnet export demo-out/model --format onnx --out demo-out/model.onnx",
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="a model directory (a single model or an ensemble)")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format (default onnx)")

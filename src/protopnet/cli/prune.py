@@ -18,7 +18,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "prune",
         help="Prune prototypes whose k nearest training patches hold fewer than THRESHOLD of their own class",
-        example="protopnet prune runs/cub/model --data data/CUB_200_2011 --k 6 --threshold 3 --out runs/cub/pruned",
+        example="protopnet prune demo-out/model --data synthetic --k 6 --threshold 3 --out demo-out/pruned",
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="a model directory")
     parser.add_argument("--data", required=True, help=DATA_HELP)

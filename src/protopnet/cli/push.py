@@ -14,7 +14,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "push",
         "Project every prototype onto its nearest training patch of its own class (paper 2.2) and save the result as a new model.",
-        "protopnet push runs/demo/model --data synthetic --out runs/demo/pushed",
+        "protopnet push demo-out/model --data synthetic --out demo-out/pushed",
     )
     parser.add_argument("model", help="a model directory")
     parser.add_argument("--data", required=True, help=DATA_HELP + " (its training split is pushed onto)")

@@ -49,7 +49,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers,
         "train",
         "Train a ProtoPNet: warm-up, joint, push and last-layer stages as the config schedules them.",
-        "protopnet train configs/demo.yaml --out runs/demo schedule.epochs=12",
+        "protopnet train configs/demo.yaml --out runs/demo schedule.epochs=4",
     )
     parser.add_argument("config", help="a YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. schedule.epochs=3 data.root=/data/CUB_200_2011")

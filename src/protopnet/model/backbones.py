@@ -74,6 +74,9 @@ class TinyCNN(nn.Module):
     """A small from-scratch CNN (stride 8) for the offline demo: (B, 3, S, S) -> (B, 128, S/8, S/8).
 
     At 64 px its 8 x 8 map gives each latent cell an 8-pixel footprint, fine enough for part boxes.
+    Its receptive field is 21 pixels (five 3x3 convolutions, three of stride 2, then a 1x1), so a
+    latent cell describes a part-sized neighbourhood rather than most of the image: a prototype
+    that matches a cell matches what is *there*, and its activation peaks on the part itself.
 
     ``norm``: ``batch`` (BatchNorm, the demo's) or ``group`` (GroupNorm with 8 groups: each image
     is normalised on its own, so a batch split across processes computes exactly what one process
@@ -86,19 +89,19 @@ class TinyCNN(nn.Module):
         if norm not in ("batch", "group"):
             raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
 
-        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        def block(cin: int, cout: int, stride: int, kernel: int = 3) -> list[nn.Module]:
             layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(min(8, cout), cout)
-            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), layer, nn.ReLU(inplace=True)]
+            return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), layer, nn.ReLU(inplace=True)]
 
         self.layers = nn.Sequential(
-            *block(3, width, 1),
-            *block(width, width, 2),
-            *block(width, 2 * width, 1),
-            *block(2 * width, 2 * width, 2),
-            *block(2 * width, 4 * width, 1),
-            *block(4 * width, 4 * width, 2),
-            *block(4 * width, 4 * width, 1),
+            *block(3, width, 1),  # receptive field 3
+            *block(width, width, 2),  # 5
+            *block(width, 2 * width, 1),  # 9
+            *block(2 * width, 2 * width, 2),  # 13
+            *block(2 * width, 4 * width, 2),  # 21
+            *block(4 * width, 4 * width, 1, kernel=1),  # 21
         )
+        self.receptive_field = 21
         self.out_channels = 4 * width
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
