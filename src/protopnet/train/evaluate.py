@@ -6,10 +6,9 @@ import logging
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
-from ..runtime import autocast, memory_format, resolve_device
-from .loader import BadImageLog, IndexedSubset, make_loader
+from ..runtime import autocast, resolve_device
+from .loader import BadImageLog, gather_by_index, stream_batches
 
 logger = logging.getLogger(__name__)
 
@@ -38,39 +37,23 @@ def predict_logits(
     device = resolve_device(device if device is not None else next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
-    fmt = memory_format(channels_last)
     all_logits, all_labels, all_indices = [], [], []
-    for batch in loader:
-        if bad_images is not None:
-            bad_images.add(batch.bad)
-        if batch.images is None:
-            continue
+    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
+                             sampler=sampler, channels_last=channels_last, bad_images=bad_images)
+    for images, labels, idx in batches:
         with autocast(device, precision):
-            logits = model(batch.images.to(device, non_blocking=True).to(memory_format=fmt)).logits
+            logits = model(images).logits
         all_logits.append(logits.float().cpu())
-        all_labels.append(batch.labels)
-        all_indices.append(batch.indices)
+        all_labels.append(labels)
+        all_indices.append(idx)
         if progress is not None:
-            progress(len(batch.indices))
+            progress(len(idx))
     model.train(was_training)
     k = getattr(model, "num_classes", 0)
     logits = torch.cat(all_logits) if all_logits else torch.zeros(0, k)
     labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long)
     idx = torch.cat(all_indices) if all_indices else torch.zeros(0, dtype=torch.long)
-    if sampler is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (logits, labels, idx))
-        logits = torch.cat([g[0] for g in gathered])
-        labels = torch.cat([g[1] for g in gathered])
-        idx = torch.cat([g[2] for g in gathered])
-        # A DistributedSampler pads with repeated items: keep each dataset index once.
-        order = torch.argsort(idx, stable=True)
-        logits, labels, idx = logits[order], labels[order], idx[order]
-        keep = torch.ones_like(idx, dtype=torch.bool)
-        keep[1:] = idx[1:] != idx[:-1]
-        logits, labels, idx = logits[keep], labels[keep], idx[keep]
-    return logits, labels, idx
+    return gather_by_index(logits, labels, idx, sharded=sampler is not None)
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:

@@ -14,12 +14,11 @@ import logging
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..losses import l1_wrong_class
-from ..runtime import autocast, memory_format, resolve_device
-from .loader import BadImageLog, IndexedSubset, make_loader
+from ..runtime import autocast, resolve_device
+from .loader import BadImageLog, IndexedSubset, gather_by_index, stream_batches
 
 logger = logging.getLogger(__name__)
 
@@ -47,32 +46,20 @@ def collect_similarities(
     device = resolve_device(device if device is not None else next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
-    fmt = memory_format(channels_last)
     sims, labels, idx = [], [], []
-    for batch in loader:
-        if bad_images is not None:
-            bad_images.add(batch.bad)
-        if batch.images is None:
-            continue
+    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
+                             sampler=sampler, channels_last=channels_last, bad_images=bad_images)
+    for images, y, i in batches:
         with autocast(device, precision):
-            z = model.latent(batch.images.to(device, non_blocking=True).to(memory_format=fmt))
+            z = model.latent(images)
         sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
-        labels.append(batch.labels)
-        idx.append(batch.indices)
+        labels.append(y)
+        idx.append(i)
     model.train(was_training)
     s = torch.cat(sims) if sims else torch.zeros(0, model.num_prototypes)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     i = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-    if sampler is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (s, y, i))
-        s, y, i = (torch.cat([g[n] for g in gathered]) for n in range(3))
-    order = torch.argsort(i, stable=True)
-    s, y, i = s[order], y[order], i[order]
-    keep = torch.ones_like(i, dtype=torch.bool)
-    keep[1:] = i[1:] != i[:-1]  # DistributedSampler padding repeats items
-    return s[keep], y[keep], i[keep]
+    return gather_by_index(s, y, i, sharded=sampler is not None)
 
 
 def optimise_last_layer(

@@ -159,3 +159,46 @@ class ShardedBatchSampler:
 
     def __len__(self) -> int:
         return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+
+def stream_batches(
+    dataset: Any,
+    *,
+    indices: Sequence[int] | None,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    sampler: Any = None,
+    channels_last: bool = False,
+    bad_images: BadImageLog | None = None,
+):
+    """Yield ``(images (B, 3, S, S) on device, labels (B,), dataset indices (B,))`` of the
+    readable items, unaugmented — the scan that evaluation, push and the last-layer stage share.
+    Unreadable items are recorded in ``bad_images``."""
+    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for batch in loader:
+        if bad_images is not None:
+            bad_images.add(batch.bad)
+        if batch.images is None:
+            continue
+        yield batch.images.to(device, non_blocking=True).to(memory_format=fmt), batch.labels, batch.indices
+
+
+def gather_by_index(values: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, sharded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of every rank (when ``sharded`` across an initialised process group), sorted by
+    dataset index with repeats dropped (a DistributedSampler pads its shards by repeating items).
+
+    Args: values (n, ...), labels (n,), indices (n,) of this rank. Returns the same, for all.
+    """
+    import torch.distributed as dist
+
+    if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (values, labels, indices))
+        values, labels, indices = (torch.cat([g[n] for g in gathered]) for n in range(3))
+    order = torch.argsort(indices, stable=True)
+    values, labels, indices = values[order], labels[order], indices[order]
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    keep[1:] = indices[1:] != indices[:-1]
+    return values[keep], labels[keep], indices[keep]

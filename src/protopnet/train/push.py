@@ -22,8 +22,8 @@ import torch.distributed as dist
 from ..model.distances import l2_distance_maps
 from ..model.protopnet import ProtoPNet
 from ..regions import activation_box
-from ..runtime import autocast, memory_format, resolve_device
-from .loader import BadImageLog, IndexedSubset, make_loader
+from ..runtime import autocast, resolve_device
+from .loader import BadImageLog, stream_batches
 
 logger = logging.getLogger(__name__)
 
@@ -162,23 +162,17 @@ def push_prototypes(
     device = resolve_device(device if device is not None else next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    subset = IndexedSubset(dataset, indices, augment=False)
-    loader = make_loader(subset, batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
     state = PushState.empty(model.prototypes)
     prototype_classes = model.prototype_classes.to(device)
-    fmt = memory_format(channels_last)
-    bad_images = bad_images if bad_images is not None else BadImageLog()
-    for batch in loader:
-        bad_images.add(batch.bad)
-        if batch.images is None:
-            continue
-        images = batch.images.to(device, non_blocking=True).to(memory_format=fmt)
+    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
+                             sampler=sampler, channels_last=channels_last, bad_images=bad_images if bad_images is not None else BadImageLog())
+    for images, labels, batch_indices in batches:
         with autocast(device, precision):
             z = model.latent(images)  # (B, D, H, W)
         distances = model.distances(z)  # (B, M, H', W') float32
-        state.update(z, distances, batch.labels.to(device), batch.indices, prototype_classes, model)
+        state.update(z, distances, labels.to(device), batch_indices, prototype_classes, model)
         if progress is not None:
-            progress(len(batch.indices))
+            progress(len(batch_indices))
     state.merge_across_ranks()
 
     missing = torch.nonzero(state.index < 0).flatten().tolist()
