@@ -20,7 +20,8 @@ order and each global batch of ``data.batch_size`` images is divided among the r
 each rank weighted by its share, so the averaged gradient is the single-process gradient);
 validation, test evaluation, push and the last-layer stage's similarity vectors are sharded and
 gathered; push keeps the globally nearest patch (ties: the smaller dataset index). With a
-batch-independent backbone (no BatchNorm, e.g. ``tiny_cnn_gn``) the result equals the
+batch-independent backbone (no BatchNorm, e.g. ``tiny_cnn_gn``) and without online augmentation
+(``data.augment``: its random draws depend on which process loads an image) the result equals the
 single-process run's up to float rounding; with BatchNorm each rank normalises with its own
 slice's statistics, as DistributedDataParallel usually does. Only rank 0 writes (checkpoints,
 model, metrics, results, the decoded-image cache, which it builds before the others read it);
