@@ -219,3 +219,18 @@ def test_unreadable_images_on_one_rank_do_not_change_the_update(tmp_path):
     listed = (ddp / "bad_images.txt").read_text()
     assert listed == (single / "bad_images.txt").read_text()
     assert len(listed.splitlines()) == 4 and all(line.split("\t")[0].endswith("bad.png") for line in listed.splitlines())
+
+
+def test_a_refusal_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 alone checks the run directory; when it refuses (a run is already there), every rank
+    raises the same one-line error and torchrun ends at once instead of rank 1 waiting forever."""
+    path = tmp_path / "config.yaml"
+    path.write_text(_config_text("synthetic", tmp_path))
+    out = tmp_path / "taken"
+    (out / "checkpoints" / "step-00000").mkdir(parents=True)
+    command = [*_torchrun(), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "protopnet", "-q",
+               "train", str(path), "--out", str(out)]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert done.stderr.count("already holds a run") >= 2, done.stderr[-3000:]  # both ranks say why
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing written
