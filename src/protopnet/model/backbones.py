@@ -74,9 +74,8 @@ class TinyCNN(nn.Module):
     """A small from-scratch CNN (stride 8) for the offline demo: (B, 3, S, S) -> (B, 128, S/8, S/8).
 
     At 64 px its 8 x 8 map gives each latent cell an 8-pixel footprint, fine enough for part boxes.
-    Its receptive field is 21 pixels (five 3x3 convolutions, three of stride 2, then a 1x1), so a
-    latent cell describes a part-sized neighbourhood rather than most of the image: a prototype
-    that matches a cell matches what is *there*, and its activation peaks on the part itself.
+    Its receptive field is 26 pixels (four 3x3 convolutions, three 2x2 max pools, a 1x1), so a
+    latent cell describes a part and its immediate surroundings, not most of the image.
 
     ``norm``: ``batch`` (BatchNorm, the demo's) or ``group`` (GroupNorm with 8 groups: each image
     is normalised on its own, so a batch split across processes computes exactly what one process
@@ -93,15 +92,21 @@ class TinyCNN(nn.Module):
             layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(min(8, cout), cout)
             return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), layer, nn.ReLU(inplace=True)]
 
+        # Down-sampling by 2x2 max pooling puts the centre of latent cell (i, j) at pixel
+        # (8j + 3.5, 8i + 3.5): exactly where bicubic upsampling (align_corners=False) puts it, so
+        # an activation box lands where the cell looks (stride-2 convolutions would shift it by
+        # 3.5 pixels).
         self.layers = nn.Sequential(
             *block(3, width, 1),  # receptive field 3
-            *block(width, width, 2),  # 5
-            *block(width, 2 * width, 1),  # 9
-            *block(2 * width, 2 * width, 2),  # 13
-            *block(2 * width, 4 * width, 2),  # 21
-            *block(4 * width, 4 * width, 1, kernel=1),  # 21
+            nn.MaxPool2d(2),  # 4
+            *block(width, 2 * width, 1),  # 8
+            *block(2 * width, 2 * width, 1),  # 12
+            nn.MaxPool2d(2),  # 14
+            *block(2 * width, 4 * width, 1),  # 22
+            nn.MaxPool2d(2),  # 26
+            *block(4 * width, 4 * width, 1, kernel=1),  # 26
         )
-        self.receptive_field = 21
+        self.receptive_field = 26
         self.out_channels = 4 * width
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
