@@ -22,8 +22,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from protopnet.config import load_config
@@ -159,7 +160,8 @@ def _assert_same_run(single: Path, ddp: Path) -> None:
         # of either sign into a step of +-lr, so a few coordinates may differ by about lr.
         x, y = a[key].float(), b[key].float()
         assert float((x - y).abs().max()) <= 5e-4, (key, float((x - y).abs().max()))
-        assert float((x - y).norm()) <= 1e-3 * max(float(x.norm()), 1e-6), (key, float((x - y).norm()), float(x.norm()))
+        # and overall: 0.1 % of the tensor's size (plus an RMS floor of 1e-4 for tensors near 0)
+        assert float((x - y).norm()) <= 1e-3 * float(x.norm()) + 1e-4 * x.numel() ** 0.5, (key, float((x - y).norm()), float(x.norm()))
 
     ma, mb = json.loads((single / "model" / "model.json").read_text()), json.loads((ddp / "model" / "model.json").read_text())
     prov_a = [(p["prototype"], p["dataset_index"], p["position"], p["path"]) for p in ma["provenance"]]
@@ -205,11 +207,16 @@ def test_unreadable_images_on_one_rank_do_not_change_the_update(tmp_path):
     runs a zero-weight stand-in. Every rank learns of every bad file; rank 0 lists them all."""
     root = tmp_path / "images"
     source = ColourDataset(num_classes=3, per_class=7, image_size=32, seed=5)
+    grain = np.random.default_rng(0)
     for split, picks in (("train", range(0, 21)), ("test", range(0, 21, 2))):
         for index in picks:
             folder = root / split / source.classes[source.targets[index]]
             folder.mkdir(parents=True, exist_ok=True)
-            source.load_image(index).save(folder / f"{index:03d}.png")
+            # Grain on the flat colour square: with exactly equal pixels, max pooling's choice
+            # among tied activations would follow the last bit of float rounding, which depends
+            # on the batch size (and so differs between one process and two).
+            picture = np.asarray(source.load_image(index), dtype=np.int16) + grain.integers(-6, 7, size=(32, 32, 3))
+            Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).save(folder / f"{index:03d}.png")
     for name in ("train/colour_0/bad.png", "train/colour_1/bad.png", "train/colour_2/bad.png", "test/colour_1/bad.png"):
         (root / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
     text = _config_text(str(root), tmp_path, batch_size=2, val_fraction=0.15)

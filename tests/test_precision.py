@@ -87,12 +87,12 @@ def test_distances_stay_float32_and_outputs_stay_close_to_fp32(channels_last):
 
 
 def test_each_stage_in_bf16_channels_last_matches_fp32():
-    """Push (from random prototypes), then the similarities, logits and last-layer inputs of other
-    images: bf16 + channels_last against fp32. (On a prototype's own source patch the distance is
-    ~0, where the log activation turns bf16's rounding of the latent into a large change of
-    similarity; other images are what the comparison is about.)"""
+    """Evaluation logits and last-layer similarity vectors, then push: bf16 + channels_last
+    against fp32. (Logits and similarities are compared before the push: afterwards a prototype
+    sits on a real patch, distances of look-alike patches are ~0, and there the log activation
+    turns bf16's rounding of the latent into large changes of similarity — a property of the
+    activation, not an error of the arithmetic.)"""
     data = ColourDataset(num_classes=3, per_class=5, seed=2)
-    other = ColourDataset(num_classes=3, per_class=3, seed=7)
     model = tiny_model(num_classes=3, prototypes_per_class=2, prototype_dim=8)
     fast = tiny_model(num_classes=3, prototypes_per_class=2, prototype_dim=8)
     fast.load_state_dict(model.state_dict())
@@ -100,23 +100,27 @@ def test_each_stage_in_bf16_channels_last_matches_fp32():
     fast_calls = _record_first_conv(fast)
     options = dict(precision="bf16", channels_last=True)
 
+    logits, labels, _ = predict_logits(model, data, batch_size=7)
+    logits_bf16, labels_bf16, _ = predict_logits(fast, data, batch_size=7, **options)
+    assert torch.equal(labels, labels_bf16)
+
+    sims, _, _ = collect_similarities(model, data, batch_size=7)
+    sims_bf16, _, _ = collect_similarities(fast, data, batch_size=7, **options)
+    assert sims_bf16.dtype == torch.float32
+    assert float((sims - sims_bf16).abs().max()) <= 0.05 * float(sims.abs().max())
+    # logits sum terms of both signs: the error is relative to the size of the terms
+    terms = float((sims.abs() @ model.last_layer.weight.detach().abs().t()).max())
+    assert float((logits - logits_bf16).abs().max()) <= 0.03 * terms
+
     pushed = push_prototypes(model, data, batch_size=7)
     pushed_bf16 = push_prototypes(fast, data, batch_size=7, **options)
     assert fast.prototypes.dtype == torch.float32
-    same = sum(p["dataset_index"] == q["dataset_index"] and p["position"] == q["position"] for p, q in zip(pushed, pushed_bf16))
-    assert same >= len(pushed) - 1  # a near tie may go either way in bf16
+    same = [p["dataset_index"] == q["dataset_index"] and p["position"] == q["position"] for p, q in zip(pushed, pushed_bf16)]
+    assert sum(same) >= len(pushed) - 1  # a near tie may go either way in bf16
     for p, q in zip(pushed, pushed_bf16):
         assert math.isclose(p["distance"], q["distance"], rel_tol=0.05, abs_tol=0.02)
-
-    logits, labels, _ = predict_logits(model, other, batch_size=7)
-    logits_bf16, labels_bf16, _ = predict_logits(fast, other, batch_size=7, **options)
-    assert torch.equal(labels, labels_bf16)
-    assert float((logits - logits_bf16).abs().max()) <= 0.08 * float(logits.abs().max())
-
-    sims, _, _ = collect_similarities(model, other, batch_size=7)
-    sims_bf16, _, _ = collect_similarities(fast, other, batch_size=7, **options)
-    assert sims_bf16.dtype == torch.float32
-    assert float((sims - sims_bf16).abs().max()) <= 0.05 * float(sims.abs().max())
+    moved = (model.prototypes - fast.prototypes).detach().abs().flatten(1).amax(1)
+    assert float(moved[torch.tensor(same)].max()) <= 0.02  # the same patch, its latent rounded to bf16
     assert fast_calls and all(dtype == torch.bfloat16 and cl for dtype, cl, _ in fast_calls)
 
 
