@@ -229,7 +229,7 @@ def test_to_json_has_the_documented_schema(saved):
 
 def test_to_figure_draws_the_figure_3_layout(saved, tmp_path):
     model, data, _ = saved
-    e = explain(model, data.load_image(2), top_classes=2)
+    e = explain(model, data.load_image(2), top_classes=3)  # every class, so the escaped name shows
     fig = e.to_figure(max_rows=3)
     pictures = [ax for ax in fig.axes if ax.images]
     shown = sum(min(3, len(s.rows)) for s in e.classes)

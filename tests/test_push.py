@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,13 +71,20 @@ def test_after_push_each_prototype_is_exactly_at_distance_zero_on_its_source():
 
 
 def test_push_box_is_the_95th_percentile_region():
+    from protopnet.regions import upsample_activation
+
     data = ColourDataset(num_classes=2, per_class=3, image_size=64)
     model = tiny_model(num_classes=2)
     model.image_size = 64
-    entry = push_prototypes(model, data)[0]
-    x0, y0, x1, y1 = entry["box"]
-    area = (x1 - x0) * (y1 - y0)
-    assert 0.05 * 64 * 64 <= area <= 0.6 * 64 * 64  # at least the top 5 % of pixels, not the whole image
+    for entry in push_prototypes(model, data):
+        up = upsample_activation(entry["activation"], (64, 64))
+        mask = up >= np.percentile(up, 95)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        # the smallest box enclosing every pixel at or above the 95th percentile
+        assert entry["box"] == [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+        assert mask.mean() >= 0.05
+        x0, y0, x1, y1 = entry["box"]
+        assert mask[y0:y1, x0:x1].sum() == mask.sum()
 
 
 def test_push_refuses_a_class_without_images():
