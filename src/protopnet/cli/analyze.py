@@ -8,6 +8,7 @@ Writes ``DIR/index.html`` (self-contained: CSS inline, pictures in ``DIR/images/
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import logging
 from typing import Any
 
@@ -29,6 +30,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=5, help="nearest patches per prototype and split (default 5)")
     parser.add_argument("--splits", default="train,test", help="comma-separated splits to scan (default train,test)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="scan only the first N images of each split (a quick look)")
+    parser.add_argument("--interpretability", action="store_true", help="also measure interpretability on the test split (needs part annotations) and add it to the report")
     add_device_arguments(parser)
     return parser
 
@@ -50,7 +52,19 @@ def execute(args: argparse.Namespace) -> int:
     datasets = {split: dataset_for_model(model, args.data, split) for split in splits}
     progress = progress_factory(getattr(args, "quiet", False))
     analysis = analyze(model, datasets, args.k, limit=args.limit, progress=progress, batch_size=args.batch_size, num_workers=args.workers)
-    index = write_analysis_report(analysis, args.out)
+    extra = []
+    if args.interpretability:
+        from ..interpretability import evaluate_interpretability
+        from ..interpretability.report import interpretability_sections
+
+        test = datasets.get("test") or dataset_for_model(model, args.data, "test")
+        train = datasets.get("train") or dataset_for_model(model, args.data, "train")
+        results = evaluate_interpretability(model, test, train_dataset=train, batch_size=args.batch_size, num_workers=args.workers)
+        extra = interpretability_sections(results)
+        from ..checkpoint import atomic_write_json
+
+        atomic_write_json(Path(args.out) / "interpretability.json", results)
+    index = write_analysis_report(analysis, args.out, extra_sections=extra)
     for split in splits:
         print(f"{split}: mean purity of the {args.k} nearest patches {100 * analysis.mean_purity(split):.1f}%")
     print(f"report: {index}")
