@@ -13,6 +13,7 @@ in one frame: ``[0, image_size)``.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -49,7 +50,7 @@ class Annotation:
         }
 
 
-class ProtoDataset(Dataset):
+class ProtoDataset(Dataset, ABC):
     """Base class: subclasses implement :meth:`__len__`, :meth:`load_image` and set
     ``classes`` and ``targets``; :meth:`path` and :meth:`annotation` are optional.
 
@@ -78,14 +79,15 @@ class ProtoDataset(Dataset):
         self.augment = augment
 
     # -- to implement -------------------------------------------------------------------------
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of items."""
 
-    def load_image(self, index: int) -> Image.Image:  # pragma: no cover - abstract
+    @abstractmethod
+    def load_image(self, index: int) -> Image.Image:
         """The RGB picture of item ``index`` resized to ``image_size x image_size``, before
         augmentation and normalisation. Raises :class:`protopnet.data.BadImageError` when the file
         cannot be read."""
-        raise NotImplementedError
 
     # -- optional -----------------------------------------------------------------------------
     def path(self, index: int) -> str:
