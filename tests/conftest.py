@@ -78,3 +78,13 @@ def torch_home(tmp_path_factory):
     target.mkdir(parents=True)
     (target / weights.name).symlink_to(weights)
     return home
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One PyTorch thread for a module: tiny models train many times faster so on a shared
+    machine; the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

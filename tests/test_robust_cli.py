@@ -5,7 +5,6 @@ bad value: no traceback, nothing written."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from protopnet.checkpoint import save_model
 from protopnet.cli import COMMANDS, build_parser, main
@@ -15,13 +14,7 @@ from conftest import tiny_model
 MISSING = "/nonexistent/protopnet-model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One PyTorch thread: these tiny models train many times faster so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,7 @@ output: {keep_checkpoints: 2, save_prototype_images: false}
 AFTER_STEP = loop.Trainer._after_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One PyTorch thread: these tiny models train many times faster so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

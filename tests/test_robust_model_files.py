@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,13 +24,7 @@ from protopnet.cli import main
 from conftest import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One PyTorch thread: these tiny models train many times faster so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def clean_interrupted_writes(directory: str | Path) -> list[str]:
     """Tidy ``directory`` after a process died while writing into it.
 
     Removes what :func:`atomic_write_bytes` and :func:`write_directory_atomically` leave behind
-    when killed: ``.NAME.XXXXXXXX.tmp`` (a write that never finished), ``.NAME.old-*`` (the
+    when killed: ``.NAME.<random>.tmp`` (a write that never finished), ``.NAME.old-*`` (the
     replaced version) and ``.NAME.del-*`` (a directory being deleted). When ``NAME`` itself is
     missing — the process died between the two renames that replace a directory — its old
     version is renamed back first. Returns the names removed or restored.
