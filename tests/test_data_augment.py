@@ -105,3 +105,28 @@ def test_disabled_online_augmentation_is_identity():
     off = online_augmentation(32, flip=False, rotation=0, shear=0, skew=0)
     assert np.array_equal(arr(off(source)), arr(source))
     assert off(asymmetric(20)).size == (32, 32)  # the output is always image_size
+
+
+def test_augmented_views_are_fixed_and_view_zero_is_the_picture():
+    from protopnet.data import AugmentedViews, online_augmentation
+
+    from conftest import ColourDataset
+
+    base = ColourDataset(num_classes=2, per_class=3, image_size=32)
+    views = AugmentedViews(base, online_augmentation(32), views=3, seed=5)
+    assert len(views) == 18 and views.targets == [t for t in base.targets for _ in range(3)]
+    assert views.items_of([1, 4]) == [3, 4, 5, 12, 13, 14]
+    assert views.source(13) == (4, 1) and views.path(12) == base.path(4) and views.path(13).endswith("#view1")
+    as_array = lambda picture: np.asarray(picture, dtype=np.int16)
+    for i in range(len(base)):
+        picture = as_array(base.load_image(i))
+        assert np.array_equal(as_array(views.load_image(3 * i)), picture)
+        for v in (1, 2):
+            first = as_array(views.load_image(3 * i + v))
+            assert np.array_equal(first, as_array(views.load_image(3 * i + v)))  # the same every time
+            assert not np.array_equal(first, picture)  # and augmented
+    assert not np.array_equal(as_array(views.load_image(1)), as_array(views.load_image(2)))
+    other_seed = AugmentedViews(base, online_augmentation(32), views=3, seed=6)
+    assert not np.array_equal(as_array(views.load_image(1)), as_array(other_seed.load_image(1)))
+    image, label = views[4]
+    assert image.shape == (3, 32, 32) and label == base.targets[1]

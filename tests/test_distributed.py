@@ -241,3 +241,18 @@ def test_a_refusal_on_rank_0_stops_every_rank(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("already holds a run") >= 2, done.stderr[-3000:]  # both ranks say why
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing written
+
+
+def test_two_ranks_with_fixed_views_feature_cache_patch_init_and_pruning(tmp_path):
+    """The options that change what an epoch reads and what the prototype set is: fixed
+    augmented views with the frozen-layer cache (warm-up: whole backbone; joint: first block),
+    prototypes started on patches, and pruning after the final push — two ranks must still train
+    what one process trains."""
+    config = json.loads(_config_text("synthetic", tmp_path, augment=True, augment_views=2, feature_cache=True))
+    config["model"]["prototype_init"] = "patches"
+    config["schedule"].update(frozen_backbone_blocks=1, prune=True, prune_k=3, prune_threshold=2)
+    single, ddp, writes = _train_both(tmp_path, json.dumps(config))
+    assert writes == []
+    _assert_same_run(single, ddp)
+    metrics = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in metrics][-3:] == ["push", "prune", "last_layer"]

@@ -428,3 +428,20 @@ def test_cli_evaluate_interpretability(tmp_path, capsys, monkeypatch):
     assert figures["n_images"] == 9 and figures["details"]["purity"]["split"] == "train"
     assert figures["details"]["deletion"]["n"] == 9 and isinstance(figures["duplicates"], int)
     assert f"consistency: {figures['consistency']:.4f}" in printed and "deletion_gap:" in printed
+
+
+def test_localisation_before_pruning_counts_the_pruned_prototypes():
+    from protopnet.prune import prune
+
+    # a colour prototype and a grey (background) one per class: pruning removes the grey ones
+    model = colour_model([c for colour in COLOURS for c in (colour, GREY)], [0, 0, 1, 1, 2, 2])
+    train = Squares(per_class=4, seed=2)
+    push_prototypes(model, train, batch_size=5)
+    before = prototype_localization(model, train)
+    report = prune(model, train, k=4, threshold=3, refit=False)
+    assert report.removed == [1, 3, 5]
+    after = prototype_localization(model, train)
+    assert after["n"] == 3 and after["localization"] == 1.0
+    counted = prototype_localization(model, train, before_pruning=True)
+    assert counted["n"] == 6 and counted["localization"] == pytest.approx(before["localization"])
+    assert counted["per_prototype"][:3] == after["per_prototype"]

@@ -132,3 +132,24 @@ def test_pretrained_weights_load_offline_through_torchvision(torch_home, monkeyp
     model = ProtoPNet(backbone="mobilenet_v2", num_classes=2, prototypes_per_class=1, pretrained=True)
     reference = torch.load(torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth", weights_only=True)
     torch.testing.assert_close(model.features[0][0].weight, reference["features.0.0.weight"])
+
+
+def test_tiny_cnn_grid_receptive_field_and_cell_centres():
+    """The latent cell (i, j) sees a field-pixel square centred where bicubic upsampling
+    (align_corners=False) puts the cell: pixel stride * j + (stride - 1) / 2. (BatchNorm in eval
+    mode; GroupNorm's statistics would make every cell depend on the whole image.)"""
+    name, stride, field = "tiny_cnn", 8, 26
+    from protopnet.model.backbones import build_backbone
+
+    built = build_backbone(name, pretrained=False)
+    net = built.module.eval()
+    assert built.stride == stride and net.receptive_field == field
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    out = net(x)
+    assert out.shape == (1, 128, 64 // stride, 64 // stride)
+    i = j = 64 // stride // 2
+    out[0, :, i, j].sum().backward()
+    seen = x.grad.abs().sum(dim=(0, 1)) > 0  # (64, 64)
+    rows, cols = torch.nonzero(seen.any(1)).flatten(), torch.nonzero(seen.any(0)).flatten()
+    assert int(rows[-1] - rows[0]) + 1 == field and int(cols[-1] - cols[0]) + 1 == field
+    assert (float(rows[0] + rows[-1]) / 2, float(cols[0] + cols[-1]) / 2) == (stride * i + (stride - 1) / 2, stride * j + (stride - 1) / 2)

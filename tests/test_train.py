@@ -148,3 +148,159 @@ def test_resume_refuses_a_different_config(tmp_path):
     Trainer(tiny_config(tmp_path, epochs=2, push_start=1), data=tiny_data()).fit()
     with pytest.raises(ValueError, match="different"):
         Trainer(tiny_config(tmp_path, epochs=3, push_start=1), data=tiny_data()).fit(resume=True)
+
+
+# -- pruning as a stage (paper Section 2.6) --------------------------------------------------------
+
+def test_prune_comes_once_after_the_final_push():
+    config = Config.from_dict({"schedule": {"epochs": 12, "warm_epochs": 2, "push_start": 4, "push_every": 4, "prune": True}})
+    stages = [(s.stage, s.epoch) for s in plan_schedule(config.schedule)]
+    assert stages.count(("prune", 11)) == 1 and sum(stage == "prune" for stage, _ in stages) == 1
+    at = stages.index(("push", 11))
+    assert stages[at : at + 3] == [("push", 11), ("prune", 11), ("last_layer", 11)]
+    assert stages[stages.index(("push", 4)) + 1] == ("last_layer", 4)
+
+
+def test_prune_needs_a_push():
+    with pytest.raises(ValueError, match="prune"):
+        Config.from_dict({"schedule": {"epochs": 3, "push_start": 5, "push_at_end": False, "prune": True}})
+    with pytest.raises(ValueError, match="prune_threshold"):
+        Config.from_dict({"schedule": {"prune": True, "prune_k": 4, "prune_threshold": 5}})
+
+
+def _pruning_config(tmp_path):
+    # only prototypes with at least 3 of their 4 nearest patches from their own class survive
+    config = tiny_config(tmp_path, prune=True, prune_k=4, prune_threshold=3)
+    config.output.keep_checkpoints = 100
+    return config
+
+
+def test_a_pruning_run_keeps_the_pruned_model(tmp_path):
+    from protopnet.checkpoint import load_tensors
+    from protopnet.prune import prune
+
+    config = _pruning_config(tmp_path)
+    result = Trainer(config, data=tiny_data()).fit()
+    model = load_model(result.model_dir)
+    event = next(h for h in model.history if h["event"] == "prune")
+    record = next(r for r in result.metrics if r["stage"] == "prune")
+    assert record["prototypes_before"] == 6 and record["prototypes_after"] == model.num_prototypes == len(event["what"]["kept"])
+    assert result.metrics[-1]["stage"] == "last_layer"  # re-fitted after pruning, and that is the model kept
+
+    # the same rule applied by hand to the model before pruning (the checkpoint of the final push)
+    plan = plan_schedule(config.schedule)
+    push_step = next(s.index for s in plan if s.stage == "prune") - 1
+    before = TrainerClass(config, data=tiny_data()).model
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step-{push_step:05d}" / "state.json").read_text())
+    before.load_state_dict(load_tensors(tmp_path / "run" / "checkpoints" / f"step-{push_step:05d}" / "model.safetensors", state["model_sha256"]))
+    data = tiny_data()
+    expected = prune(before, data.clean, k=4, threshold=3, indices=data.train_indices, dry_run=True)
+    assert 0 < len(expected.removed) < 6  # the case tests something
+    assert event["what"]["removed"] == expected.removed and event["what"]["kept"] == expected.kept
+    assert torch.equal(model.prototypes, before.prototypes.detach()[event["what"]["kept"]])
+    assert model.prototype_classes.tolist() == before.prototype_classes[event["what"]["kept"]].tolist()
+    # provenance follows the renumbering: each kept prototype is still its source's patch
+    assert [e["prototype"] for e in model.provenance] == list(range(model.num_prototypes))
+    for entry in model.provenance:
+        image = data.clean.to_tensor(data.clean.load_image(entry["dataset_index"]))[None]
+        with torch.no_grad():
+            assert model(image).min_distances[0, entry["prototype"]].item() == pytest.approx(0.0, abs=1e-4)
+    assert len(event["removed_provenance"]) == len(event["what"]["removed"])
+
+
+@pytest.mark.parametrize("stop_at", ["prune", "last_layer"])
+def test_resume_after_pruning_ends_with_the_same_weights(tmp_path, monkeypatch, stop_at):
+    full = Trainer(_pruning_config(tmp_path / "full"), data=tiny_data()).fit()
+    stop = next(s.index for s in plan_schedule(_pruning_config(tmp_path).schedule) if s.stage == "prune")
+    stop += stop_at == "last_layer"
+    original = TrainerClass._after_step
+
+    def crash(self, step, val):
+        original(self, step, val)
+        if step.index == stop:
+            raise Interrupted
+
+    monkeypatch.setattr(TrainerClass, "_after_step", crash)
+    with pytest.raises(Interrupted):
+        Trainer(_pruning_config(tmp_path / "cut"), data=tiny_data()).fit()
+    monkeypatch.setattr(TrainerClass, "_after_step", original)
+    resumed = Trainer(_pruning_config(tmp_path / "cut"), data=tiny_data()).fit(resume=True)
+    wa = load_file(full.model_dir / "model.safetensors")
+    wb = load_file(resumed.model_dir / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# -- fixed augmented views, the frozen-feature cache, prototypes started on patches ----------------
+
+def _cache_config(tmp_path, cached):
+    config = tiny_config(tmp_path, epochs=4, warm_epochs=2, push_start=9, push_at_end=False, frozen_backbone_blocks=2)
+    config.model.backbone = "tiny_cnn_gn"  # GroupNorm: frozen layers compute the same in train and eval mode
+    config.data.feature_cache = cached
+    return config
+
+
+def test_the_feature_cache_trains_what_the_pictures_train(tmp_path, monkeypatch):
+    weights = []
+    for cached in (False, True):
+        trainer = Trainer(_cache_config(tmp_path / str(cached), cached), data=tiny_data())
+        loads = []
+        original = ColourDataset.load_image
+        monkeypatch.setattr(ColourDataset, "load_image", lambda self, i: (loads.append(i), original(self, i))[1])
+        for step in trainer.plan:
+            loads.clear()
+            trainer._train_epoch(step)
+            if cached and step.epoch in (1, 3):  # the second epoch of each stage reads no picture
+                assert loads == [], step
+        monkeypatch.setattr(ColourDataset, "load_image", original)
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    uncached, cached = weights
+    assert uncached.keys() == cached.keys()
+    for k in uncached:
+        assert torch.allclose(uncached[k].float(), cached[k].float(), atol=1e-4, rtol=1e-4), k
+    fresh = TrainerClass(_cache_config(tmp_path / "fresh", False), data=tiny_data()).model.state_dict()
+    assert not torch.allclose(fresh["prototypes"], cached["prototypes"])  # it did train
+    trained = [k for k in fresh if k.startswith("features") and not torch.equal(fresh[k], cached[k])]
+    assert trained  # the unfrozen blocks trained in the joint epochs
+
+
+def test_the_feature_cache_needs_fixed_pictures():
+    with pytest.raises(ValueError, match="feature_cache"):
+        Config.from_dict({"data": {"augment": True, "feature_cache": True}})
+    Config.from_dict({"data": {"augment": True, "augment_views": 4, "feature_cache": True}})
+
+
+def test_patch_initialised_prototypes_are_patches_of_their_class(tmp_path):
+    config = tiny_config(tmp_path)
+    config.model.prototype_init = "patches"
+    data = tiny_data()
+    trainer = Trainer(config, data=data)
+    model = trainer.model
+    uniform = model.prototypes.detach().clone()
+    trainer._initialise_prototypes()
+    assert not torch.equal(uniform, model.prototypes)
+    model.eval()
+    with torch.no_grad():
+        for j, k in enumerate(model.prototype_classes.tolist()):
+            own = [i for i in data.train_indices if data.clean.targets[i] == k]
+            images = torch.stack([data.clean.to_tensor(data.clean.load_image(i)) for i in own])
+            z = model.latent(images)  # (N, D, H, W)
+            distances = ((z - model.prototypes[j].view(1, -1, 1, 1)) ** 2).sum(1)  # (N, H, W)
+            assert distances.min().item() == pytest.approx(0.0, abs=1e-6)
+            others = [i for i in data.train_indices if data.clean.targets[i] != k]
+            z_other = model.latent(torch.stack([data.clean.to_tensor(data.clean.load_image(i)) for i in others]))
+            assert ((z_other - model.prototypes[j].view(1, -1, 1, 1)) ** 2).sum(1).min().item() > 1e-6
+
+
+def test_frozen_batchnorm_keeps_the_running_statistics(tmp_path):
+    changed = {}
+    for frozen in (False, True):
+        config = tiny_config(tmp_path / str(frozen), epochs=2, warm_epochs=1, push_start=5, push_at_end=False)
+        config.schedule.freeze_backbone_batchnorm = frozen
+        trainer = Trainer(config, data=tiny_data())
+        stats = {k: v.clone() for k, v in trainer.model.features.state_dict().items() if "running" in k}
+        assert stats  # tiny_cnn has batch norm
+        for step in trainer.plan:
+            trainer._train_epoch(step)
+        after = trainer.model.features.state_dict()
+        changed[frozen] = [k for k in stats if not torch.equal(stats[k], after[k])]
+    assert changed[False] and changed[True] == []

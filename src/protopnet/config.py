@@ -26,7 +26,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The network (paper Section 2.1)."""
+    """The network (paper Section 2.1).
+
+    ``prototype_init``: ``uniform`` (the paper: every coordinate uniform in [0, 1)) or
+    ``patches`` — each prototype starts as the latent patch at a random place of a random
+    training picture of its class (computed with the untrained add-on layers), so warm-up starts
+    from prototypes that already resemble their class's patches.
+    """
 
     backbone: str = "resnet34"
     prototypes_per_class: int = 10
@@ -34,6 +40,7 @@ class ModelConfig:
     prototype_size: tuple[int, int] = (1, 1)
     add_on: Literal["regular", "bottleneck"] = "regular"
     activation: Literal["log", "linear"] = "log"
+    prototype_init: Literal["uniform", "patches"] = "uniform"
     pretrained: bool = True
     epsilon: float = 1e-4
 
@@ -61,6 +68,17 @@ class DataConfig:
     ``root/train_augmented/`` tree that ``protopnet data`` writes (the paper's setting: 30 fixed
     augmented copies of each training image) instead of ``root/train/``; push, the last layer and
     validation still use ``root/train/``, and the copies of validation images are left out.
+    ``augment_views`` N > 0 makes the same kind of fixed copies in memory instead: each epoch goes
+    through N views of every training picture, view 0 the picture itself and views 1..N-1 fixed
+    random augmentations of it (seeded by run.seed, picture and view).
+
+    ``feature_cache``: what the frozen part of the backbone makes of each training picture is
+    computed once and kept in memory — the whole backbone's output in the warm-up epochs, the
+    first ``schedule.frozen_backbone_blocks`` blocks' in the joint epochs — so later epochs skip
+    decoding and the frozen layers (frozen blocks run in eval mode: batch-norm uses its running
+    statistics). It needs pictures that are the same every epoch (``augment_views``,
+    ``offline_augmentation`` or no augmentation) and is skipped, with a warning, when it would
+    take more than ``feature_cache_max_gb``.
     """
 
     root: str = "synthetic"
@@ -68,6 +86,7 @@ class DataConfig:
     crop: Literal["bbox", "full"] = "bbox"
     augment: bool = True
     offline_augmentation: bool = False
+    augment_views: int = 0
     val_fraction: float = 0.1
     batch_size: int = 80
     test_batch_size: int = 100
@@ -75,6 +94,8 @@ class DataConfig:
     num_workers: int = 0
     cache: bool = False
     cache_dir: str | None = None
+    feature_cache: bool = False
+    feature_cache_max_gb: float = 8.0
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 60
     synthetic_test_per_class: int = 20
@@ -88,6 +109,16 @@ class DataConfig:
             _positive(f"data.{name}", getattr(self, name))
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected an integer >= 0, got {_show(self.num_workers)}")
+        if self.augment_views < 0:
+            raise ConfigError(f"data.augment_views: expected an integer >= 0, got {_show(self.augment_views)}")
+        if self.augment_views and self.offline_augmentation:
+            raise ConfigError("data.augment_views: choose fixed in-memory views or data.offline_augmentation, not both")
+        if self.feature_cache and self.augment and not (self.augment_views or self.offline_augmentation):
+            raise ConfigError(
+                "data.feature_cache: needs training pictures that are the same every epoch — set data.augment_views "
+                "(fixed augmented views), data.offline_augmentation, or data.augment: false"
+            )
+        _positive("data.feature_cache_max_gb", self.feature_cache_max_gb)
         if self.offline_augmentation and self.root == "synthetic":
             raise ConfigError("data.offline_augmentation: needs data.root to be a directory written by 'protopnet data' (with train_augmented/), not synthetic")
 
@@ -109,6 +140,18 @@ class ScheduleConfig:
     ``frozen_backbone_blocks``: the first N blocks of the backbone stay frozen in the joint stage
     too (see :func:`protopnet.train.stages.backbone_blocks`; 0, the paper's setting, trains the
     whole backbone). On a CPU this cuts a joint epoch's cost: no backward pass through them.
+
+    ``freeze_backbone_batchnorm``: the backbone's batch-norm layers stay in eval mode (their
+    ImageNet running statistics, not the batch's) in the warm-up and joint epochs, as push, the
+    last-layer stage and evaluation see them: fine-tuning on a small dataset then cannot move
+    the latent space between training and push (the usual practice when fine-tuning a
+    pretrained network on little data). Off by default (the reference trains in train mode).
+
+    ``prune``: after the final push, prune as in the paper's Section 2.6 (:func:`protopnet.prune.prune`):
+    remove every prototype with fewer than ``prune_threshold`` of its ``prune_k`` nearest training
+    patches from its own class (reference: 6 and 3) — the prototypes that settled on background
+    or on parts every class shares. The last-layer stage that follows re-fits the remaining
+    connections. Off by default (the paper's Table 1 is before pruning).
     """
 
     epochs: int = 30
@@ -121,6 +164,15 @@ class ScheduleConfig:
     joint_lr_gamma: float = 0.1
     frozen_backbone_blocks: int = 0
     pretrain_epochs: int = 0
+    freeze_backbone_batchnorm: bool = False
+    prune: bool = False
+    prune_k: int = 6
+    prune_threshold: int = 3
+
+    def is_push_epoch(self, epoch: int) -> bool:
+        """Whether prototypes are pushed after ``epoch`` (0-based)."""
+        regular = epoch >= self.push_start and (epoch - self.push_start) % self.push_every == 0
+        return regular or (self.push_at_end and epoch == self.epochs - 1)
 
     def validate(self) -> None:
         _positive("schedule.epochs", self.epochs)
@@ -128,6 +180,11 @@ class ScheduleConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name}: expected an integer >= 0, got {_show(getattr(self, name))}")
         _positive("schedule.push_every", self.push_every)
+        _positive("schedule.prune_k", self.prune_k)
+        if not 0 <= self.prune_threshold <= self.prune_k:
+            raise ConfigError(f"schedule.prune_threshold: expected an integer in [0, prune_k={self.prune_k}], got {_show(self.prune_threshold)}")
+        if self.prune and not any(self.is_push_epoch(e) for e in range(self.epochs)):
+            raise ConfigError("schedule.prune: needs a push to prune after; this schedule never pushes (set push_at_end: true)")
         _positive("schedule.joint_lr_step", self.joint_lr_step)
         _positive("schedule.joint_lr_gamma", self.joint_lr_gamma)
 

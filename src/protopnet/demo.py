@@ -40,7 +40,10 @@ def run_demo(
 
     The figures: ``test_accuracy``, ``top5``, ``localization`` (fraction of prototypes whose
     pushed box centre lies in the class-part box of its source image), ``localization_chance``
-    (what randomly placed boxes would score), ``seconds`` (wall time of the whole demo),
+    (what randomly placed boxes would score), ``localization_before_pruning`` and
+    ``prototypes_before_pruning`` (the same over every prototype training made, the ones pruning
+    removed included; equal to the final figures when the config does not prune), ``seconds``
+    (wall time of the whole demo),
     ``train_seconds``, ``prototypes``, ``classes``, and where the model and report are.
     """
     from .interpretability import prototype_localization
@@ -60,6 +63,8 @@ def run_demo(
         "validation_accuracy": result.validation.get("accuracy"),
         "localization": localization["localization"],
         "localization_chance": localization["chance"],
+        "localization_before_pruning": prototype_localization(model, trainer.data.clean, before_pruning=True)["localization"],
+        "prototypes_before_pruning": config.model.prototypes_per_class * model.num_classes,
         "prototypes": model.num_prototypes,
         "classes": model.num_classes,
         "train_seconds": round(result.seconds, 2),

@@ -311,6 +311,7 @@ def prune(
     if dry_run:
         return report
 
+    removed_provenance = [model.provenance[j] for j in removed] if model.provenance else None
     remove_prototypes(model, removed)
     if refit:
         report.last_layer = refit_last_layer(model, train_sims[:, keep], train_y, iterations=iterations, lr=lr, l1=l1, batch_size=80, seed=seed)
@@ -323,6 +324,7 @@ def prune(
         "what": {"k": int(k), "threshold": int(threshold), "per_image": per_image, "removed": removed, "kept": kept},
         "prototypes_before": m,
         "prototypes_after": len(kept),
+        "removed_provenance": removed_provenance,  # where the pruned prototypes came from
         "last_layer_refit": {"iterations": iterations, "lr": lr, "l1": l1} if refit else None,
         "accuracy_before": {split: accuracy[split]["before"] for split in accuracy},
         "accuracy_after": {split: accuracy[split]["after"] for split in accuracy},

@@ -34,7 +34,9 @@ def execute(args: argparse.Namespace) -> int:
 
         raise CommandError(f"{error}") from None
     print(f"test accuracy   {figures['test_accuracy']:.3f}  (top-5 {figures['top5']:.3f})")
-    print(f"localisation    {figures['localization']:.3f}  of prototypes sit on their class part (chance {figures['localization_chance']:.3f})")
+    print(f"localisation    {figures['localization']:.3f}  of the {figures['prototypes']} prototypes sit on their class part "
+          f"(chance {figures['localization_chance']:.3f}; {figures['localization_before_pruning']:.3f} of all "
+          f"{figures['prototypes_before_pruning']} before pruning)")
     print(f"time            {figures['seconds']:.1f} s")
     print(f"model           {figures['model']}")
     if "report" in figures:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from protopnet.data.augment import (
+    AugmentedViews,
     OnlineAugmentation,
     augment_dataset_to_folder,
     offline_augment,
@@ -37,6 +38,7 @@ from protopnet.data.synthetic import SyntheticParts
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AugmentedViews",
     "Annotation", "BadImageError", "CUB200", "DecodedCache", "IMAGENET_MEAN", "IMAGENET_STD",
     "IMAGE_EXTENSIONS", "ImageFolderDataset", "OnlineAugmentation", "ProtoDataset", "SkipBadImages",
     "StanfordCars", "SyntheticParts", "augment_dataset_to_folder", "build_dataset",

@@ -248,3 +248,55 @@ def augment_dataset_to_folder(
             written += 1
     logger.info("wrote %d pictures to %s", written, out)
     return written
+
+
+class AugmentedViews:
+    """A dataset of ``views`` fixed views of every item of ``base``: item ``i * views + v`` is
+    view ``v`` of ``base`` item ``i`` — view 0 the picture itself, views ``1..views-1`` the
+    picture through ``augment`` with torch's RNG seeded by ``(seed, i, v)``.
+
+    The paper's offline augmentation, made in memory instead of on disk: the same fixed copies
+    every epoch, so what a frozen backbone makes of them can be computed once
+    (``data.feature_cache``). ``base`` is a :class:`~protopnet.data.base.ProtoDataset` without
+    augmentation (``load_image``, ``to_tensor``, ``targets``, ``path``).
+    """
+
+    def __init__(self, base: Any, augment: Any, views: int, seed: int = 0) -> None:
+        if int(views) < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.base, self.augment, self.views, self.seed = base, augment, int(views), int(seed)
+        self.classes = list(base.classes)
+        self.image_size = base.image_size
+        self.targets = [t for t in base.targets for _ in range(self.views)]
+
+    def __len__(self) -> int:
+        return len(self.base) * self.views
+
+    def source(self, index: int) -> tuple[int, int]:
+        """``(base item, view)`` of an item."""
+        return divmod(int(index), self.views)
+
+    def items_of(self, base_indices: Sequence[int]) -> list[int]:
+        """Every view of the given base items, in order."""
+        return [i * self.views + v for i in base_indices for v in range(self.views)]
+
+    def path(self, index: int) -> str:
+        i, v = self.source(index)
+        return self.base.path(i) if v == 0 else f"{self.base.path(i)}#view{v}"
+
+    def load_image(self, index: int) -> Image.Image:
+        import torch
+
+        i, v = self.source(index)
+        picture = self.base.load_image(i)
+        if v == 0 or self.augment is None:
+            return picture
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + i * 1009 + v) % (2**63 - 1))
+            return self.augment(picture)
+
+    def to_tensor(self, picture: Image.Image) -> Any:
+        return self.base.to_tensor(picture)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.to_tensor(self.load_image(index)), int(self.targets[index])

@@ -13,12 +13,14 @@ from typing import Any
 from ..regions import box_center, point_in_box
 
 
-def prototype_localization(model: Any, dataset: Any) -> dict[str, Any]:
+def prototype_localization(model: Any, dataset: Any, *, before_pruning: bool = False) -> dict[str, Any]:
     """Fraction of pushed prototypes whose box centre is inside their source image's part box.
 
     Args:
         model: a pushed ProtoPNet (``model.provenance`` set), trained on ``dataset``.
         dataset: the push dataset; ``dataset.annotation(i).part_box`` must be set.
+        before_pruning: also count the prototypes pruning removed (their provenance is kept in
+            the ``prune`` events of ``model.history``): the figure of the model before pruning.
 
     Returns:
         ``{"localization": fraction in [0, 1], "n": prototypes counted, "per_prototype": [bool],
@@ -29,8 +31,13 @@ def prototype_localization(model: Any, dataset: Any) -> dict[str, Any]:
     """
     if not model.provenance:
         raise ValueError("the model has no push provenance: push it first")
+    entries = [e for e in model.provenance if e is not None]
+    if before_pruning:
+        for event in model.history:
+            if event.get("event") == "prune":
+                entries += [e for e in event.get("removed_provenance") or [] if e is not None]
     hits, chance = [], []
-    for entry in model.provenance:
+    for entry in entries:
         annotation = dataset.annotation(int(entry["dataset_index"]))
         part = annotation.part_box
         if part is None:

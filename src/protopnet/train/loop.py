@@ -57,8 +57,9 @@ from ..losses import LossCoefficients, protopnet_loss
 from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device, resolve_precision
 from .evaluate import accuracy_report, predict_logits
+from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
 from .last_layer import collect_similarities, optimise_last_layer
-from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
+from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader
 from .push import push_prototypes
 from .stages import Step, parameter_groups, plan_schedule, set_trainable
 
@@ -130,7 +131,7 @@ def build_run_data(config: Config, mean: tuple[float, ...], std: tuple[float, ..
 
     augment = online_augmentation(d.image_size) if d.augment else None
     clean = make("train", None)
-    train = make("train", augment) if augment is not None and not d.offline_augmentation else clean
+    train = make("train", augment) if augment is not None and not (d.offline_augmentation or d.augment_views) else clean
     try:
         test = make("test", None)
     except (FileNotFoundError, ValueError) as error:
@@ -141,6 +142,11 @@ def build_run_data(config: Config, mean: tuple[float, ...], std: tuple[float, ..
     else:
         train_idx, val_idx = list(range(len(clean))), []
     epoch_idx = None
+    if d.augment_views:
+        from ..data import AugmentedViews
+
+        train = AugmentedViews(clean, augment, d.augment_views, seed=config.run.seed)
+        epoch_idx = train.items_of(sorted(train_idx))
     if d.offline_augmentation:
         from ..data import DecodedCache, ImageFolderDataset
         from ..data.prepare import offline_training_items
@@ -178,7 +184,7 @@ def build_model(config: Config, class_names: list[str]) -> ProtoPNet:
 def backbone_normalisation(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     from ..model.backbones import build_backbone
 
-    if config.model.backbone in ("tiny_cnn", "tiny_cnn_gn"):
+    if config.model.backbone.startswith("tiny_cnn"):
         built = build_backbone(config.model.backbone, pretrained=False)
         return built.mean, built.std
     from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
@@ -249,9 +255,7 @@ class Trainer:
             torch.manual_seed(config.run.seed + 1)
             self.pretrain_net = _PretrainNet(self.model.features, self.model.add_on[0].in_channels, len(self.data.class_names)).to(self.device)
         self.optimizers = self._make_optimizers()
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizers["joint"], step_size=config.schedule.joint_lr_step, gamma=config.schedule.joint_lr_gamma
-        )
+        self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.coefficients = LossCoefficients(**{k: getattr(config.loss, k) for k in ("ce", "cluster", "separation", "l1")})
         self.metrics: list[dict[str, Any]] = []
@@ -260,6 +264,8 @@ class Trainer:
         self.bad_images = BadImageLog()
         self.next_step = 0
         self._ddp: dict[str, nn.Module] | None = None
+        self._feature_cache: FrozenFeatureCache | None = None
+        self._cache_key: tuple[str, int | None] | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -296,6 +302,10 @@ class Trainer:
             ),
         }
 
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.StepLR:
+        s = self.config.schedule
+        return torch.optim.lr_scheduler.StepLR(self.optimizers["joint"], step_size=s.joint_lr_step, gamma=s.joint_lr_gamma)
+
     def _step_seed(self, step: Step) -> int:
         return (self.config.run.seed * 1_000_003 + step.index * 7919 + 17) % (2**63 - 1)
 
@@ -304,23 +314,51 @@ class Trainer:
             return _NullBar()
         return self.progress(description, total)
 
-    def _forward_model(self, stage: str = "joint") -> nn.Module:
-        """The module to call in training (the pre-training net in ``pretrain``): the DDP
-        wrapper when distributed.
+    def _feature_cache_for(self, step: Step) -> FrozenFeatureCache | None:
+        """The cache of frozen-layer outputs this step trains on (``data.feature_cache``), built
+        on first use: the whole backbone's output for ``warm``, the first
+        ``frozen_backbone_blocks`` blocks' for ``joint``; None when the step reads pictures."""
+        cfg = self.config
+        if not cfg.data.feature_cache or step.stage not in ("warm", "joint"):
+            return None
+        blocks = None if step.stage == "warm" else cfg.schedule.frozen_backbone_blocks
+        if blocks == 0:
+            return None
+        if self._cache_key != ("cache", blocks):
+            self._feature_cache = None  # free the warm-up cache before building the joint one
+            items = self.data.training_items
+            what = "backbone" if blocks is None else f"first {blocks} backbone blocks"
+            with self._bar(f"caching the frozen {what}", len(items)) as bar:
+                self._feature_cache = FrozenFeatureCache.build(
+                    self.model, blocks, self.data.train, items, device=self.device, precision=self.precision,
+                    channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size, num_workers=cfg.data.num_workers,
+                    max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
+                )
+            self._cache_key = ("cache", blocks)
+        return self._feature_cache
+
+    def _forward_model(self, stage: str = "joint", cache: FrozenFeatureCache | None = None) -> nn.Module:
+        """The module to call in training (the pre-training net in ``pretrain``; the network
+        after the cached layers when training on a feature ``cache``): the DDP wrapper when
+        distributed.
 
         One wrapper per stage: DDP synchronises only the parameters that require gradients when
         it is built, and each stage trains a different set (a wrapper built in ``warm`` would
         leave the backbone's gradients of ``joint`` unsynchronised). Every trainable parameter of
         a stage takes part in its loss, so no search for unused parameters is needed.
         """
-        module = self.pretrain_net if stage == "pretrain" else self.model
+        module: nn.Module = self.pretrain_net if stage == "pretrain" else self.model
+        key = stage
+        if cache is not None:
+            module = CachedForward(self.model, split_backbone(self.model.features, cache.frozen_blocks)[1])
+            key = f"{stage}:cached"
         if _world() > 1:
             self._ddp = self._ddp or {}
-            if stage not in self._ddp:
-                self._ddp[stage] = nn.parallel.DistributedDataParallel(
+            if key not in self._ddp:
+                self._ddp[key] = nn.parallel.DistributedDataParallel(
                     module, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=False
                 )
-            return self._ddp[stage]
+            return self._ddp[key]
         return module
 
     def _sampler(self, indices: list[int], shuffle: bool, seed: int) -> Any:
@@ -338,18 +376,29 @@ class Trainer:
         cfg = self.config
         set_trainable(self.model, step.stage, cfg.schedule.frozen_backbone_blocks)
         optimizer = self.optimizers[step.stage]
-        forward = self._forward_model(step.stage)
+        cache = self._feature_cache_for(step)
+        forward = self._forward_model(step.stage, cache)
         forward.train()
+        if cfg.schedule.freeze_backbone_batchnorm and step.stage != "pretrain":
+            for module in self.model.features.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         subset = IndexedSubset(self.data.train, self.data.training_items)
         seed = self._step_seed(step)
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(subset), generator=generator).tolist()
         world, rank = _world(), _rank()
         sampler = ShardedBatchSampler(order, cfg.data.batch_size, rank, world)
-        loader = make_loader(
-            subset, cfg.data.batch_size, generator=generator, num_workers=cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda", batch_sampler=sampler,
-        )
+        if cache is not None:
+            # the same batches in the same order, read from the cached frozen-layer outputs
+            loader: Any = cache.batches(order, cfg.data.batch_size, rank, world)
+            item_shape = tuple(cache.tensors.shape[1:])
+        else:
+            loader = make_loader(
+                subset, cfg.data.batch_size, generator=generator, num_workers=cfg.data.num_workers,
+                pin_memory=self.device.type == "cuda", batch_sampler=sampler,
+            )
+            item_shape = (3, cfg.data.image_size, cfg.data.image_size)
         fmt = memory_format(cfg.run.channels_last)
         identity = self.model.class_identity
         sums: dict[str, torch.Tensor] = {}
@@ -377,7 +426,7 @@ class Trainer:
                     # An empty slice (unreadable images, or a last global batch smaller than the
                     # world): every rank must take part in the gradient all-reduce, so it runs a
                     # zero-weight stand-in.
-                    batch = batch._replace(images=torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), labels=torch.zeros(1, dtype=torch.long))
+                    batch = batch._replace(images=torch.zeros(1, *item_shape), labels=torch.zeros(1, dtype=torch.long))
                     share = torch.zeros(1, device=self.device)
                 images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
                 labels = batch.labels.to(self.device, non_blocking=True)
@@ -430,13 +479,92 @@ class Trainer:
         self.model.history.append({"event": "push", "step": step.index, "epoch": step.epoch, "time": _now()})
         return {"push_mean_distance": sum(moved) / len(moved), "push_max_distance": max(moved)}
 
+    def _first_prototype_step(self) -> int | None:
+        return next((s.index for s in self.plan if s.stage in ("warm", "joint")), None)
+
+    @torch.no_grad()
+    def _initialise_prototypes(self) -> None:
+        """``model.prototype_init: patches``: prototype j of class k becomes the latent patch at
+        a random place of a random training picture of class k (add-on layers as initialised,
+        eval mode). Seeded by run.seed alone, so every process makes the same choice."""
+        if self.config.model.prototype_init != "patches":
+            return
+        model, clean = self.model, self.data.clean
+        generator = torch.Generator().manual_seed(self.config.run.seed * 7919 + 5)
+        by_class: dict[int, list[int]] = {}
+        for i in self.data.train_indices:
+            by_class.setdefault(int(clean.targets[i]), []).append(i)
+        classes = model.prototype_classes.tolist()
+
+        def picture_of(k: int) -> torch.Tensor:
+            pool = by_class.get(k, [])
+            for p in torch.randperm(len(pool), generator=generator).tolist():
+                try:
+                    return clean.to_tensor(clean.load_image(pool[p]))
+                except (OSError, ValueError, SyntaxError) as error:  # unreadable: try another
+                    self.bad_images.add([BadItem(pool[p], str(clean.path(pool[p])), str(error))])
+            raise ValueError(f"model.prototype_init: patches: class {model.class_names[k]!r} has no readable training picture")
+
+        h, w = model.prototype_size
+        was_training = model.training
+        model.eval()
+        fmt = memory_format(self.config.run.channels_last)
+        new = model.prototypes.detach().clone()
+        batch = self.config.data.test_batch_size
+        for start in range(0, len(classes), batch):
+            picked = classes[start : start + batch]
+            images = torch.stack([picture_of(k) for k in picked]).to(self.device).to(memory_format=fmt)
+            with autocast(self.device, self.precision):
+                z = model.latent(images).float()  # (B, D, H, W)
+            for b in range(len(picked)):
+                r = int(torch.randint(z.shape[2] - h + 1, (1,), generator=generator))
+                c = int(torch.randint(z.shape[3] - w + 1, (1,), generator=generator))
+                new[start + b] = z[b, :, r : r + h, c : c + w]
+        model.prototypes.copy_(new)
+        model.train(was_training)
+
+    def _prune(self, step: Step) -> dict[str, Any]:
+        """Paper Section 2.6 on the pushed model: drop the prototypes whose nearest training
+        patches are mostly of other classes. Every rank computes the same result on the whole
+        push set (one forward pass), so the models stay identical without communication. The
+        last-layer stage that follows re-fits the remaining connections."""
+        from ..prune import prune
+
+        cfg = self.config
+        self.model.eval()
+        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} prune", len(self.data.train_indices)) as bar:
+            report = prune(
+                self.model, self.data.clean, k=cfg.schedule.prune_k, threshold=cfg.schedule.prune_threshold,
+                indices=self.data.train_indices, refit=False, batch_size=cfg.data.push_batch_size, device=self.device,
+                num_workers=cfg.data.num_workers, progress=bar.update,
+            )
+        self._rebuild_optimizers()
+        return {
+            "prototypes_before": len(report.prototypes), "prototypes_after": len(report.kept),
+            "train_accuracy_before": report.accuracy["train"]["before"],
+            "train_accuracy_after_removal": report.accuracy["train"]["after_removal"],
+        }
+
+    def _rebuild_optimizers(self) -> None:
+        """Fresh optimisers over the model's current parameters (pruning replaces the prototype
+        and last-layer tensors); the joint learning-rate schedule keeps its position."""
+        position = self.scheduler.state_dict()
+        self.optimizers = self._make_optimizers()
+        self.scheduler = self._make_scheduler()
+        self.scheduler.load_state_dict(position)
+
     def _last_layer(self, step: Step) -> dict[str, Any]:
         cfg = self.config
         set_trainable(self.model, "last_layer")
+        # The convex stage fits the training pictures: with fixed augmented copies (the paper's
+        # offline augmentation, or data.augment_views) all of them, as the reference does;
+        # with on-the-fly augmentation the clean pictures.
+        fixed = bool(cfg.data.augment_views or cfg.data.offline_augmentation)
+        dataset, items = (self.data.train, self.data.training_items) if fixed else (self.data.clean, self.data.train_indices)
         sims, labels, _ = collect_similarities(
-            self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
+            self.model, dataset, indices=items, batch_size=cfg.data.push_batch_size,
             device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
-            channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
+            channels_last=cfg.run.channels_last, sampler=self._sampler(items, False, 0),
             bad_images=self.bad_images,
         )
         generator = torch.Generator().manual_seed(self._step_seed(step))
@@ -485,10 +613,14 @@ class Trainer:
                 t0 = time.perf_counter()
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     torch.manual_seed(self._step_seed(step))
+                    if step.stage in ("warm", "joint") and step.index == self._first_prototype_step():
+                        self._initialise_prototypes()
                     if step.stage in ("pretrain", "warm", "joint"):
                         record = self._train_epoch(step)
                     elif step.stage == "push":
                         record = self._push(step)
+                    elif step.stage == "prune":
+                        record = self._prune(step)
                     else:
                         record = self._last_layer(step)
                     val = self._validate() if step.stage != "pretrain" else None
@@ -510,8 +642,7 @@ class Trainer:
         return self._finish(elapsed_before + time.perf_counter() - start)
 
     def _after_step(self, step: Step, val: float | None) -> None:
-        pushed = step.stage == "last_layer" or (step.stage == "push" and self.config.schedule.last_layer_iterations == 0)
-        if pushed:
+        if self._is_candidate(step):
             score = val if val is not None else float(step.index)
             if score > self.best_val:
                 self.best_val = score
@@ -525,6 +656,19 @@ class Trainer:
         if self.is_main:
             self._save_checkpoint(step)
             self._write_metrics()
+
+    def _is_candidate(self, step: Step) -> bool:
+        """Whether the model after ``step`` is a finished, pushed model that model selection
+        may keep: the end of a push round (push, then prune and last layer where planned). With
+        ``schedule.prune`` only the pruned model is: pruning is what the run was asked for."""
+        if step.stage not in ("push", "prune", "last_layer"):
+            return False
+        later = self.plan[step.index + 1] if step.index + 1 < len(self.plan) else None
+        if later is not None and later.epoch == step.epoch and later.stage in ("prune", "last_layer"):
+            return False  # the round goes on
+        if self.config.schedule.prune:
+            return any(s.stage == "prune" and s.index <= step.index for s in self.plan)
+        return True
 
     def _write_failure(self, error: OSError, what: str) -> OSError:
         """One line for a failed write (disk full, read-only): what was lost and what is safe."""
@@ -680,7 +824,7 @@ class Trainer:
         self.optimizers = self._make_optimizers()
         for k, o in self.optimizers.items():
             o.load_state_dict(optim_states[k])
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizers["joint"], step_size=self.config.schedule.joint_lr_step, gamma=self.config.schedule.joint_lr_gamma)
+        self.scheduler = self._make_scheduler()
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -693,8 +837,13 @@ class Trainer:
         self.next_step = int(state["next_step"])
 
     def _match_prototype_count(self, tensors: dict[str, torch.Tensor]) -> None:
-        if tensors["prototypes"].shape != self.model.prototypes.shape:
+        """A checkpoint written after the prune step holds fewer prototypes than the configured
+        model: take its prototype set (the optimisers are rebuilt over it afterwards)."""
+        saved, current = tensors["prototypes"].shape, self.model.prototypes.shape
+        if saved[1:] != current[1:] or (saved[0] != current[0] and not self.config.schedule.prune):
             raise CheckpointError("checkpoint prototypes do not match the configured model")
+        if saved[0] != current[0]:
+            self.model.set_prototypes(tensors["prototypes"], tensors["prototype_classes"], tensors["last_layer.weight"])
 
     def _write_metrics(self) -> None:
         atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))

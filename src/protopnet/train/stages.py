@@ -1,7 +1,7 @@
 """The training schedule as data (paper Section 2.2, reference schedule).
 
 :func:`plan_schedule` turns a :class:`~protopnet.config.ScheduleConfig` into the list of steps a
-run executes — ``warm``, ``joint``, ``push``, ``last_layer`` — and :data:`TRAINABLE` says which
+run executes — ``warm``, ``joint``, ``push``, ``prune``, ``last_layer`` — and :data:`TRAINABLE` says which
 parts of the network each stage trains. A run is resumable at any step boundary.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ScheduleConfig
 
-STAGES = ("pretrain", "warm", "joint", "push", "last_layer")
+STAGES = ("pretrain", "warm", "joint", "push", "prune", "last_layer")
 
 # Which parts of the network each stage trains.
 TRAINABLE: dict[str, tuple[str, ...]] = {
@@ -22,6 +22,7 @@ TRAINABLE: dict[str, tuple[str, ...]] = {
     "warm": ("add_on", "prototypes"),
     "joint": ("features", "add_on", "prototypes"),
     "push": (),
+    "prune": (),
     "last_layer": ("last_layer",),
 }
 
@@ -39,16 +40,15 @@ class Step:
 
 
 def is_push_epoch(schedule: ScheduleConfig, epoch: int) -> bool:
-    regular = epoch >= schedule.push_start and (epoch - schedule.push_start) % schedule.push_every == 0
-    final = schedule.push_at_end and epoch == schedule.epochs - 1
-    return regular or final
+    return schedule.is_push_epoch(epoch)
 
 
 def plan_schedule(schedule: ScheduleConfig) -> list[Step]:
     """The ordered steps of a run.
 
     First ``pretrain_epochs`` backbone pre-training epochs (0 by default); then epoch e is ``warm`` when e < warm_epochs, else ``joint``; after a push epoch come ``push``
-    and ``last_layer`` (its iterations run inside that one step).
+    and ``last_layer`` (its iterations run inside that one step). With ``schedule.prune`` a
+    ``prune`` step comes between the final push and its last-layer stage.
     """
     steps: list[Step] = []
 
@@ -57,10 +57,13 @@ def plan_schedule(schedule: ScheduleConfig) -> list[Step]:
 
     for epoch in range(schedule.pretrain_epochs):
         add("pretrain", epoch)
+    pushes = [e for e in range(schedule.epochs) if is_push_epoch(schedule, e)]
     for epoch in range(schedule.epochs):
         add("warm" if epoch < schedule.warm_epochs else "joint", epoch)
-        if is_push_epoch(schedule, epoch):
+        if epoch in pushes:
             add("push", epoch)
+            if schedule.prune and epoch == pushes[-1]:
+                add("prune", epoch)
             if schedule.last_layer_iterations > 0:
                 add("last_layer", epoch)
     return steps

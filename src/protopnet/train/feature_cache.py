@@ -1,0 +1,156 @@
+"""Compute the frozen part of the backbone once per training picture (``data.feature_cache``).
+
+In the warm-up epochs the whole backbone is frozen, and with ``schedule.frozen_backbone_blocks``
+its first blocks stay frozen in the joint epochs too. When the training pictures are the same
+every epoch (fixed augmented views, offline augmentation, or none), what those frozen layers
+make of each picture never changes: :class:`FrozenFeatureCache` computes it once, and the
+epochs train the rest of the network on the stored tensors — no decoding, no frozen layers.
+
+The frozen layers run in eval mode (batch-norm with its running statistics), so a cached epoch
+computes exactly what an uncached one with the frozen blocks in eval mode would.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..runtime import autocast, memory_format
+from .loader import Batch, IndexedSubset, ShardedBatchSampler, make_loader
+from .stages import backbone_blocks
+
+logger = logging.getLogger(__name__)
+
+
+def split_backbone(features: nn.Module, frozen_blocks: int | None) -> tuple[nn.Module, nn.Module | None]:
+    """``(prefix, suffix)``: the first ``frozen_blocks`` blocks and the rest (None when the
+    whole backbone is the prefix: ``frozen_blocks`` None)."""
+    if frozen_blocks is None:
+        return features, None
+    blocks = backbone_blocks(features)
+    return nn.Sequential(*blocks[:frozen_blocks]), nn.Sequential(*blocks[frozen_blocks:])
+
+
+class CachedForward(nn.Module):
+    """The network after the cached prefix: ``(B, C, H, W)`` cached tensors ->
+    :class:`~protopnet.model.protopnet.ProtoPNetOutput` (through ``suffix``, the add-on layers
+    and the prototype head). Holds ``model`` as a submodule so DDP sees its parameters."""
+
+    def __init__(self, model: nn.Module, suffix: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.suffix = suffix
+
+    def forward(self, cached: torch.Tensor) -> Any:
+        z = cached if self.suffix is None else self.suffix(cached)
+        return self.model.head(self.model.add_on(z))
+
+
+class FrozenFeatureCache:
+    """The prefix's output for every training item: ``tensors`` (N, C, H, W) on the training
+    device, in the dtype the prefix produced (bf16 under bf16 autocast), ``labels`` (N,) and
+    ``ok`` (N,) (False for unreadable pictures).
+
+    Args:
+        frozen_blocks: how many backbone blocks the prefix holds; None: the whole backbone.
+    """
+
+    def __init__(self, frozen_blocks: int | None, tensors: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor) -> None:
+        self.frozen_blocks = frozen_blocks
+        self.tensors, self.labels, self.ok = tensors, labels, ok
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensors.numel() * self.tensors.element_size()
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: nn.Module,
+        frozen_blocks: int | None,
+        dataset: Any,
+        items: list[int],
+        *,
+        device: torch.device,
+        precision: str,
+        channels_last: bool,
+        batch_size: int,
+        num_workers: int,
+        max_bytes: float,
+        bad_images: Any = None,
+        progress: Callable[[int], Any] | None = None,
+    ) -> "FrozenFeatureCache | None":
+        """Run the prefix over ``dataset`` items ``items`` (every process runs all of them).
+
+        Returns None — the caller trains without the cache — when the tensors would take more
+        than ``max_bytes`` or when running the blocks one after the other does not reproduce the
+        backbone's forward (a backbone whose ``forward`` is not its blocks in sequence).
+        """
+        prefix, suffix = split_backbone(model.features, frozen_blocks)
+        was_training = model.training
+        model.eval()
+        try:
+            fmt = memory_format(channels_last)
+            loader = make_loader(IndexedSubset(dataset, items), batch_size, shuffle=False, num_workers=num_workers)
+            tensors = labels = ok = None
+            checked = suffix is None
+            for batch in loader:
+                if bad_images is not None:
+                    bad_images.add(batch.bad)
+                if progress is not None:
+                    progress(len(batch.indices) + len(batch.bad))
+                if batch.images is None:
+                    continue
+                images = batch.images.to(device, non_blocking=True).to(memory_format=fmt)
+                with autocast(device, precision):
+                    out = prefix(images)
+                if not checked:
+                    with autocast(device, precision):
+                        whole = model.features(images[:2])
+                        split = suffix(out[:2])
+                    if whole.shape != split.shape or not torch.allclose(whole.float(), split.float(), rtol=1e-2, atol=1e-2):
+                        logger.warning("data.feature_cache: %s's blocks in sequence do not reproduce its forward; training without the cache", type(model.features).__name__)
+                        return None
+                    checked = True
+                if tensors is None:
+                    per_item = out[0].numel() * out.element_size()
+                    need = per_item * len(items)
+                    if need > max_bytes:
+                        logger.warning(
+                            "data.feature_cache: %d items x %s would take %.1f GB, more than data.feature_cache_max_gb (%.1f): training without the cache",
+                            len(items), tuple(out.shape[1:]), need / 1e9, max_bytes / 1e9,
+                        )
+                        return None
+                    tensors = torch.zeros((len(items), *out.shape[1:]), dtype=out.dtype, device=device)
+                    labels = torch.zeros(len(items), dtype=torch.long, device=device)
+                    ok = torch.zeros(len(items), dtype=torch.bool, device=device)
+                    position = {index: p for p, index in enumerate(items)}
+                where = torch.tensor([position[int(i)] for i in batch.indices], device=device)
+                tensors[where] = out.to(memory_format=torch.contiguous_format)
+                labels[where] = batch.labels.to(device)
+                ok[where] = True
+            if tensors is None:
+                return None
+            logger.info("feature cache: %d items x %s (%s), %.2f GB", len(items), tuple(tensors.shape[1:]), tensors.dtype, tensors.numel() * tensors.element_size() / 1e9)
+            return cls(frozen_blocks, tensors, labels, ok)
+        finally:
+            model.train(was_training)
+
+    def batches(self, order: list[int], batch_size: int, rank: int, world: int) -> Iterator[Batch]:
+        """Batches in the order of positions ``order`` (this rank's slice of each global batch,
+        as :class:`~protopnet.train.loader.ShardedBatchSampler` cuts it); unreadable items left
+        out."""
+        for positions in ShardedBatchSampler(order, batch_size, rank, world):
+            where = torch.tensor(positions, dtype=torch.long, device=self.tensors.device)
+            where = where[self.ok[where]] if len(positions) else where
+            if where.numel() == 0:
+                yield Batch(None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), [])
+                continue
+            yield Batch(self.tensors[where], self.labels[where], where.cpu(), [])
+
+    def __len__(self) -> int:
+        return self.tensors.shape[0]
