@@ -85,6 +85,7 @@ def _step_seed(seed: int, index: int) -> int:
 def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[LinearBaseline, list[dict[str, Any]]]:
     """Train the linear baseline on ``data`` (a RunData) following ``config``'s schedule."""
     from protopnet.runtime import autocast, memory_format, resolve_device
+    from protopnet.train.feature_cache import FrozenFeatureCache, split_backbone
     from protopnet.train.loader import IndexedSubset, make_loader
     from protopnet.train.stages import backbone_blocks, plan_schedule
 
@@ -111,6 +112,8 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
         return progress(description, total) if progress is not None else _NullBar()
 
     metrics = []
+    cache: FrozenFeatureCache | None = None
+    cache_key: tuple[str, int | None] | None = None
     for step in plan_schedule(cfg.schedule):
         t0 = time.perf_counter()
         record: dict[str, Any] = {"step": step.index, "stage": step.stage, "epoch": step.epoch}
@@ -123,8 +126,36 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                 for p in head:
                     p.requires_grad_(True)
                 model.train()
-                loader = make_loader(IndexedSubset(data.train, data.training_items), cfg.data.batch_size, shuffle=True,
-                                     generator=torch.Generator().manual_seed(seed), num_workers=cfg.data.num_workers)
+                if cfg.schedule.freeze_backbone_batchnorm:  # as the Trainer does
+                    for module in model.features.modules():
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
+                # the frozen layers' outputs cached exactly as the Trainer does (data.feature_cache)
+                blocks = None if step.stage == "warm" else cfg.schedule.frozen_backbone_blocks
+                if cfg.data.feature_cache and blocks != 0 and cache_key != ("cache", blocks):
+                    cache = None
+                    with bar(f"baseline: caching the frozen layers ({step.stage})", len(data.training_items)) as b:
+                        cache = FrozenFeatureCache.build(
+                            model, blocks, data.train, data.training_items, device=device, precision=cfg.run.precision,
+                            channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size,
+                            num_workers=cfg.data.num_workers, max_bytes=cfg.data.feature_cache_max_gb * 1e9, progress=b.update,
+                        )
+                    cache_key = ("cache", blocks)
+                generator = torch.Generator().manual_seed(seed)
+                if cfg.data.feature_cache and blocks != 0 and cache is not None:
+                    suffix = split_backbone(model.features, blocks)[1]
+                    order = torch.randperm(len(data.training_items), generator=generator).tolist()
+                    loader: Any = list(cache.batches(order, cfg.data.batch_size, 0, 1))
+
+                    def forward(x: torch.Tensor, suffix: Any = suffix) -> torch.Tensor:
+                        x = x if suffix is None else suffix(x)
+                        return model.head(F.adaptive_avg_pool2d(x, 1).flatten(1).float())
+                else:
+                    loader = make_loader(IndexedSubset(data.train, data.training_items), cfg.data.batch_size, shuffle=True,
+                                         generator=generator, num_workers=cfg.data.num_workers)
+
+                    def forward(x: torch.Tensor) -> torch.Tensor:
+                        return model(x).logits
                 total = correct = 0
                 loss_sum = 0.0
                 with bar(f"baseline epoch {step.epoch + 1}/{cfg.schedule.epochs} {step.stage}", len(loader)) as b:
@@ -135,7 +166,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                         images = batch.images.to(device).to(memory_format=fmt)
                         labels = batch.labels.to(device)
                         with autocast(device, cfg.run.precision):
-                            logits = model(images).logits
+                            logits = forward(images)
                         loss = F.cross_entropy(logits.float(), labels)
                         optimizers[step.stage].zero_grad(set_to_none=True)
                         loss.backward()
@@ -153,7 +184,9 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                 model.eval()
                 pooled, labels = [], []
                 with torch.no_grad():
-                    for batch in make_loader(IndexedSubset(data.clean, data.train_indices, augment=False), cfg.data.push_batch_size):
+                    fixed = bool(cfg.data.augment_views or cfg.data.offline_augmentation)  # as the Trainer does
+                    dataset, items = (data.train, data.training_items) if fixed else (data.clean, data.train_indices)
+                    for batch in make_loader(IndexedSubset(dataset, items, augment=False), cfg.data.push_batch_size):
                         if batch.images is None:
                             continue
                         with autocast(device, cfg.run.precision):
@@ -173,7 +206,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                             correct += int((logits.argmax(1) == y[chunk]).sum())
                         b.update(1)
                 record.update(train_accuracy=correct / max(len(y), 1))
-            elif step.stage != "push":  # push has no counterpart without prototypes
+            elif step.stage not in ("push", "prune"):  # no counterpart without prototypes
                 raise ValueError(f"the linear baseline has no counterpart of the {step.stage!r} stage; set it to 0 epochs")
         record["seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
@@ -287,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = backbone_normalisation(config)
     data = build_run_data(config, mean, std, **dataset_kw)
     data_seconds = time.perf_counter() - t0
-    n_train, n_test = len(data.training_items), len(data.test) if data.test is not None else 0
+    n_train, n_test = len(data.train_indices), len(data.test) if data.test is not None else 0
+    n_items = len(data.training_items)  # what one epoch goes through: n_train x data.augment_views
     logger.info("data ready in %.1f s: %d classes, %d training / %d test images", data_seconds, len(data.class_names), n_train, n_test)
 
     results: dict[str, Any] = {}
@@ -325,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['label']} | {100 * r['test_fp32']['top1']:.1f} % | {100 * r['test_fp32']['top5']:.1f} % | {minutes(r['seconds'])} |")
     targets: dict[str, Any] = {"total_seconds": round(total, 1), "total_within_30_min": total <= 1800}
     notes = [
-        f"{len(data.class_names)} classes, {n_train} training / {n_test} test images, {config.data.image_size} px bounding-box crops; "
+        f"{len(data.class_names)} classes, {n_train} training / {n_test} test images ({n_items} training items per epoch), "
+        f"{config.data.image_size} px bounding-box crops; "
         f"{torch.get_num_threads()} threads, precision {config.run.precision}{', channels_last' if config.run.channels_last else ''}; "
         f"decoding + cache: {minutes(data_seconds)}; total: {minutes(total)}.",
         "Test accuracy in float32; in bfloat16: " + ", ".join(f"{k} {100 * r['test_bf16']['top1']:.1f} %" for k, r in results.items()) + ".",
@@ -339,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     record = {
         "config": str(args.config), "overrides": overrides, "data": str(Path(args.data).resolve()),
-        "classes": len(data.class_names), "train_images": n_train, "test_images": n_test,
+        "classes": len(data.class_names), "train_images": n_train, "train_items_per_epoch": n_items, "test_images": n_test,
         "image_size": config.data.image_size, "threads": torch.get_num_threads(), "precision": config.run.precision,
         "channels_last": config.run.channels_last, "data_seconds": round(data_seconds, 1), "results": results,
         "targets": targets, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
