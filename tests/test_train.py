@@ -98,21 +98,25 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_after", [0, 2, 4])
-def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_after):
-    full = Trainer(tiny_config(tmp_path / "full"), data=tiny_data()).fit()
-
+def interrupt_after(monkeypatch, config, stop: int) -> None:
+    """Run ``config`` until step ``stop`` is checkpointed, then stop as a kill would."""
     original = TrainerClass._after_step
 
     def crash(self, step, val):
         original(self, step, val)
-        if step.index == stop_after:
+        if step.index == stop:
             raise Interrupted
 
     monkeypatch.setattr(TrainerClass, "_after_step", crash)
     with pytest.raises(Interrupted):
-        Trainer(tiny_config(tmp_path / "cut"), data=tiny_data()).fit()
+        Trainer(config, data=tiny_data()).fit()
     monkeypatch.setattr(TrainerClass, "_after_step", original)
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 4])
+def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_after):
+    full = Trainer(tiny_config(tmp_path / "full"), data=tiny_data()).fit()
+    interrupt_after(monkeypatch, tiny_config(tmp_path / "cut"), stop_after)
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(tiny_config(tmp_path / "cut"), data=tiny_data()).fit()
     resumed = Trainer(tiny_config(tmp_path / "cut"), data=tiny_data()).fit(resume=True)
@@ -124,17 +128,7 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_after):
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):
     full = Trainer(tiny_config(tmp_path / "full"), data=tiny_data()).fit()
-    original = TrainerClass._after_step
-
-    def crash(self, step, val):
-        original(self, step, val)
-        if step.index == 3:
-            raise Interrupted
-
-    monkeypatch.setattr(TrainerClass, "_after_step", crash)
-    with pytest.raises(Interrupted):
-        Trainer(tiny_config(tmp_path / "cut"), data=tiny_data()).fit()
-    monkeypatch.setattr(TrainerClass, "_after_step", original)
+    interrupt_after(monkeypatch, tiny_config(tmp_path / "cut"), 3)
     newest = sorted((tmp_path / "cut" / "run" / "checkpoints").iterdir())[-1]
     blob = newest / "model.safetensors"
     blob.write_bytes(blob.read_bytes()[: len(blob.read_bytes()) // 2])
@@ -213,17 +207,7 @@ def test_resume_after_pruning_ends_with_the_same_weights(tmp_path, monkeypatch, 
     full = Trainer(_pruning_config(tmp_path / "full"), data=tiny_data()).fit()
     stop = next(s.index for s in plan_schedule(_pruning_config(tmp_path).schedule) if s.stage == "prune")
     stop += stop_at == "last_layer"
-    original = TrainerClass._after_step
-
-    def crash(self, step, val):
-        original(self, step, val)
-        if step.index == stop:
-            raise Interrupted
-
-    monkeypatch.setattr(TrainerClass, "_after_step", crash)
-    with pytest.raises(Interrupted):
-        Trainer(_pruning_config(tmp_path / "cut"), data=tiny_data()).fit()
-    monkeypatch.setattr(TrainerClass, "_after_step", original)
+    interrupt_after(monkeypatch, _pruning_config(tmp_path / "cut"), stop)
     resumed = Trainer(_pruning_config(tmp_path / "cut"), data=tiny_data()).fit(resume=True)
     wa = load_file(full.model_dir / "model.safetensors")
     wb = load_file(resumed.model_dir / "model.safetensors")

@@ -323,6 +323,7 @@ class Trainer:
             return None
         blocks = None if step.stage == "warm" else cfg.schedule.frozen_backbone_blocks
         if blocks == 0:
+            self._feature_cache = self._cache_key = None  # nothing frozen in joint: free the warm-up cache
             return None
         if self._cache_key != ("cache", blocks):
             self._feature_cache = None  # free the warm-up cache before building the joint one
