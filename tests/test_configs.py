@@ -73,7 +73,7 @@ def test_architecture_builds_and_gives_a_7x7_latent_grid(name):
 def test_the_cpu_config_freezes_its_first_blocks_and_trains_the_rest():
     c = load_config(CONFIGS / "cub200_mobilenet_v2.yaml", ["model.pretrained=false"])
     assert (c.model.backbone, c.data.image_size, c.model.prototypes_per_class, c.model.prototype_dim) == ("mobilenet_v2", 224, 10, 128)
-    assert (c.run.precision, c.run.channels_last, c.data.cache, c.data.augment) == ("bf16", True, True, True)
+    assert (c.run.precision, c.run.channels_last, c.data.cache, c.data.augment) == ("fp32", True, True, True)
     assert c.schedule.frozen_backbone_blocks == 7
     plan = plan_schedule(c.schedule)
     assert [st.stage for st in plan[-2:]] == ["push", "last_layer"] and sum(st.stage == "push" for st in plan) == 1
