@@ -87,7 +87,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     from protopnet.runtime import autocast, memory_format, resolve_device
     from protopnet.train.feature_cache import FrozenFeatureCache, split_backbone
     from protopnet.train.loader import IndexedSubset, make_loader
-    from protopnet.train.stages import backbone_blocks, plan_schedule
+    from protopnet.train.stages import backbone_blocks, freeze_batchnorm, plan_schedule
 
     cfg, o = config, config.optim
     device = resolve_device(cfg.run.device)
@@ -127,9 +127,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                     p.requires_grad_(True)
                 model.train()
                 if cfg.schedule.freeze_backbone_batchnorm:  # as the Trainer does
-                    for module in model.features.modules():
-                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                            module.eval()
+                    freeze_batchnorm(model.features)
                 # the frozen layers' outputs cached exactly as the Trainer does (data.feature_cache)
                 blocks = None if step.stage == "warm" else cfg.schedule.frozen_backbone_blocks
                 if cfg.data.feature_cache and blocks != 0 and cache_key != ("cache", blocks):

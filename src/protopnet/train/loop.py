@@ -61,7 +61,7 @@ from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
 from .last_layer import collect_similarities, optimise_last_layer
 from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader
 from .push import push_prototypes
-from .stages import Step, parameter_groups, plan_schedule, set_trainable
+from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -381,9 +381,7 @@ class Trainer:
         forward = self._forward_model(step.stage, cache)
         forward.train()
         if cfg.schedule.freeze_backbone_batchnorm and step.stage != "pretrain":
-            for module in self.model.features.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            freeze_batchnorm(self.model.features)
         subset = IndexedSubset(self.data.train, self.data.training_items)
         seed = self._step_seed(step)
         generator = torch.Generator().manual_seed(seed)

@@ -105,3 +105,11 @@ def set_trainable(model: nn.Module, stage: str, frozen_blocks: int = 0) -> None:
         for block in backbone_blocks(model.features)[:frozen_blocks]:
             for p in block.parameters():
                 p.requires_grad_(False)
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every batch-norm layer of ``module`` in eval mode (running statistics, no updates);
+    ``schedule.freeze_backbone_batchnorm``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
