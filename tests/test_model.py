@@ -10,6 +10,7 @@ import torch
 from protopnet import ProtoPNet
 from protopnet.model import available_backbones, l2_distance_maps, similarity
 from protopnet.model.backbones import build_backbone
+from protopnet.model.distances import paired_l2_distance_maps
 
 from conftest import tiny_model
 
@@ -36,6 +37,20 @@ def test_distances_match_brute_force(size):
     fast = l2_distance_maps(z, prototypes)
     assert fast.shape == (2, 4, 6 - size[0] + 1, 7 - size[1] + 1)
     torch.testing.assert_close(fast.double(), brute_force_distances(z, prototypes), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (3, 2)])
+def test_paired_distances_are_the_diagonal_of_brute_force(size):
+    """Prototype j against latent map j only (push's activation maps), for every j at once."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.rand(4, 5, 6, 7, generator=g)
+    prototypes = torch.rand(4, 5, *size, generator=g)
+    paired = paired_l2_distance_maps(z, prototypes)
+    assert paired.shape == (4, 6 - size[0] + 1, 7 - size[1] + 1) and paired.dtype == torch.float32
+    full = brute_force_distances(z, prototypes)  # (4, 4, H', W'): every map against every prototype
+    torch.testing.assert_close(paired.double(), torch.stack([full[j, j] for j in range(4)]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expected z"):
+        paired_l2_distance_maps(z, prototypes[:3])
 
 
 def test_distances_are_clamped_at_zero_and_exact_on_a_copied_patch():

@@ -45,6 +45,36 @@ def l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         return F.relu(z_sq - 2 * cross + p_sq)
 
 
+def paired_l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance from prototype j to every patch of latent map j, for every j at once.
+
+    The diagonal of :func:`l2_distance_maps` over a stack of latent maps (push draws each pushed
+    prototype's activation on its own source image this way): the same ``||z||^2 - 2 z.p + ||p||^2``
+    in float32, with the cross term as one grouped convolution.
+
+    Args:
+        z: latent maps (M, D, H, W).
+        prototypes: (M, D, h, w).
+
+    Returns:
+        distances (M, H', W').
+    """
+    if z.dim() != 4 or prototypes.dim() != 4 or z.shape[:2] != prototypes.shape[:2]:
+        raise ValueError(f"expected z (M, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
+    m, d, h, w = prototypes.shape
+    if m == 0:
+        return z.new_zeros(0, z.shape[2] - h + 1, z.shape[3] - w + 1, dtype=torch.float32)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        prototypes = prototypes.float()
+        z_sq = (z * z).sum(dim=1)  # (M, H, W)
+        if h != 1 or w != 1:
+            z_sq = F.avg_pool2d(z_sq[:, None], (h, w), stride=1)[:, 0] * (h * w)  # (M, H', W')
+        cross = F.conv2d(z.reshape(1, m * d, *z.shape[2:]), prototypes, groups=m)[0]  # (M, H', W')
+        p_sq = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(-1, 1, 1)  # (M, 1, 1)
+        return F.relu(z_sq - 2 * cross + p_sq)
+
+
 def similarity(distances: torch.Tensor, activation: str = "log", epsilon: float = 1e-4) -> torch.Tensor:
     """Turn squared distances (any shape) into similarities of the same shape.
 

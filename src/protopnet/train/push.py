@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..model.distances import l2_distance_maps
+from ..model.distances import paired_l2_distance_maps
 from ..model.protopnet import ProtoPNet
-from ..regions import activation_box
+from ..regions import activation_boxes
 from ..runtime import autocast, resolve_device
 from .loader import BadImageLog, stream_batches
 
@@ -117,11 +117,7 @@ class PushState:
 
     def activation_maps(self, model: ProtoPNet) -> torch.Tensor:
         """(M, H', W') similarity of each (pushed) prototype on its own source image."""
-        maps = []
-        for j in range(self.patch.shape[0]):
-            d = l2_distance_maps(self.latent[j : j + 1], self.patch[j : j + 1])  # (1, 1, H', W')
-            maps.append(model.similarity(d[0, 0]))
-        return torch.stack(maps)
+        return model.similarity(paired_l2_distance_maps(self.latent, self.patch))
 
 
 @torch.no_grad()
@@ -184,11 +180,12 @@ def push_prototypes(
     model.prototypes.data.copy_(state.patch.to(model.prototypes.device, model.prototypes.dtype))
     activations = state.activation_maps(model)  # (M, H', W')
     size = int(getattr(dataset, "image_size", 224))
+    boxes = activation_boxes(activations, (size, size), percentile).tolist()  # (M, 4), all maps at once
     provenance = []
     for j in range(model.num_prototypes):
         index = int(state.index[j])
         activation = activations[j]
-        box, _ = activation_box(activation, (size, size), percentile)
+        box = boxes[j]
         k = int(model.prototype_classes[j])
         provenance.append(
             {
