@@ -4,7 +4,8 @@ The activation (similarity) map over patch positions, (H', W'), is upsampled to 
 with bicubic interpolation (as the reference does with OpenCV's cubic resize), and the region is
 the smallest box enclosing the pixels at or above the 95th percentile of the upsampled map.
 :func:`activation_box` does it for one map, :func:`activation_boxes` for a stack of them at once
-(the same boxes, one interpolation call and one vectorised percentile). Boxes are ``[x0, y0, x1, y1]`` in pixels with exclusive ends: ``image[y0:y1, x0:x1]``.
+(the same boxes, one interpolation call and one vectorised percentile). Boxes are
+``[x0, y0, x1, y1]`` in pixels with exclusive ends: ``image[y0:y1, x0:x1]``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ def upsample_activation(activation: torch.Tensor | np.ndarray, size: tuple[int, 
     tensor = torch.as_tensor(np.asarray(activation, dtype=np.float32))
     if tensor.dim() != 2:
         raise ValueError(f"expected an activation map (H', W'), got shape {tuple(tensor.shape)}")
-    up = F.interpolate(tensor[None, None], size=tuple(int(s) for s in size), mode=UPSAMPLING, align_corners=False)
-    return up[0, 0].numpy()
+    return upsample_activations(tensor[None], size)[0].numpy()
 
 
 def high_activation_box(upsampled: np.ndarray, percentile: float = 95.0) -> list[int]:
