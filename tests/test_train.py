@@ -233,7 +233,7 @@ def test_the_feature_cache_trains_what_the_pictures_train(tmp_path, monkeypatch)
         for step in trainer.plan:
             loads.clear()
             trainer._train_epoch(step)
-            if cached and step.epoch in (1, 3):  # the second epoch of each stage reads no picture
+            if cached and step.index > 0:  # the first epoch caches the frozen blocks, for the joint epochs too
                 assert loads == [], step
         monkeypatch.setattr(ColourDataset, "load_image", original)
         weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
@@ -245,6 +245,55 @@ def test_the_feature_cache_trains_what_the_pictures_train(tmp_path, monkeypatch)
     assert not torch.allclose(fresh["prototypes"], cached["prototypes"])  # it did train
     trained = [k for k in fresh if k.startswith("features") and not torch.equal(fresh[k], cached[k])]
     assert trained  # the unfrozen blocks trained in the joint epochs
+
+
+def _views_data(views=3):
+    from protopnet.data import AugmentedViews, online_augmentation
+
+    data = tiny_data()
+    train = AugmentedViews(data.clean, online_augmentation(32), views=views, seed=4)
+    return RunData(train, data.clean, data.test, data.train_indices, data.val_indices, train.items_of(data.train_indices))
+
+
+def test_the_last_layer_reads_the_frozen_blocks_cache_and_gets_what_the_pictures_give(tmp_path, monkeypatch):
+    from protopnet.train.feature_cache import FrozenFeatureCache
+    from protopnet.train.last_layer import collect_similarities, collect_similarities_from_cache
+
+    config = _cache_config(tmp_path, True)
+    config.data.augment, config.data.augment_views = True, 3
+    config.schedule.push_at_end = True
+    data = _views_data()
+    trainer = Trainer(config, data=data)
+    loads = []
+    original = ColourDataset.load_image
+    monkeypatch.setattr(ColourDataset, "load_image", lambda self, i: (loads.append(i), original(self, i))[1])
+    for step in trainer.plan:
+        loads.clear()
+        if step.stage in ("warm", "joint"):
+            trainer._train_epoch(step)
+        elif step.stage == "push":
+            trainer._push(step)
+        elif step.stage == "last_layer":
+            prefix = trainer._feature_caches["prefix"]
+            assert prefix is not None and prefix.frozen_blocks == 2
+            cached = collect_similarities_from_cache(trainer.model, prefix, data.training_items, batch_size=7)
+            trainer._last_layer(step)
+            assert loads == []  # no picture decoded: the later blocks ran on the cache
+    monkeypatch.setattr(ColourDataset, "load_image", original)
+    # against the pictures, through the whole backbone (the model before the last-layer stage,
+    # whose similarities do not depend on the last layer)
+    sims, labels, indices = collect_similarities(trainer.model, data.train, indices=data.training_items, batch_size=5)
+    assert torch.equal(cached[2], indices) and torch.equal(cached[1], labels)
+    assert torch.allclose(cached[0], sims, atol=1e-4, rtol=1e-4)
+    assert sims.std() > 0  # not a constant that would match anything
+    # the warm-up cache computed from the prefix cache is the whole backbone's output
+    whole = FrozenFeatureCache.build(trainer.model, None, data.train, data.training_items, device=torch.device("cpu"), precision="fp32",
+                                     channels_last=False, batch_size=9, num_workers=0, max_bytes=1e9)
+    extended = prefix.extended(trainer.model, None, precision="fp32", channels_last=False, batch_size=4)
+    assert extended.frozen_blocks is None and extended.tensors.shape == whole.tensors.shape
+    assert torch.allclose(extended.tensors, whole.tensors, atol=1e-5, rtol=1e-5)
+    assert torch.equal(extended.labels, whole.labels)
+    assert prefix.extended(trainer.model, None, precision="fp32", channels_last=False, batch_size=4, max_bytes=10) is None
 
 
 def test_the_feature_cache_needs_fixed_pictures():

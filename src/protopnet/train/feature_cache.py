@@ -140,6 +140,49 @@ class FrozenFeatureCache:
         finally:
             model.train(was_training)
 
+    @torch.no_grad()
+    def extended(
+        self, model: nn.Module, frozen_blocks: int | None, *, precision: str, channels_last: bool, batch_size: int, max_bytes: float = float("inf")
+    ) -> "FrozenFeatureCache | None":
+        """The cache of a longer prefix — the first ``frozen_blocks`` blocks (None: the whole
+        backbone) — computed from this one: only the blocks in between run, on the stored
+        tensors (no picture decoded, the shared blocks not run again). Eval mode, as in
+        :meth:`build`; None when it would take more than ``max_bytes``.
+
+        Shapes: ``tensors`` (N, C, H, W) -> the returned cache's (N, C', H', W')."""
+        if self.frozen_blocks is None:
+            raise ValueError("the cache already holds the whole backbone's output")
+        blocks = backbone_blocks(model.features)
+        end = len(blocks) if frozen_blocks is None else frozen_blocks
+        if end < self.frozen_blocks:
+            raise ValueError(f"frozen_blocks={frozen_blocks} is shorter than this cache's prefix ({self.frozen_blocks} blocks)")
+        between = nn.Sequential(*blocks[self.frozen_blocks:end])
+        was_training = model.training
+        model.eval()
+        try:
+            fmt = memory_format(channels_last)
+            device = self.tensors.device
+            tensors: torch.Tensor | None = None
+            for start in range(0, len(self), batch_size):
+                chunk = self.tensors[start:start + batch_size].to(memory_format=fmt)
+                with autocast(device, precision):
+                    out = between(chunk)
+                if tensors is None:
+                    need = out[0].numel() * out.element_size() * len(self)
+                    if need > max_bytes:
+                        logger.warning("data.feature_cache: %d items x %s would take %.1f GB, more than data.feature_cache_max_gb (%.1f): training without the cache",
+                                       len(self), tuple(out.shape[1:]), need / 1e9, max_bytes / 1e9)
+                        return None
+                    tensors = torch.zeros((len(self), *out.shape[1:]), dtype=out.dtype, device=device)
+                tensors[start:start + len(out)] = out.to(memory_format=torch.contiguous_format)
+            assert tensors is not None, "an empty cache has nothing to extend"
+            tensors[~self.ok] = 0  # unreadable items stay zeros, as build leaves them
+        finally:
+            model.train(was_training)
+        logger.info("feature cache: %d items x %s (%s), %.2f GB, from the first %d blocks' cache", len(self), tuple(tensors.shape[1:]),
+                    tensors.dtype, tensors.numel() * tensors.element_size() / 1e9, self.frozen_blocks)
+        return type(self)(frozen_blocks, tensors, self.labels, self.ok)
+
     def batches(self, order: list[int], batch_size: int, rank: int, world: int) -> Iterator[Batch]:
         """Batches in the order of positions ``order`` (this rank's slice of each global batch,
         as :class:`~protopnet.train.loader.ShardedBatchSampler` cuts it); unreadable items left

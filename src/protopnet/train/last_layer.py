@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..losses import l1_wrong_class
 from ..runtime import autocast, resolve_device
+from .feature_cache import FrozenFeatureCache, split_backbone
 from .loader import BadImageLog, IndexedSubset, gather_by_index, stream_batches
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,49 @@ def collect_similarities(
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     i = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
     return gather_by_index(s, y, i, sharded=sampler is not None)
+
+
+@torch.no_grad()
+def collect_similarities_from_cache(
+    model: Any,
+    cache: FrozenFeatureCache,
+    items: Sequence[int],
+    *,
+    batch_size: int = 75,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`collect_similarities` over the training items whose frozen backbone blocks'
+    output ``cache`` holds (``cache.tensors[p]`` is item ``items[p]``): only the later blocks
+    run. Valid while the cached blocks are unchanged (frozen), as they are after the joint
+    epochs that trained on the cache. With ``world`` > 1 each rank computes every ``world``-th
+    item and every rank receives the whole set.
+
+    Returns:
+        similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index.
+    """
+    if len(items) != len(cache):
+        raise ValueError(f"the cache holds {len(cache)} items, not the {len(items)} given")
+    suffix = split_backbone(model.features, cache.frozen_blocks)[1]
+    device = cache.tensors.device
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    was_training = model.training
+    model.eval()
+    positions = torch.arange(rank, len(cache), world)
+    positions = positions[cache.ok.cpu()[positions]]
+    sims = []
+    for chunk in positions.split(batch_size):
+        cached = cache.tensors[chunk.to(device)].to(memory_format=fmt)
+        with autocast(device, precision):
+            z = model.add_on(cached if suffix is None else suffix(cached))
+        sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
+    model.train(was_training)
+    s = torch.cat(sims) if sims else torch.zeros(0, model.num_prototypes)
+    labels = cache.labels.cpu()[positions]
+    indices = torch.as_tensor(list(items), dtype=torch.long)[positions]
+    return gather_by_index(s, labels, indices, sharded=world > 1)
 
 
 def optimise_last_layer(

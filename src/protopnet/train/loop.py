@@ -58,7 +58,7 @@ from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device, resolve_precision
 from .evaluate import accuracy_report, predict_logits
 from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
-from .last_layer import collect_similarities, optimise_last_layer
+from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
 from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader
 from .push import push_prototypes
 from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable
@@ -264,8 +264,9 @@ class Trainer:
         self.bad_images = BadImageLog()
         self.next_step = 0
         self._ddp: dict[str, nn.Module] | None = None
-        self._feature_cache: FrozenFeatureCache | None = None
-        self._cache_key: tuple[str, int | None] | None = None
+        # data.feature_cache: "warm" (the whole backbone's output) and "prefix" (the frozen
+        # blocks' output); a key present with None means the cache could not be built
+        self._feature_caches: dict[str, FrozenFeatureCache | None] = {}
 
     # -- setup ------------------------------------------------------------------------------
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -317,26 +318,49 @@ class Trainer:
     def _feature_cache_for(self, step: Step) -> FrozenFeatureCache | None:
         """The cache of frozen-layer outputs this step trains on (``data.feature_cache``), built
         on first use: the whole backbone's output for ``warm``, the first
-        ``frozen_backbone_blocks`` blocks' for ``joint``; None when the step reads pictures."""
+        ``frozen_backbone_blocks`` blocks' for ``joint``; None when the step reads pictures.
+
+        When joint epochs with frozen blocks follow the warm-up, the frozen blocks' cache is
+        built first and kept, and the warm-up cache is computed from it (only the later blocks
+        run): the pictures are decoded and the early blocks run once for the whole schedule,
+        and the last-layer stage reads the same cache."""
         cfg = self.config
         if not cfg.data.feature_cache or step.stage not in ("warm", "joint"):
             return None
-        blocks = None if step.stage == "warm" else cfg.schedule.frozen_backbone_blocks
-        if blocks == 0:
-            self._feature_cache = self._cache_key = None  # nothing frozen in joint: free the warm-up cache
-            return None
-        if self._cache_key != ("cache", blocks):
-            self._feature_cache = None  # free the warm-up cache before building the joint one
-            items = self.data.training_items
-            what = "backbone" if blocks is None else f"first {blocks} backbone blocks"
-            with self._bar(f"caching the frozen {what}", len(items)) as bar:
-                self._feature_cache = FrozenFeatureCache.build(
-                    self.model, blocks, self.data.train, items, device=self.device, precision=self.precision,
-                    channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size, num_workers=cfg.data.num_workers,
-                    max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
-                )
-            self._cache_key = ("cache", blocks)
-        return self._feature_cache
+        frozen = cfg.schedule.frozen_backbone_blocks
+        if step.stage == "joint":
+            self._feature_caches.pop("warm", None)  # free the warm-up cache
+            return self._prefix_cache() if frozen > 0 else None
+        if "warm" not in self._feature_caches:
+            joint_ahead = any(s.stage == "joint" for s in self.plan[step.index + 1:])
+            prefix = self._prefix_cache() if frozen > 0 and joint_ahead else None
+            if prefix is not None:
+                with self._bar("caching the frozen backbone", 1) as bar:
+                    self._feature_caches["warm"] = prefix.extended(
+                        self.model, None, precision=self.precision, channels_last=cfg.run.channels_last,
+                        batch_size=cfg.data.test_batch_size, max_bytes=cfg.data.feature_cache_max_gb * 1e9,
+                    )
+                    bar.update(1)
+            else:
+                self._feature_caches["warm"] = self._build_feature_cache(None)
+        return self._feature_caches["warm"]
+
+    def _prefix_cache(self) -> FrozenFeatureCache | None:
+        """The cache of the ``frozen_backbone_blocks`` first blocks (built once, then kept)."""
+        if "prefix" not in self._feature_caches:
+            self._feature_caches["prefix"] = self._build_feature_cache(self.config.schedule.frozen_backbone_blocks)
+        return self._feature_caches["prefix"]
+
+    def _build_feature_cache(self, blocks: int | None) -> FrozenFeatureCache | None:
+        cfg = self.config
+        items = self.data.training_items
+        what = "backbone" if blocks is None else f"first {blocks} backbone blocks"
+        with self._bar(f"caching the frozen {what}", len(items)) as bar:
+            return FrozenFeatureCache.build(
+                self.model, blocks, self.data.train, items, device=self.device, precision=self.precision,
+                channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size, num_workers=cfg.data.num_workers,
+                max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
+            )
 
     def _forward_model(self, stage: str = "joint", cache: FrozenFeatureCache | None = None) -> nn.Module:
         """The module to call in training (the pre-training net in ``pretrain``; the network
@@ -560,12 +584,19 @@ class Trainer:
         # with on-the-fly augmentation the clean pictures.
         fixed = bool(cfg.data.augment_views or cfg.data.offline_augmentation)
         dataset, items = (self.data.train, self.data.training_items) if fixed else (self.data.clean, self.data.train_indices)
-        sims, labels, _ = collect_similarities(
-            self.model, dataset, indices=items, batch_size=cfg.data.push_batch_size,
-            device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
-            channels_last=cfg.run.channels_last, sampler=self._sampler(items, False, 0),
-            bad_images=self.bad_images,
-        )
+        prefix = self._feature_caches.get("prefix") if fixed else None
+        if prefix is not None:  # the frozen blocks' outputs are cached: only the later blocks run
+            sims, labels, _ = collect_similarities_from_cache(
+                self.model, prefix, items, batch_size=cfg.data.push_batch_size, precision=self.precision,
+                channels_last=cfg.run.channels_last, rank=_rank(), world=_world(),
+            )
+        else:
+            sims, labels, _ = collect_similarities(
+                self.model, dataset, indices=items, batch_size=cfg.data.push_batch_size,
+                device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
+                channels_last=cfg.run.channels_last, sampler=self._sampler(items, False, 0),
+                bad_images=self.bad_images,
+            )
         generator = torch.Generator().manual_seed(self._step_seed(step))
         with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} last layer", cfg.schedule.last_layer_iterations) as bar:
             terms = optimise_last_layer(
