@@ -86,7 +86,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     """Train the linear baseline on ``data`` (a RunData) following ``config``'s schedule."""
     from protopnet.runtime import autocast, memory_format, resolve_device
     from protopnet.train.feature_cache import FrozenFeatureCache, split_backbone
-    from protopnet.train.loader import IndexedSubset, make_loader
+    from protopnet.train.loader import IndexedSubset, ShardedBatchSampler, make_loader
     from protopnet.train.stages import backbone_blocks, freeze_batchnorm, plan_schedule
 
     cfg, o = config, config.optim
@@ -111,10 +111,37 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     def bar(description: str, total: int) -> Any:
         return progress(description, total) if progress is not None else _NullBar()
 
+    plan = plan_schedule(cfg.schedule)
+    caches: dict[str, FrozenFeatureCache | None] = {}
+    frozen_blocks = cfg.schedule.frozen_backbone_blocks
+
+    def build_cache(blocks: int | None) -> FrozenFeatureCache | None:
+        with bar("baseline: caching the frozen layers", len(data.training_items)) as b:
+            return FrozenFeatureCache.build(
+                model, blocks, data.train, data.training_items, device=device, precision=cfg.run.precision,
+                channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size,
+                num_workers=cfg.data.num_workers, max_bytes=cfg.data.feature_cache_max_gb * 1e9, progress=b.update,
+            )
+
+    def cached_layers(step: Any) -> FrozenFeatureCache | None:
+        """As Trainer._feature_cache_for: the frozen blocks cached once; the warm-up cache made from them."""
+        if step.stage == "joint":
+            caches.pop("warm", None)
+            if frozen_blocks > 0 and "prefix" not in caches:
+                caches["prefix"] = build_cache(frozen_blocks)
+            return caches.get("prefix")
+        if "warm" not in caches:
+            if frozen_blocks > 0 and any(s.stage == "joint" for s in plan[step.index + 1:]):
+                if "prefix" not in caches:
+                    caches["prefix"] = build_cache(frozen_blocks)
+            prefix = caches.get("prefix")
+            caches["warm"] = build_cache(None) if prefix is None else prefix.extended(
+                model, None, precision=cfg.run.precision, channels_last=cfg.run.channels_last,
+                batch_size=cfg.data.test_batch_size, max_bytes=cfg.data.feature_cache_max_gb * 1e9)
+        return caches["warm"]
+
     metrics = []
-    cache: FrozenFeatureCache | None = None
-    cache_key: tuple[str, int | None] | None = None
-    for step in plan_schedule(cfg.schedule):
+    for step in plan:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"step": step.index, "stage": step.stage, "epoch": step.epoch}
         with torch.random.fork_rng(devices=[]):
@@ -129,28 +156,20 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                 if cfg.schedule.freeze_backbone_batchnorm:  # as the Trainer does
                     freeze_batchnorm(model.features)
                 # the frozen layers' outputs cached exactly as the Trainer does (data.feature_cache)
-                blocks = None if step.stage == "warm" else cfg.schedule.frozen_backbone_blocks
-                if cfg.data.feature_cache and blocks != 0 and cache_key != ("cache", blocks):
-                    cache = None
-                    with bar(f"baseline: caching the frozen layers ({step.stage})", len(data.training_items)) as b:
-                        cache = FrozenFeatureCache.build(
-                            model, blocks, data.train, data.training_items, device=device, precision=cfg.run.precision,
-                            channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size,
-                            num_workers=cfg.data.num_workers, max_bytes=cfg.data.feature_cache_max_gb * 1e9, progress=b.update,
-                        )
-                    cache_key = ("cache", blocks)
+                cache = cached_layers(step) if cfg.data.feature_cache else None
+                blocks = None if cache is None else cache.frozen_blocks
                 generator = torch.Generator().manual_seed(seed)
-                if cfg.data.feature_cache and blocks != 0 and cache is not None:
+                order = torch.randperm(len(data.training_items), generator=generator).tolist()  # as the Trainer orders them
+                if cache is not None:
                     suffix = split_backbone(model.features, blocks)[1]
-                    order = torch.randperm(len(data.training_items), generator=generator).tolist()
                     loader: Any = list(cache.batches(order, cfg.data.batch_size, 0, 1))
 
                     def forward(x: torch.Tensor, suffix: Any = suffix) -> torch.Tensor:
                         x = x if suffix is None else suffix(x)
                         return model.head(F.adaptive_avg_pool2d(x, 1).flatten(1).float())
                 else:
-                    loader = make_loader(IndexedSubset(data.train, data.training_items), cfg.data.batch_size, shuffle=True,
-                                         generator=generator, num_workers=cfg.data.num_workers)
+                    loader = make_loader(IndexedSubset(data.train, data.training_items), cfg.data.batch_size, generator=generator,
+                                         num_workers=cfg.data.num_workers, batch_sampler=ShardedBatchSampler(order, cfg.data.batch_size, 0, 1))
 
                     def forward(x: torch.Tensor) -> torch.Tensor:
                         return model(x).logits
@@ -184,12 +203,22 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                 with torch.no_grad():
                     fixed = bool(cfg.data.augment_views or cfg.data.offline_augmentation)  # as the Trainer does
                     dataset, items = (data.train, data.training_items) if fixed else (data.clean, data.train_indices)
-                    for batch in make_loader(IndexedSubset(dataset, items, augment=False), cfg.data.push_batch_size):
-                        if batch.images is None:
-                            continue
-                        with autocast(device, cfg.run.precision):
-                            pooled.append(model.pooled(batch.images.to(device).to(memory_format=fmt)).float())
-                        labels.append(batch.labels.to(device))
+                    prefix = caches.get("prefix") if fixed else None
+                    if prefix is not None:  # as the Trainer does: the later blocks on the cached frozen ones
+                        suffix = split_backbone(model.features, prefix.frozen_blocks)[1]
+                        keep = torch.nonzero(prefix.ok).flatten()
+                        for chunk in keep.split(cfg.data.push_batch_size):
+                            with autocast(device, cfg.run.precision):
+                                x = suffix(prefix.tensors[chunk].to(memory_format=fmt))
+                                pooled.append(F.adaptive_avg_pool2d(x, 1).flatten(1).float())
+                            labels.append(prefix.labels[chunk])
+                    else:
+                        for batch in make_loader(IndexedSubset(dataset, items, augment=False), cfg.data.push_batch_size):
+                            if batch.images is None:
+                                continue
+                            with autocast(device, cfg.run.precision):
+                                pooled.append(model.pooled(batch.images.to(device).to(memory_format=fmt)).float())
+                            labels.append(batch.labels.to(device))
                 x, y = torch.cat(pooled), torch.cat(labels)
                 generator = torch.Generator().manual_seed(seed)
                 with bar("baseline last layer", cfg.schedule.last_layer_iterations) as b:

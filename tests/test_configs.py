@@ -174,3 +174,37 @@ def test_bench_baseline_follows_the_schedule_and_keeps_frozen_blocks(tmp_path):
     assert all(torch.equal(before[i].weight, after[i].weight) for i in conv if i < 4)  # frozen blocks untouched
     assert any(not torch.equal(before[i].weight, after[i].weight) for i in conv if i >= 4)  # the rest trained
     assert not torch.equal(initial.head.weight, model.head.weight)
+
+
+def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypatch):
+    """The baseline caches the frozen blocks once (warm-up, joint and last layer read them) and
+    ends with the weights it reaches from the pictures."""
+    from test_prepare import make_cub
+
+    from protopnet.data import CUB200
+    from protopnet.train import build_run_data
+    from protopnet.train.loop import backbone_normalisation
+
+    bench = _bench_module()
+    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
+    weights, losses = [], []
+    for cached in (False, True):
+        config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn_gn", "model.pretrained=false", "data.image_size=32",
+                                    "data.batch_size=4", "data.augment=true", "data.augment_views=2", f"data.feature_cache={str(cached).lower()}",
+                                    "data.cache=false", "schedule.epochs=3", "schedule.warm_epochs=1", "schedule.push_start=3",
+                                    "schedule.last_layer_iterations=2", "schedule.frozen_backbone_blocks=2", "run.device=cpu",
+                                    f"output.dir={tmp_path / 'run'}"])
+        data = build_run_data(config, *backbone_normalisation(config))
+        loads = []
+        original = CUB200.load_image
+        monkeypatch.setattr(CUB200, "load_image", lambda self, i: (loads.append(i), original(self, i))[1])
+        model, steps = bench.train_baseline(config, data)
+        monkeypatch.setattr(CUB200, "load_image", original)
+        if cached:  # each training view made once, for the frozen blocks' cache (and none for the last layer)
+            assert sorted(loads) == sorted(i // 2 for i in data.training_items)  # a view loads its base picture
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        losses.append([s.get("loss") for s in steps])
+    assert [s["stage"] for s in steps] == ["warm", "joint", "joint", "push", "last_layer"]
+    assert losses[0][:3] == pytest.approx(losses[1][:3], rel=1e-5)  # the same batches in the same order
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k], weights[1][k], atol=1e-4, rtol=1e-4), k
