@@ -76,9 +76,11 @@ class DataConfig:
     computed once and kept in memory — the whole backbone's output in the warm-up epochs, the
     first ``schedule.frozen_backbone_blocks`` blocks' in the joint epochs — so later epochs skip
     decoding and the frozen layers (frozen blocks run in eval mode: batch-norm uses its running
-    statistics). It needs pictures that are the same every epoch (``augment_views``,
-    ``offline_augmentation`` or no augmentation) and is skipped, with a warning, when it would
-    take more than ``feature_cache_max_gb``.
+    statistics). The frozen blocks' outputs are computed once for the whole run: the warm-up
+    cache is made from them, and the last-layer stage reads them too (both are held during the
+    warm-up). It needs pictures that are the same every epoch (``augment_views``,
+    ``offline_augmentation`` or no augmentation) and each cache is skipped, with a warning, when
+    it would take more than ``feature_cache_max_gb``.
     """
 
     root: str = "synthetic"
