@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "cub200_mobilenet_v2.yaml"
@@ -140,14 +141,30 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                 batch_size=cfg.data.test_batch_size, max_bytes=cfg.data.feature_cache_max_gb * 1e9)
         return caches["warm"]
 
+    # optim.ema_decay, as the Trainer does: a moving average of the weights over the training
+    # epochs, which the model takes before push (here: before the last-layer stage) and at the end
+    average: AveragedModel | None = None
+
+    @torch.no_grad()
+    def adopt_average() -> None:
+        nonlocal average
+        if average is not None:
+            for live, averaged in zip(model.parameters(), average.module.parameters(), strict=True):
+                live.copy_(averaged)
+            average = None
+
     metrics = []
     for step in plan:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"step": step.index, "stage": step.stage, "epoch": step.epoch}
+        if step.stage not in ("warm", "joint"):
+            adopt_average()
         with torch.random.fork_rng(devices=[]):
             seed = _step_seed(cfg.run.seed, step.index)
             torch.manual_seed(seed)
             if step.stage in ("warm", "joint"):
+                if o.ema_decay and average is None:
+                    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay))
                 for p in features:
                     p.requires_grad_(step.stage == "joint" and id(p) not in frozen)
                 for p in head:
@@ -188,6 +205,8 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
                         optimizers[step.stage].zero_grad(set_to_none=True)
                         loss.backward()
                         optimizers[step.stage].step()
+                        if average is not None:
+                            average.update_parameters(model)
                         total += len(labels)
                         correct += int((logits.argmax(1) == labels).sum())
                         loss_sum += float(loss.detach()) * len(labels)
@@ -238,6 +257,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
         record["seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
         logger.info("baseline %s", record)
+    adopt_average()
     model.eval()
     return model, metrics
 

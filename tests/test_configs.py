@@ -208,3 +208,48 @@ def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypat
     assert losses[0][:3] == pytest.approx(losses[1][:3], rel=1e-5)  # the same batches in the same order
     for k in weights[0]:
         assert torch.allclose(weights[0][k], weights[1][k], atol=1e-4, rtol=1e-4), k
+
+
+def test_bench_baseline_averages_its_weights_as_the_trainer_does(tmp_path, monkeypatch):
+    """With optim.ema_decay the baseline's backbone ends as the moving average of its training
+    weights (the last-layer stage then trains the head alone), as ProtoPNet's does."""
+    from test_prepare import make_cub
+    from test_train import moving_average, record_trajectory
+
+    from protopnet.train import build_run_data
+    from protopnet.train.loop import backbone_normalisation
+
+    bench = _bench_module()
+    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
+    config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn", "model.pretrained=false", "data.image_size=32",
+                                "data.batch_size=4", "schedule.epochs=3", "schedule.warm_epochs=1", "schedule.push_start=3",
+                                "schedule.last_layer_iterations=2", "optim.ema_decay=0.7", "run.device=cpu",
+                                f"output.dir={tmp_path / 'run'}"])
+    data = build_run_data(config, *backbone_normalisation(config))
+    built: list[torch.nn.Module] = []  # the benchmark builds its model itself: keep a handle on it
+    original = bench.LinearBaseline.__init__
+    monkeypatch.setattr(bench.LinearBaseline, "__init__", lambda self, *a, **k: (original(self, *a, **k), built.append(self))[0])
+    snapshots, handle = record_trajectory(_LastBuilt(built))
+    try:
+        model, steps = bench.train_baseline(config, data)
+    finally:
+        handle.remove()
+    training_steps = 3 * 3  # 3 epochs of 3 batches (12 pictures, batch 4), then 2 passes of the last layer
+    assert len(snapshots) == training_steps + 2 * 3
+    expected = moving_average(snapshots[:training_steps], 0.7)
+    names = [n for n, _ in model.named_parameters()]
+    for name, got, want in zip(names, model.parameters(), expected):
+        if name.startswith("features"):
+            assert torch.allclose(got, want, atol=1e-6), name
+    head = names.index("head.weight")
+    assert not torch.allclose(expected[head], snapshots[training_steps - 1][head], atol=1e-5)  # the average is not the last weights
+
+
+class _LastBuilt:
+    """The parameters of the last model in a list (empty until one is built)."""
+
+    def __init__(self, built: list) -> None:
+        self.built = built
+
+    def parameters(self):
+        return self.built[-1].parameters() if self.built else iter(())

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from protopnet import load_model
 from protopnet.config import Config
@@ -16,13 +17,13 @@ from protopnet.train.loop import Trainer as TrainerClass
 from conftest import ColourDataset
 
 
-def tiny_config(tmp_path, **schedule):
+def tiny_config(tmp_path, optim=None, **schedule):
     config = Config.from_dict(
         {
             "model": {"backbone": "tiny_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8},
             "data": {"image_size": 32, "batch_size": 6, "test_batch_size": 8, "push_batch_size": 5, "augment": False},
             "schedule": {"epochs": 4, "warm_epochs": 1, "push_start": 1, "push_every": 2, "last_layer_iterations": 3, **schedule},
-            "optim": {"warm_add_on_lr": 1e-2, "warm_prototypes_lr": 1e-2, "add_on_lr": 1e-2, "prototypes_lr": 1e-2, "backbone_lr": 1e-3, "last_layer_lr": 1e-2},
+            "optim": {"warm_add_on_lr": 1e-2, "warm_prototypes_lr": 1e-2, "add_on_lr": 1e-2, "prototypes_lr": 1e-2, "backbone_lr": 1e-3, "last_layer_lr": 1e-2, **(optim or {})},
             "run": {"seed": 3, "device": "cpu"},
             "output": {"dir": str(tmp_path / "run")},
         }
@@ -337,3 +338,95 @@ def test_frozen_batchnorm_keeps_the_running_statistics(tmp_path):
         after = trainer.model.features.state_dict()
         changed[frozen] = [k for k in stats if not torch.equal(stats[k], after[k])]
     assert changed[False] and changed[True] == []
+
+
+# -- weight averaging (optim.ema_decay) -------------------------------------------------------
+
+def record_trajectory(model, counted=None):
+    """After every optimiser step (of the optimisers in ``counted``, or of any), a copy of every
+    parameter of ``model``: the list it returns fills as training runs."""
+    snapshots: list[list[torch.Tensor]] = []
+
+    def hook(optimizer, args, kwargs):
+        if counted is None or any(optimizer is o for o in counted()):
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+
+    handle = register_optimizer_step_post_hook(hook)
+    return snapshots, handle
+
+
+def moving_average(snapshots, decay):
+    """The exponential moving average of a weight trajectory, written out."""
+    average = [t.clone() for t in snapshots[0]]
+    for weights in snapshots[1:]:
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    return average
+
+
+def test_weight_averaging_ends_with_the_moving_average_of_the_weights(tmp_path):
+    """No push: the final model is the average of the warm-up and joint weights, step by step."""
+    config = tiny_config(tmp_path, optim={"ema_decay": 0.7}, epochs=3, push_start=10, push_at_end=False)
+    trainer = Trainer(config, data=tiny_data())
+    snapshots, handle = record_trajectory(trainer.model)
+    try:
+        result = trainer.fit()
+    finally:
+        handle.remove()
+    assert len(snapshots) == 3 * 4  # 3 epochs of 4 batches (21 training images, batch 6)
+    expected = moving_average(snapshots, 0.7)
+    final = list(load_model(result.model_dir).parameters())
+    names = [n for n, _ in trainer.model.named_parameters()]
+    for name, got, want, last in zip(names, final, expected, snapshots[-1]):
+        assert torch.allclose(got, want, atol=1e-6), name
+    # and it is not the last weights trained
+    assert not torch.allclose(final[names.index("prototypes")], snapshots[-1][names.index("prototypes")], atol=1e-4)
+
+
+def test_push_works_on_the_averaged_weights_and_the_average_restarts_after_it(tmp_path):
+    """Push after epoch 1 and at the end: each push sees the average since the one before, and
+    after the final push every prototype is a real training patch of the averaged network."""
+    config = tiny_config(tmp_path, optim={"ema_decay": 0.6})  # warm 0, joint 1, push, joint 2-3, push
+    trainer = Trainer(config, data=tiny_data())
+    snapshots, handle = record_trajectory(trainer.model, lambda: (trainer.optimizers["warm"], trainer.optimizers["joint"]))
+    try:
+        result = trainer.fit()
+    finally:
+        handle.remove()
+    assert len(snapshots) == 4 * 4
+    names = [n for n, _ in trainer.model.named_parameters()]
+    model = load_model(result.model_dir)
+    final = dict(model.named_parameters())
+    # the second average starts from the pushed model: the first snapshot after the first push
+    # round is one step of training on it, so the average restarts at snapshots[8]
+    expected = moving_average(snapshots[8:], 0.6)
+    for name, want in zip(names, expected):
+        if name.startswith(("features", "add_on")):  # push moves prototypes, the last layer stage the last layer
+            assert torch.allclose(final[name], want, atol=1e-6), name
+    data = tiny_data()
+    for entry in model.provenance:
+        image = data.clean.to_tensor(data.clean.load_image(entry["dataset_index"]))[None]
+        with torch.no_grad():
+            assert model(image).min_distances[0, entry["prototype"]].item() == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("stop_after", [1, 4])
+def test_resume_with_weight_averaging_ends_with_the_same_weights(tmp_path, monkeypatch, stop_after):
+    """The average is part of the checkpoint: a run stopped mid-average resumes to the same model."""
+    full = Trainer(tiny_config(tmp_path / "full", optim={"ema_decay": 0.8}), data=tiny_data()).fit()
+    interrupt_after(monkeypatch, tiny_config(tmp_path / "cut", optim={"ema_decay": 0.8}), stop_after)
+    saved = load_file(sorted((tmp_path / "cut" / "run" / "checkpoints").glob("step-*"))[-1] / "state.safetensors")
+    assert any(k.startswith("weight_average.") for k in saved)
+    resumed = Trainer(tiny_config(tmp_path / "cut", optim={"ema_decay": 0.8}), data=tiny_data()).fit(resume=True)
+    wa = load_file(full.model_dir / "model.safetensors")
+    wb = load_file(resumed.model_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    plain = load_file(Trainer(tiny_config(tmp_path / "plain"), data=tiny_data()).fit().model_dir / "model.safetensors")
+    assert not torch.allclose(wa["add_on.0.weight"], plain["add_on.0.weight"])  # averaging changed the model
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, float("nan"), 2])
+def test_ema_decay_must_be_below_one(decay):
+    from protopnet.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.ema_decay"):
+        Config.from_dict({"optim": {"ema_decay": decay}})

@@ -193,7 +193,15 @@ class ScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam learning rates per parameter group (reference values)."""
+    """Adam learning rates per parameter group (reference values), and weight averaging.
+
+    ``ema_decay``: with a value in (0, 1), the warm-up and joint epochs keep an exponential moving
+    average of the weights (``torch.optim.swa_utils.AveragedModel``: after every optimiser step
+    ``average = decay * average + (1 - decay) * weights``), started afresh after each push; before
+    each push — and at the end of a schedule that ends without one — the model takes the averaged
+    weights, so push and the last layer work on them. Batch-norm running statistics are not
+    averaged (the model keeps its own). 0, the paper's setting, trains without averaging.
+    """
 
     warm_add_on_lr: float = 3e-3
     warm_prototypes_lr: float = 3e-3
@@ -203,6 +211,7 @@ class OptimConfig:
     last_layer_lr: float = 1e-4
     pretrain_lr: float = 1e-3
     weight_decay: float = 1e-3
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         for f in fields(self):
@@ -210,6 +219,9 @@ class OptimConfig:
             if f.name == "weight_decay":
                 if value < 0:
                     raise ConfigError(f"optim.weight_decay: expected a number >= 0, got {value}")
+            elif f.name == "ema_decay":
+                if not 0 <= value < 1:
+                    raise ConfigError(f"optim.ema_decay: expected 0 (no weight averaging) or a number in (0, 1) such as 0.99, got {_show(value)}")
             else:
                 _positive(f"optim.{f.name}", value)
 

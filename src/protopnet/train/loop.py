@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..checkpoint import (
     CheckpointError,
@@ -267,6 +268,9 @@ class Trainer:
         # data.feature_cache: "warm" (the whole backbone's output) and "prefix" (the frozen
         # blocks' output); a key present with None means the cache could not be built
         self._feature_caches: dict[str, FrozenFeatureCache | None] = {}
+        # optim.ema_decay: the moving average of the weights since the last push (None when off,
+        # and between a push and the next training epoch)
+        self.weight_average: AveragedModel | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -424,6 +428,7 @@ class Trainer:
             item_shape = (3, cfg.data.image_size, cfg.data.image_size)
         fmt = memory_format(cfg.run.channels_last)
         identity = self.model.class_identity
+        average = self._weight_average() if step.stage != "pretrain" else None
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen = torch.zeros((), device=self.device)
@@ -464,6 +469,8 @@ class Trainer:
                 self.scaler.scale(loss * share.squeeze(0) if world > 1 else loss).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
+                if average is not None:
+                    average.update_parameters(self.model)
                 b = float(readable)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * b
@@ -488,8 +495,28 @@ class Trainer:
             self.scheduler.step()
         return record
 
+    def _weight_average(self) -> AveragedModel | None:
+        """The moving average of the weights (``optim.ema_decay``), started from the current
+        weights at the first training epoch after a push; None when averaging is off."""
+        decay = self.config.optim.ema_decay
+        if decay and self.weight_average is None:
+            self.weight_average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        return self.weight_average
+
+    @torch.no_grad()
+    def _adopt_weight_average(self) -> None:
+        """The model takes the averaged weights (before push, or at the end of the schedule);
+        the next training epoch starts a new average. Buffers (batch-norm statistics) stay the
+        model's own."""
+        if self.weight_average is None:
+            return
+        for live, averaged in zip(self.model.parameters(), self.weight_average.module.parameters(), strict=True):
+            live.copy_(averaged)
+        self.weight_average = None
+
     def _push(self, step: Step) -> dict[str, Any]:
         cfg = self.config
+        self._adopt_weight_average()
         self.model.eval()
         with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} push", len(self.data.train_indices)) as bar:
             provenance = push_prototypes(
@@ -664,6 +691,7 @@ class Trainer:
                     raise self._write_failure(error, f"step {step.index} ({step.stage}, epoch {step.epoch})") from None
                 overall.update(1)
                 logger.info("step %d %s epoch %d: %s", step.index, step.stage, step.epoch, _short(record))
+        self._adopt_weight_average()  # a schedule that ends with training epochs
         if self.selected_step is None and self.is_main:
             # No pushed model was ever selected (a schedule without push): keep the final one.
             save_model(self.model, self.out_dir / "model", dataset=self.data.clean, run_config=self.config.to_dict())
@@ -786,6 +814,8 @@ class Trainer:
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         opt_skeleton, opt_tensors = flatten_state({k: o.state_dict() for k, o in self.optimizers.items()}, "optim")
         opt_tensors.update({f"pretrain_head.{k}": v for k, v in self.pretrain_net.head.state_dict().items()})
+        if self.weight_average is not None:
+            opt_tensors.update({f"weight_average.{k}": v for k, v in self.weight_average.state_dict().items()})
         state = {
             "version": STATE_VERSION,
             "next_step": self.next_step,
@@ -850,6 +880,13 @@ class Trainer:
         self._match_prototype_count(model_tensors)
         self.model.load_state_dict(model_tensors)
         self.pretrain_net.head.load_state_dict({k[len("pretrain_head."):]: v for k, v in other.items() if k.startswith("pretrain_head.")})
+        average = {k[len("weight_average."):]: v for k, v in other.items() if k.startswith("weight_average.")}
+        self.weight_average = None
+        if average:
+            self._weight_average()
+            if self.weight_average is None:
+                raise CheckpointError(f"{path}: the checkpoint holds averaged weights but optim.ema_decay is 0")
+            self.weight_average.load_state_dict(average)
         optim_states = unflatten_state(state["optimizers"], other)
         self.optimizers = self._make_optimizers()
         for k, o in self.optimizers.items():
