@@ -14,7 +14,9 @@ the same optimiser settings as far as they apply:
   train the head alone (the warm add-on learning rate), joint epochs the unfrozen backbone blocks
   (backbone learning rate) and the head (add-on learning rate, same StepLR), and where ProtoPNet
   optimises its last layer the head gets the same number of passes at the last-layer learning rate
-  on the fixed pooled features. Cross-entropy only.
+  on the fixed pooled features. Cross-entropy only. With ``optim.ema_decay`` its weights are
+  averaged over the warm-up and joint steps as ProtoPNet's are, and it takes the average before
+  the last-layer stage (where ProtoPNet takes it before push).
 
 Prints a markdown table (model | top-1 | top-5 | wall time) and writes the same numbers, with the
 settings, to a JSON file. Test accuracy is computed in float32 on each final model; the float32 vs
@@ -100,11 +102,12 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     if cfg.run.channels_last:
         model.to(memory_format=torch.channels_last)
     features, head = list(model.features.parameters()), list(model.head.parameters())
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}  # the Trainer's Adam: one pass over all parameters
     optimizers = {
-        "warm": torch.optim.Adam([{"params": head, "lr": o.warm_add_on_lr, "weight_decay": o.weight_decay}]),
+        "warm": torch.optim.Adam([{"params": head, "lr": o.warm_add_on_lr, "weight_decay": o.weight_decay}], **fused),
         "joint": torch.optim.Adam([{"params": features, "lr": o.backbone_lr, "weight_decay": o.weight_decay},
-                                   {"params": head, "lr": o.add_on_lr, "weight_decay": o.weight_decay}]),
-        "last_layer": torch.optim.Adam([{"params": head, "lr": o.last_layer_lr}]),
+                                   {"params": head, "lr": o.add_on_lr, "weight_decay": o.weight_decay}], **fused),
+        "last_layer": torch.optim.Adam([{"params": head, "lr": o.last_layer_lr}], **fused),
     }
     scheduler = torch.optim.lr_scheduler.StepLR(optimizers["joint"], step_size=cfg.schedule.joint_lr_step, gamma=cfg.schedule.joint_lr_gamma)
     frozen = {id(p) for block in backbone_blocks(model.features)[: cfg.schedule.frozen_backbone_blocks] for p in block.parameters()}

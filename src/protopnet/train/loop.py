@@ -512,6 +512,8 @@ class Trainer:
             return
         for live, averaged in zip(self.model.parameters(), self.weight_average.module.parameters(), strict=True):
             live.copy_(averaged)
+        logger.info("the model takes the moving average of its weights (%d training steps, optim.ema_decay %g)",
+                    int(self.weight_average.n_averaged), self.config.optim.ema_decay)
         self.weight_average = None
 
     def _push(self, step: Step) -> dict[str, Any]:
