@@ -111,6 +111,10 @@ def distributed_from_environment(config: Any) -> Iterator[int]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield dist.get_rank()
+        # Every rank done before any closes its connections: a gloo rank whose peer tears the
+        # group down while it is still finishing can abort at exit ("terminate called without an
+        # active exception"), failing a run that trained correctly.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
