@@ -152,19 +152,23 @@ def test_bench_cub_trains_both_models_and_writes_table_and_json(tmp_path, capsys
     assert (out / "protopnet" / "results.json").is_file() and (out / "cache").is_dir()
 
 
-def test_bench_baseline_follows_the_schedule_and_keeps_frozen_blocks(tmp_path):
+def _small_bench_setup(tmp_path, *overrides):
+    """The benchmark module, and a 3-epoch config and its data on a 3-class CUB tree (12 training
+    pictures, batches of 4, tiny_cnn at 32 px)."""
     from test_prepare import make_cub
 
     from protopnet.train import build_run_data
     from protopnet.train.loop import backbone_normalisation
 
-    bench = _bench_module()
     src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
     config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn", "model.pretrained=false", "data.image_size=32",
                                 "data.batch_size=4", "schedule.epochs=3", "schedule.warm_epochs=1", "schedule.push_start=3",
-                                "schedule.last_layer_iterations=2", "schedule.frozen_backbone_blocks=4", "run.device=cpu",
-                                f"output.dir={tmp_path / 'run'}"])
-    data = build_run_data(config, *backbone_normalisation(config))
+                                "schedule.last_layer_iterations=2", "run.device=cpu", f"output.dir={tmp_path / 'run'}", *overrides])
+    return _bench_module(), config, build_run_data(config, *backbone_normalisation(config))
+
+
+def test_bench_baseline_follows_the_schedule_and_keeps_frozen_blocks(tmp_path):
+    bench, config, data = _small_bench_setup(tmp_path, "schedule.frozen_backbone_blocks=4")
     torch.manual_seed(config.run.seed)
     initial = bench.LinearBaseline("tiny_cnn", 3, pretrained=False)  # the same init train_baseline makes
     model, steps = bench.train_baseline(config, data)
@@ -213,19 +217,9 @@ def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypat
 def test_bench_baseline_averages_its_weights_as_the_trainer_does(tmp_path, monkeypatch):
     """With optim.ema_decay the baseline's backbone ends as the moving average of its training
     weights (the last-layer stage then trains the head alone), as ProtoPNet's does."""
-    from test_prepare import make_cub
     from test_train import moving_average, record_trajectory
 
-    from protopnet.train import build_run_data
-    from protopnet.train.loop import backbone_normalisation
-
-    bench = _bench_module()
-    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
-    config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn", "model.pretrained=false", "data.image_size=32",
-                                "data.batch_size=4", "schedule.epochs=3", "schedule.warm_epochs=1", "schedule.push_start=3",
-                                "schedule.last_layer_iterations=2", "optim.ema_decay=0.7", "run.device=cpu",
-                                f"output.dir={tmp_path / 'run'}"])
-    data = build_run_data(config, *backbone_normalisation(config))
+    bench, config, data = _small_bench_setup(tmp_path, "optim.ema_decay=0.7")
     built: list[torch.nn.Module] = []  # the benchmark builds its model itself: keep a handle on it
     original = bench.LinearBaseline.__init__
     monkeypatch.setattr(bench.LinearBaseline, "__init__", lambda self, *a, **k: (original(self, *a, **k), built.append(self))[0])
