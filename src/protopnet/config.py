@@ -200,7 +200,10 @@ class OptimConfig:
     ``average = decay * average + (1 - decay) * weights``), started afresh after each push; before
     each push — and at the end of a schedule that ends without one — the model takes the averaged
     weights, so push and the last layer work on them. Batch-norm running statistics are not
-    averaged (the model keeps its own). 0, the paper's setting, trains without averaging.
+    averaged (the model keeps its own). The average spans about ``1 / (1 - decay)`` steps (100 at
+    0.99): with few steps between pushes choose a smaller decay, or early weights weigh in (the
+    demo, whose second push follows 4 short epochs, scores 0.96 at 0.99 against 0.99 without).
+    0, the paper's setting, trains without averaging.
     """
 
     warm_add_on_lr: float = 3e-3
