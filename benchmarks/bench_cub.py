@@ -90,7 +90,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     from protopnet.runtime import autocast, memory_format, resolve_device
     from protopnet.train.feature_cache import FrozenFeatureCache, split_backbone
     from protopnet.train.loader import IndexedSubset, ShardedBatchSampler, make_loader
-    from protopnet.train.stages import backbone_blocks, freeze_batchnorm, plan_schedule
+    from protopnet.train.stages import backbone_blocks, freeze_batchnorm, plan_schedule, take_averaged_weights
 
     cfg, o = config, config.optim
     device = resolve_device(cfg.run.device)
@@ -148,12 +148,10 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     # epochs, which the model takes before push (here: before the last-layer stage) and at the end
     average: AveragedModel | None = None
 
-    @torch.no_grad()
     def adopt_average() -> None:
         nonlocal average
         if average is not None:
-            for live, averaged in zip(model.parameters(), average.module.parameters(), strict=True):
-                live.copy_(averaged)
+            take_averaged_weights(model, average)
             average = None
 
     metrics = []

@@ -62,7 +62,7 @@ from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
 from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
 from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader
 from .push import push_prototypes
-from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable
+from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable, take_averaged_weights
 
 logger = logging.getLogger(__name__)
 
@@ -503,15 +503,13 @@ class Trainer:
             self.weight_average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
         return self.weight_average
 
-    @torch.no_grad()
     def _adopt_weight_average(self) -> None:
         """The model takes the averaged weights (before push, or at the end of the schedule);
         the next training epoch starts a new average. Buffers (batch-norm statistics) stay the
         model's own."""
         if self.weight_average is None:
             return
-        for live, averaged in zip(self.model.parameters(), self.weight_average.module.parameters(), strict=True):
-            live.copy_(averaged)
+        take_averaged_weights(self.model, self.weight_average)
         logger.info("the model takes the moving average of its weights (%d training steps, optim.ema_decay %g)",
                     int(self.weight_average.n_averaged), self.config.optim.ema_decay)
         self.weight_average = None

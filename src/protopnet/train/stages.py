@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from ..config import ScheduleConfig
 
@@ -113,3 +115,11 @@ def freeze_batchnorm(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             layer.eval()
+
+
+@torch.no_grad()
+def take_averaged_weights(model: nn.Module, average: AveragedModel) -> None:
+    """Copy the parameters of ``average`` (an ``AveragedModel`` of ``model``) into ``model``;
+    buffers (batch-norm statistics) stay the model's own."""
+    for live, averaged in zip(model.parameters(), average.module.parameters(), strict=True):
+        live.copy_(averaged)
