@@ -90,6 +90,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     from protopnet.runtime import autocast, memory_format, resolve_device
     from protopnet.train.feature_cache import FrozenFeatureCache, split_backbone
     from protopnet.train.loader import IndexedSubset, ShardedBatchSampler, make_loader
+    from protopnet.train.loop import open_bar
     from protopnet.train.stages import backbone_blocks, freeze_batchnorm, plan_schedule, take_averaged_weights
 
     cfg, o = config, config.optim
@@ -113,7 +114,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     frozen = {id(p) for block in backbone_blocks(model.features)[: cfg.schedule.frozen_backbone_blocks] for p in block.parameters()}
 
     def bar(description: str, total: int) -> Any:
-        return progress(description, total) if progress is not None else _NullBar()
+        return open_bar(progress, description, total)
 
     plan = plan_schedule(cfg.schedule)
     caches: dict[str, FrozenFeatureCache | None] = {}
@@ -261,17 +262,6 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     adopt_average()
     model.eval()
     return model, metrics
-
-
-class _NullBar:
-    def __enter__(self) -> "_NullBar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def update(self, n: int = 1) -> None:
-        return None
 
 
 # -- the benchmark ----------------------------------------------------------------------------

@@ -315,9 +315,7 @@ class Trainer:
         return (self.config.run.seed * 1_000_003 + step.index * 7919 + 17) % (2**63 - 1)
 
     def _bar(self, description: str, total: int) -> Any:
-        if self.progress is None or not self.is_main:
-            return _NullBar()
-        return self.progress(description, total)
+        return open_bar(self.progress if self.is_main else None, description, total)
 
     def _feature_cache_for(self, step: Step) -> FrozenFeatureCache | None:
         """The cache of frozen-layer outputs this step trains on (``data.feature_cache``), built
@@ -933,6 +931,12 @@ class _PretrainNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> _PretrainOutput:
         return _PretrainOutput(self.head(self.features(x).amax(dim=(2, 3))))
+
+
+def open_bar(progress: Callable[[str, int], Any] | None, description: str, total: int) -> Any:
+    """``progress(description, total)`` (a context manager with ``update``, ``set_postfix``),
+    or one that shows nothing when ``progress`` is None."""
+    return _NullBar() if progress is None else progress(description, total)
 
 
 class _NullBar:
