@@ -50,6 +50,32 @@ class ColourDataset(ProtoDataset):
         return Annotation(part_box=[x, y, x + side, y + side])
 
 
+class MarkedNoiseDataset(ProtoDataset):
+    """Noise pictures (the full 0-255 range) with an 8-pixel mark whose colour and column are the
+    class: rows ``mark_row`` to ``mark_row + 8``, columns ``4 + 6k`` to ``12 + 6k`` for class k."""
+
+    COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (200, 200, 30)]
+
+    def __init__(self, n: int = 12, num_classes: int = 3, size: int = 32, seed: int = 0, mark_row: int = 8) -> None:
+        super().__init__(image_size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        self.classes = [f"c{k}" for k in range(num_classes)]
+        self.targets = [i % num_classes for i in range(n)]
+        self.seed, self.mark_row = seed, mark_row
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load_image(self, index: int) -> Image.Image:
+        rng = np.random.default_rng([self.seed, index])
+        array = rng.integers(0, 255, size=(self.image_size, self.image_size, 3), dtype=np.uint8)
+        k = self.targets[index]
+        array[self.mark_row : self.mark_row + 8, 4 + 6 * k : 12 + 6 * k] = self.COLOURS[k % len(self.COLOURS)]
+        return Image.fromarray(array)
+
+    def path(self, index: int) -> str:
+        return f"noise://{self.seed}/{index}"
+
+
 @pytest.fixture
 def colour_data():
     return ColourDataset()

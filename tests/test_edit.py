@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import MarkedNoiseDataset
 from protopnet import ProtoPNet, load_model, save_model
 from protopnet.data.base import ProtoDataset
 from protopnet.edit import (
@@ -27,27 +28,6 @@ from protopnet.train.evaluate import evaluate
 from protopnet.train.push import push_prototypes
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-class NoiseDataset(ProtoDataset):
-    def __init__(self, n: int = 12, num_classes: int = 3, size: int = 32, seed: int = 0) -> None:
-        super().__init__(image_size=size, mean=MEAN, std=STD)
-        self.classes = [f"c{k}" for k in range(num_classes)]
-        self.targets = [i % num_classes for i in range(n)]
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def load_image(self, index: int) -> Image.Image:
-        rng = np.random.default_rng([self.seed, index])
-        array = rng.integers(0, 255, size=(self.image_size, self.image_size, 3), dtype=np.uint8)
-        k = self.targets[index]
-        array[8:16, 4 + 6 * k : 12 + 6 * k] = [(220, 30, 30), (30, 200, 30), (30, 30, 220)][k % 3]
-        return Image.fromarray(array)
-
-    def path(self, index: int) -> str:
-        return f"noise://{self.seed}/{index}"
 
 
 def tiny_model(per_class: int = 2, size=(1, 1), seed: int = 0) -> ProtoPNet:
@@ -79,7 +59,7 @@ def test_patch_for_box_picks_cell_under_box_and_best_overlap():
 
 def test_replacement_vector_is_the_latent_patch_under_the_box(tmp_path):
     model = tiny_model(size=(2, 2))
-    picture = NoiseDataset().load_image(1)
+    picture = MarkedNoiseDataset().load_image(1)
     with torch.no_grad():
         z = model.latent(normalise(picture))  # (1, 8, 4, 4)
     prepared = prepare_replacement(model, Replacement(0, image=picture, box=[8, 16, 24, 32]))
@@ -110,7 +90,7 @@ def test_bad_indices_name_the_index_and_the_range():
     with pytest.raises(PrototypeIndexError, match=r"relabel index -1 is out of range"):
         edit_model(model, relabel={-1: 0}, refit=False)
     with pytest.raises(PrototypeIndexError, match=r"replace index 6"):
-        edit_model(model, replace=[Replacement(6, image=NoiseDataset().load_image(0), position=(0, 0))], refit=False)
+        edit_model(model, replace=[Replacement(6, image=MarkedNoiseDataset().load_image(0), position=(0, 0))], refit=False)
     with pytest.raises(ValueError, match=r"class index 3 is out of range.*3 classes"):
         edit_model(model, relabel={1: 3}, refit=False)
     with pytest.raises(ValueError, match=r"\[2\] are both removed and relabelled"):
@@ -123,7 +103,7 @@ def test_bad_indices_name_the_index_and_the_range():
 # -- the whole edit --------------------------------------------------------------------------------
 
 def test_edit_applies_all_changes_refits_and_measures(tmp_path):
-    train, test = NoiseDataset(n=15, seed=1), NoiseDataset(n=9, seed=2)
+    train, test = MarkedNoiseDataset(n=15, seed=1), MarkedNoiseDataset(n=9, seed=2)
     model = tiny_model(per_class=2, seed=3)
     push_prototypes(model, train)
     old_protos = model.prototypes.detach().clone()
@@ -182,7 +162,7 @@ def test_relabel_resets_column_and_no_refit_keeps_other_weights():
 
 
 def test_saved_edited_model_keeps_history_provenance_and_pictures(tmp_path):
-    train = NoiseDataset(n=9, seed=3)
+    train = MarkedNoiseDataset(n=9, seed=3)
     model = tiny_model(seed=4)
     push_prototypes(model, train)
     source = save_model(model, tmp_path / "model", dataset=train)
@@ -213,7 +193,7 @@ def write_folder(root: Path, data: ProtoDataset, split: str) -> None:
 def test_cli_edit(tmp_path, capsys):
     from protopnet.cli import main
 
-    train, test = NoiseDataset(n=9, seed=5), NoiseDataset(n=6, seed=6)
+    train, test = MarkedNoiseDataset(n=9, seed=5), MarkedNoiseDataset(n=6, seed=6)
     write_folder(tmp_path / "data", train, "train")
     write_folder(tmp_path / "data", test, "test")
     model = tiny_model(seed=6)

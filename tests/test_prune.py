@@ -3,6 +3,7 @@ model built by construction, the last-layer re-fit, the saved model and its repo
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import MarkedNoiseDataset
 from protopnet import ProtoPNet, load_model
 from protopnet.data.base import ProtoDataset
 from protopnet.prune import find_nearest_patches, prune, save_pruned
@@ -38,25 +40,7 @@ class GridDataset(ProtoDataset):
         return f"grid://{index}"
 
 
-class NoiseDataset(ProtoDataset):
-    def __init__(self, n: int = 14, num_classes: int = 3, size: int = 32, seed: int = 0) -> None:
-        super().__init__(image_size=size, mean=MEAN, std=STD)
-        self.classes = [f"c{k}" for k in range(num_classes)]
-        self.targets = [i % num_classes for i in range(n)]
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def load_image(self, index: int) -> Image.Image:
-        rng = np.random.default_rng([self.seed, index])
-        array = rng.integers(0, 255, size=(self.image_size, self.image_size, 3), dtype=np.uint8)
-        k = self.targets[index]
-        array[4:12, 4 + 6 * k : 12 + 6 * k] = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (200, 200, 30)][k % 4]
-        return Image.fromarray(array)
-
-    def path(self, index: int) -> str:
-        return f"noise://{index}"
+NoiseDataset = functools.partial(MarkedNoiseDataset, mark_row=4)  # the class mark in rows 4-12
 
 
 def tiny_model(num_classes: int = 3, per_class: int = 2, dim: int = 8, size=(1, 1), seed: int = 0, **kw) -> ProtoPNet:
