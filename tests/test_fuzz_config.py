@@ -174,6 +174,17 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path):
         Config.from_dict({}, ["model.prototype_size=" + "[" * 200 + "]" * 200])
 
 
+def test_exponents_without_a_dot_are_numbers_in_yaml_files(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-5` as a string; a researcher writes learning rates that way."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  backbone_lr: 1e-5\n  pretrain_lr: 2E-3\nloss:\n  l1: 3.5e-4\n  ce: 1e+0\n")
+    config = load_config(path)
+    assert (config.optim.backbone_lr, config.optim.pretrain_lr, config.loss.l1, config.loss.ce) == (1e-5, 2e-3, 3.5e-4, 1.0)
+    for text in ("1e-5x", "e-5", "1e", "1.0.0"):  # not numbers: still refused, named
+        with pytest.raises(ConfigError, match=r"optim.backbone_lr: expected a number"):
+            Config.from_dict({"optim": {"backbone_lr": text}})
+
+
 def test_text_overrides_keep_the_text():
     config = Config.from_dict({}, ["data.root=2001-12-14", "run.device=cpu", "data.cache_dir=null"])
     assert config.data.root == "2001-12-14" and config.data.cache_dir is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import types
 import typing
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
+
+# A float written with an exponent and no dot (`1e-5`, `-2E+3`): a string to PyYAML (YAML 1.1).
+_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 class ConfigError(ValueError):
@@ -452,6 +456,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer between -2**63 and 2**63-1, got {_show(value)}")
         return value
     if hint is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and every
+            # other reader call it a number, and so do we.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_show(value)}")
         try:
