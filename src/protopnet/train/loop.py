@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -491,7 +492,49 @@ class Trainer:
         if step.stage == "joint":
             record["lr_backbone"] = self.optimizers["joint"].param_groups[0]["lr"]
             self.scheduler.step()
+        self._share_model_from_main()
         return record
+
+    def _check_ranks_agree(self, step: Step) -> None:
+        """With several processes, check that every rank holds the same model after a step that
+        decides the prototypes (push, pruning, the last layer): the same prototype count, the same
+        bits of every tensor and the same provenance. A difference is a bug, reported at once
+        rather than as a shape error or a silently different model later."""
+        if _world() == 1:
+            return
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        sources = [(p["dataset_index"], tuple(p["position"])) for p in (self.model.provenance or []) if p is not None]
+        mine = (self.model.num_prototypes, digest.hexdigest(), sources)
+        gathered: list[Any] = [None] * _world()
+        dist.all_gather_object(gathered, mine)
+        for rank, theirs in enumerate(gathered):
+            if theirs != gathered[0]:
+                raise RuntimeError(
+                    f"after step {step.index} ({step.stage}) rank {rank} holds another model than rank 0 "
+                    f"({theirs[0]} vs {gathered[0][0]} prototypes); this is a bug in protopnet's distributed training"
+                )
+
+    def _share_model_from_main(self) -> None:
+        """With several processes, give every rank rank 0's weights and buffers.
+
+        DDP keeps the parameters equal, but each rank's last forward pass of an epoch updates its
+        own batch-norm running statistics from its own slice of the batch, so after an epoch the
+        ranks' models differ. Push, pruning, the last-layer stage and evaluation then decide from
+        the model's numbers: they must all see one model, rank 0's.
+        """
+        if _world() == 1:
+            return
+        with torch.no_grad():
+            for tensor in self.model.state_dict().values():
+                if tensor.is_contiguous():
+                    dist.broadcast(tensor, src=0)
+                else:  # a channels_last weight: broadcast a contiguous copy, then copy it back
+                    buffer = tensor.contiguous()
+                    dist.broadcast(buffer, src=0)
+                    tensor.copy_(buffer)
 
     def _weight_average(self) -> AveragedModel | None:
         """The moving average of the weights (``optim.ema_decay``), started from the current
@@ -578,20 +621,40 @@ class Trainer:
         last-layer stage that follows re-fits the remaining connections."""
         from ..prune import prune
 
+        from ..edit import remove_prototypes
+
         cfg = self.config
         self.model.eval()
-        with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} prune", len(self.data.train_indices)) as bar:
-            report = prune(
-                self.model, self.data.clean, k=cfg.schedule.prune_k, threshold=cfg.schedule.prune_threshold,
-                indices=self.data.train_indices, refit=False, batch_size=cfg.data.push_batch_size, device=self.device,
-                num_workers=cfg.data.num_workers, progress=bar.update,
-            )
+
+        def decide() -> tuple[list[int], dict[str, Any], dict[str, Any]]:
+            with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} prune", len(self.data.train_indices)) as bar:
+                report = prune(
+                    self.model, self.data.clean, k=cfg.schedule.prune_k, threshold=cfg.schedule.prune_threshold,
+                    indices=self.data.train_indices, refit=False, batch_size=cfg.data.push_batch_size, device=self.device,
+                    num_workers=cfg.data.num_workers, progress=bar.update,
+                )
+            record = {
+                "prototypes_before": len(report.prototypes), "prototypes_after": len(report.kept),
+                "train_accuracy_before": report.accuracy["train"]["before"],
+                "train_accuracy_after_removal": report.accuracy["train"]["after_removal"],
+            }
+            return report.removed, report.event, record
+
+        # Rank 0 decides which prototypes go, once, and every other rank applies that decision: a
+        # rank deciding on its own could remove another set (a count on the threshold is a
+        # near-tie) and the ranks' models would no longer have the same shape.
+        decision = [_run_on_main(decide)]
+        if _world() > 1:
+            dist.broadcast_object_list(decision, src=0)
+            removed, event, record = decision[0]
+            if not self.is_main:
+                remove_prototypes(self.model, removed)
+                self.model.history.append(event)
+            self._share_model_from_main()
+        else:
+            record = decision[0][2]
         self._rebuild_optimizers()
-        return {
-            "prototypes_before": len(report.prototypes), "prototypes_after": len(report.kept),
-            "train_accuracy_before": report.accuracy["train"]["before"],
-            "train_accuracy_after_removal": report.accuracy["train"]["after_removal"],
-        }
+        return record
 
     def _rebuild_optimizers(self) -> None:
         """Fresh optimisers over the model's current parameters (pruning replaces the prototype
@@ -670,6 +733,7 @@ class Trainer:
                     torch.manual_seed(self._step_seed(step))
                     if step.stage in ("warm", "joint") and step.index == self._first_prototype_step():
                         self._initialise_prototypes()
+                        self._share_model_from_main()
                     if step.stage in ("pretrain", "warm", "joint"):
                         record = self._train_epoch(step)
                     elif step.stage == "push":
@@ -678,6 +742,8 @@ class Trainer:
                         record = self._prune(step)
                     else:
                         record = self._last_layer(step)
+                    if step.stage in ("push", "prune", "last_layer"):
+                        self._check_ranks_agree(step)
                     val = self._validate() if step.stage != "pretrain" else None
                 record = {"step": step.index, "stage": step.stage, "epoch": step.epoch, **record, "val_accuracy": val,
                           "seconds": round(time.perf_counter() - t0, 3)}
