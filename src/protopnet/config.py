@@ -35,7 +35,11 @@ class ModelConfig:
     ``prototype_init``: ``uniform`` (the paper: every coordinate uniform in [0, 1)) or
     ``patches`` — each prototype starts as the latent patch at a random place of a random
     training picture of its class (computed with the untrained add-on layers), so warm-up starts
-    from prototypes that already resemble their class's patches.
+    from prototypes that already resemble their class's patches — or ``distinctive``: each
+    prototype starts on one of its class's most class-distinctive patches (those whose nearest
+    patches in other training pictures are mostly of the same class; see
+    :mod:`protopnet.train.prototype_init`), on different pictures, instead of a random place that
+    is most often background.
     """
 
     backbone: str = "resnet34"
@@ -44,7 +48,7 @@ class ModelConfig:
     prototype_size: tuple[int, int] = (1, 1)
     add_on: Literal["regular", "bottleneck"] = "regular"
     activation: Literal["log", "linear"] = "log"
-    prototype_init: Literal["uniform", "patches"] = "uniform"
+    prototype_init: Literal["uniform", "patches", "distinctive"] = "uniform"
     pretrained: bool = True
     epsilon: float = 1e-4
 

@@ -61,7 +61,8 @@ from ..runtime import autocast, memory_format, resolve_device, resolve_precision
 from .evaluate import accuracy_report, predict_logits
 from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
 from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
-from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader
+from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader, stream_batches
+from .prototype_init import distinctive_patches
 from .push import push_prototypes
 from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable, take_averaged_weights
 
@@ -578,6 +579,9 @@ class Trainer:
         """``model.prototype_init: patches``: prototype j of class k becomes the latent patch at
         a random place of a random training picture of class k (add-on layers as initialised,
         eval mode). Seeded by run.seed alone, so every process makes the same choice."""
+        if self.config.model.prototype_init == "distinctive":
+            self._initialise_distinctive_prototypes()
+            return
         if self.config.model.prototype_init != "patches":
             return
         model, clean = self.model, self.data.clean
@@ -612,6 +616,38 @@ class Trainer:
                 c = int(torch.randint(z.shape[3] - w + 1, (1,), generator=generator))
                 new[start + b] = z[b, :, r : r + h, c : c + w]
         model.prototypes.copy_(new)
+        model.train(was_training)
+
+    @torch.no_grad()
+    def _initialise_distinctive_prototypes(self, patch_budget: int = 16384) -> None:
+        """``model.prototype_init: distinctive``: a seeded sample of training pictures per class
+        (as many as keep the patch count near ``patch_budget``, at least two prototypes' worth),
+        their latent patches with the add-on layers as initialised, and each prototype on one of
+        its class's most distinctive patches (:func:`distinctive_patches`)."""
+        model, clean = self.model, self.data.clean
+        generator = torch.Generator().manual_seed(self.config.run.seed * 7919 + 5)
+        by_class: dict[int, list[int]] = {}
+        for i in self.data.train_indices:
+            by_class.setdefault(int(clean.targets[i]), []).append(i)
+        grid = self.config.data.image_size // max(int(getattr(model, "stride", 0) or 1), 1)
+        per_picture = max(grid * grid, 1)
+        per_class = max(2 * self.config.model.prototypes_per_class, patch_budget // (per_picture * max(len(by_class), 1)))
+        sample: list[int] = []
+        for k in sorted(by_class):
+            pool = by_class[k]
+            sample += [pool[p] for p in torch.randperm(len(pool), generator=generator)[:per_class].tolist()]
+        was_training = model.training
+        model.eval()
+        latents, labels = [], []
+        batches = stream_batches(clean, indices=sample, batch_size=self.config.data.test_batch_size, device=self.device,
+                                 num_workers=self.config.data.num_workers, channels_last=self.config.run.channels_last,
+                                 bad_images=self.bad_images)
+        for images, batch_labels, _ in batches:
+            with autocast(self.device, self.precision):
+                latents.append(model.latent(images).float().cpu())
+            labels.append(batch_labels.cpu())
+        prototypes, _, _ = distinctive_patches(torch.cat(latents), torch.cat(labels), model.prototype_classes.cpu(), tuple(model.prototype_size))
+        model.prototypes.copy_(prototypes.to(model.prototypes))
         model.train(was_training)
 
     def _prune(self, step: Step) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""Where prototypes start: class-distinctive latent patches (``model.prototype_init: distinctive``).
+
+The paper starts prototypes at uniform noise; ``patches`` starts each at a random latent patch of a
+picture of its class. Most of a picture is background that every class shares, so most random
+patches are background, and the cluster cost (which pulls only each picture's nearest own-class
+prototype) may never move them: they end as background prototypes that pruning removes, or that
+point at places that mean nothing from picture to picture.
+
+``distinctive`` starts each prototype on a patch that only its class has. For a sample of training
+pictures it computes every latent patch and, for each patch, its ``neighbours`` nearest patches
+among the sampled pictures of *all* classes (patches of the same picture left out). A patch whose
+neighbours are mostly of its own class is distinctive of that class — the property the paper's
+pruning (Section 2.6) asks of a prototype after training, used here before it. Each class's
+prototypes take its most distinctive patches, at most one per picture so they start on different
+birds. No annotation is used.
+
+Shapes: N sampled pictures, D latent channels, H x W latent map, h x w prototype, P = H' x W'
+patch positions per picture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def latent_patches(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Every h x w window of a latent map, flattened: (N, D, H, W) -> (N, P, D*h*w)."""
+    n, d = z.shape[:2]
+    h, w = size
+    windows = F.unfold(z, kernel_size=(h, w))  # (N, D*h*w, P)
+    return windows.transpose(1, 2).reshape(n, -1, d * h * w)
+
+
+@torch.no_grad()
+def distinctive_patches(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    prototype_classes: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    neighbours: int = 10,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose a starting patch for every prototype: its class's most distinctive patches.
+
+    Args:
+        z: (N, D, H, W) latent maps of the sampled training pictures.
+        labels: (N,) their classes.
+        prototype_classes: (M,) the class of each prototype.
+        size: (h, w) of a prototype.
+        neighbours: how many nearest patches (of other pictures) decide a patch's distinctiveness.
+
+    Returns:
+        ``(prototypes (M, D, h, w), picture (M,) index into z, position (M,) patch index in
+        0..P-1)``. A class with fewer sampled pictures than prototypes reuses pictures (their next
+        most distinctive patches).
+
+    Raises:
+        ValueError: a prototype's class has no sampled picture.
+    """
+    n, d, _, _ = z.shape
+    h, w = size
+    patches = latent_patches(z.float(), size)  # (N, P, F)
+    p = patches.shape[1]
+    flat = patches.reshape(n * p, -1)  # (N*P, F)
+    owner = torch.arange(n).repeat_interleave(p)  # (N*P,) picture of each patch
+    patch_labels = labels.cpu().repeat_interleave(p)  # (N*P,)
+    norms = (flat * flat).sum(1)  # (N*P,)
+    k = min(neighbours, n * p - p)
+    purity = torch.zeros(n * p)
+    margin = torch.zeros(n * p)  # tie-break: how much nearer own-class neighbours are
+    for start in range(0, n * p, chunk):
+        rows = flat[start : start + chunk]  # (C, F)
+        dist = norms[start : start + chunk, None] - 2 * rows @ flat.t() + norms[None, :]  # (C, N*P)
+        dist.masked_fill_(owner[start : start + chunk, None] == owner[None, :], float("inf"))
+        nearest_d, nearest = dist.topk(k, dim=1, largest=False)  # (C, k)
+        same = patch_labels[nearest] == patch_labels[start : start + chunk, None]  # (C, k)
+        purity[start : start + chunk] = same.float().mean(1)
+        margin[start : start + chunk] = -(nearest_d * same).sum(1) / same.sum(1).clamp(min=1)
+    # Rank by purity, then by closeness of the own-class neighbours; lexicographic via stable sorts.
+    order = torch.argsort(margin, descending=True, stable=True)
+    order = order[torch.argsort(purity[order], descending=True, stable=True)]
+
+    m = prototype_classes.numel()
+    chosen = torch.full((m,), -1, dtype=torch.long)
+    for k_class in prototype_classes.unique().tolist():
+        slots = torch.nonzero(prototype_classes.cpu() == k_class).flatten().tolist()
+        candidates = [int(i) for i in order[patch_labels[order] == k_class]]
+        if not candidates:
+            raise ValueError(f"class {k_class} has no sampled training picture to start its prototypes from")
+        used_pictures: set[int] = set()
+        picks: list[int] = []
+        # one patch per picture first; once every picture has one, the next best patches
+        for pass_ in (0, 1):
+            for i in candidates:
+                if len(picks) == len(slots):
+                    break
+                picture = int(owner[i])
+                if (pass_ == 0 and picture in used_pictures) or i in picks:
+                    continue
+                picks.append(i)
+                used_pictures.add(picture)
+        while len(picks) < len(slots):  # fewer patches than prototypes: repeat
+            picks.append(picks[len(picks) % len(candidates)])
+        chosen[slots] = torch.tensor(picks)
+    prototypes = flat[chosen].reshape(m, d, h, w)
+    return prototypes, owner[chosen], chosen % p

@@ -1,0 +1,103 @@
+"""``model.prototype_init: distinctive``: prototypes start on the patches only their class has."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from protopnet.config import load_config
+from protopnet.train import Trainer
+from protopnet.train.prototype_init import distinctive_patches, latent_patches
+
+
+def planted(num_classes=3, per_class=4, d=8, size=5, seed=0):
+    """Latent maps of shared background (every class draws from the same distribution) with one
+    cell per picture holding its class's vector plus noise. Returns z, labels, planted cells."""
+    g = torch.Generator().manual_seed(seed)
+    n = num_classes * per_class
+    z = torch.rand(n, d, size, size, generator=g)  # background: the same for every class
+    codes = torch.rand(num_classes, d, generator=g) * 3 + 2  # far from the background's [0, 1)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    cells = torch.randint(size * size, (n,), generator=g)
+    for i in range(n):
+        r, c = divmod(int(cells[i]), size)
+        z[i, :, r, c] = codes[labels[i]] + 0.05 * torch.rand(d, generator=g)
+    return z, labels, cells
+
+
+def test_latent_patches_are_the_windows_of_the_map():
+    z = torch.randn(2, 3, 4, 5)
+    patches = latent_patches(z, (2, 3))  # (N, P, D*h*w), P = 3 x 3 positions
+    assert patches.shape == (2, 9, 18)
+    for r in range(3):
+        for c in range(3):
+            assert torch.equal(patches[1, r * 3 + c].view(3, 2, 3), z[1, :, r : r + 2, c : c + 3])
+
+
+def test_each_prototype_starts_on_its_class_planted_part_on_different_pictures():
+    z, labels, cells = planted()
+    classes = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    prototypes, picture, position = distinctive_patches(z, labels, classes, (1, 1), neighbours=3)
+    assert prototypes.shape == (7, 8, 1, 1)
+    for j in range(7):
+        assert int(labels[picture[j]]) == int(classes[j])  # a picture of its own class
+        assert int(position[j]) == int(cells[picture[j]])  # on the planted part, not background
+        r, c = divmod(int(position[j]), 5)
+        assert torch.equal(prototypes[j, :, 0, 0], z[picture[j], :, r, c])  # exactly that patch
+    for k in range(3):  # a class's prototypes start on different pictures
+        mine = picture[classes == k].tolist()
+        assert len(set(mine)) == len(mine)
+
+
+def test_distinctiveness_is_the_share_of_own_class_neighbours_by_brute_force():
+    """The chosen patch of a one-prototype class is the one with the highest share of own-class
+    patches among its nearest patches of other pictures, computed here pair by pair."""
+    g = torch.Generator().manual_seed(4)
+    z, labels = torch.rand(6, 4, 3, 3, generator=g), torch.tensor([0, 0, 0, 1, 1, 1])
+    patches = latent_patches(z, (1, 1))  # (6, 9, 4)
+    k = 4
+    best = {}
+    for i in range(6):
+        for p in range(9):
+            others = [(float(((patches[i, p] - patches[o, q]) ** 2).sum()), int(labels[o]))
+                      for o in range(6) if o != i for q in range(9)]
+            share = sum(lab == int(labels[i]) for _, lab in sorted(others)[:k]) / k
+            best.setdefault(int(labels[i]), []).append((share, i, p))
+    _, picture, position = distinctive_patches(z, labels, torch.tensor([0, 1]), (1, 1), neighbours=k)
+    for j, k_class in enumerate((0, 1)):
+        top_share = max(s for s, _, _ in best[k_class])
+        chosen = [s for s, i, p in best[k_class] if i == int(picture[j]) and p == int(position[j])]
+        assert chosen == [top_share]
+
+
+def test_a_class_without_pictures_is_refused():
+    z, labels, _ = planted(num_classes=2)
+    with pytest.raises(ValueError, match="class 2 has no sampled training picture"):
+        distinctive_patches(z, labels, torch.tensor([0, 1, 2]), (1, 1))
+
+
+def test_a_run_with_distinctive_init_starts_from_real_training_patches(tmp_path):
+    """In a run, the prototypes before the first epoch are latent patches of training pictures
+    of their own class (recomputed here with the untrained model)."""
+    config = {
+        "model": {"backbone": "tiny_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8,
+                  "prototype_init": "distinctive"},
+        "data": {"root": "synthetic", "image_size": 32, "augment": False, "val_fraction": 0.2, "batch_size": 8,
+                 "synthetic_classes": 3, "synthetic_train_per_class": 6, "synthetic_test_per_class": 2},
+        "schedule": {"epochs": 1, "warm_epochs": 1, "push_start": 1, "push_at_end": False},
+        "run": {"seed": 0, "device": "cpu", "threads": 1},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(config))
+    trainer = Trainer(load_config(path), tmp_path / "run")
+    trainer._initialise_prototypes()
+    model, data = trainer.model.eval(), trainer.data
+    with torch.no_grad():
+        for j in range(model.num_prototypes):
+            k = int(model.prototype_classes[j])
+            own = [i for i in data.train_indices if data.clean.targets[i] == k]
+            z = model.latent(torch.stack([data.clean[i][0] for i in own]))
+            d = ((latent_patches(z, (1, 1)) - model.prototypes[j].flatten()) ** 2).sum(-1)  # (N, P)
+            assert float(d.min()) < 1e-8
