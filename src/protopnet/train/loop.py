@@ -55,6 +55,7 @@ from ..checkpoint import (
 )
 from ..config import Config
 from ..losses import LossCoefficients, protopnet_loss
+from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device, resolve_precision
 from .evaluate import accuracy_report, predict_logits
@@ -800,6 +801,7 @@ class Trainer:
             }
             try:
                 atomic_write_json(self.out_dir / "results.json", results)
+                record_training_results(model_dir, results, cfg.data.root)  # the model card shows them
                 if len(self.bad_images):
                     atomic_write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.bad_images.items.items())))
             except OSError as error:
