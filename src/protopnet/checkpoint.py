@@ -479,12 +479,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Any:
 
     Args:
         path: a model directory written by :func:`save_model` (or a run directory holding one
-            in ``model/``).
+            in ``model/``), or ``hf://OWNER/NAME[@REVISION]``: a Hugging Face Hub repository
+            holding one (see :mod:`protopnet.hub`; needs ``pip install 'protopnet[hub]'``).
 
     Raises:
         UnsafeCheckpointError: the path is a pickle.
         CheckpointError: anything else wrong, with the reason.
     """
+    if isinstance(path, str) and path.startswith("hf://"):
+        from .hub import load_from_hub
+
+        return load_from_hub(path, device)
     directory = Path(path)
     if directory.is_dir() and not (directory / "model.json").exists() and (directory / "model" / "model.json").exists():
         directory = directory / "model"
