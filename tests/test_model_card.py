@@ -143,3 +143,21 @@ def test_an_ensemble_has_a_card_and_so_does_each_member(tmp_path):
     assert "## Members" in body and "(members/1/README.md)" in body and "| 2 | z |" in body
     assert (tmp_path / "ens" / "members" / "0" / "README.md").is_file()
     load_model(tmp_path / "ens")
+
+
+def test_cli_push_keeps_the_run_config_and_evaluate_record_puts_its_figures_in_the_card(tmp_path, capsys):
+    from protopnet.cli import main
+
+    config = Config().to_dict()
+    config["model"].update(backbone="tiny_cnn", pretrained=False)
+    config["data"].update(image_size=32, val_fraction=0.2)
+    save_model(tiny_model(), tmp_path / "m", run_config=config)
+    assert main(["-q", "push", str(tmp_path / "m"), "--data", "synthetic", "--out", str(tmp_path / "pushed")]) == 0
+    _, body = split_card(tmp_path / "pushed" / "README.md")
+    assert "20.0 % of the training pictures, stratified by class" in body and "| push |" in body
+    capsys.readouterr()
+    assert main(["-q", "evaluate", str(tmp_path / "pushed"), "--data", "synthetic", "--json", str(tmp_path / "eval.json"), "--record"]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    meta, body = split_card(tmp_path / "pushed" / "README.md")
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == report["accuracy"]
+    assert f"| test | synthetic | {report['n']} | {100 * report['accuracy']:.1f} % |" in body

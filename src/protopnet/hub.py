@@ -140,17 +140,22 @@ def download(repo_id: str, revision: str | None = None, *, cache_dir: str | Path
     hub = _hub()
     where = PREFIX + repo_id + (f"@{revision}" if revision else "")
     offline = bool(local_files_only or hub.constants.HF_HUB_OFFLINE)
+    hint = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if offline and not local_files_only else ""
+    if not offline:
+        try:
+            names = hub.HfApi(token=token).list_repo_files(repo_id, revision=revision)
+        except hub.utils.HfHubHTTPError as error:  # not found, gated, no such revision
+            raise CheckpointError(f"{where}: cannot fetch: {type(error).__name__}: {_reason(error)}") from None
+        except Exception as error:  # noqa: BLE001 - no connection: the local cache may hold it (checked on use)
+            logger.warning("%s: the Hub cannot be reached (%s); looking in the local cache", where, type(error).__name__)
+        else:
+            check_file_names(names, where)
     try:
-        if not offline:
-            check_file_names(hub.HfApi(token=token).list_repo_files(repo_id, revision=revision), where)
         snapshot = hub.snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
             allow_patterns=ALLOW_PATTERNS, library_name="protopnet", library_version=__version__,
         )
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, hub.utils.HfHubHTTPError) as error:  # not found, offline and not cached, refused by the Hub
-        hint = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if offline and not local_files_only else ""
+    except Exception as error:  # noqa: BLE001 - not found, not cached offline, network: one line
         raise CheckpointError(f"{where}: cannot fetch{hint}: {type(error).__name__}: {_reason(error)}") from None
     return Path(snapshot)
 
