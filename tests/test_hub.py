@@ -270,3 +270,15 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     save_ensemble(Ensemble([tiny_model(seed=0), tiny_model(seed=1)]), tmp_path / "ens")
     with pytest.raises(CheckpointError, match=r"not a single ProtoPNet \(it holds a Ensemble\); load it with protopnet.load_model"):
         ProtoPNet.from_pretrained(str(tmp_path / "ens"))
+
+
+def test_an_ensemble_goes_to_the_hub_and_back(tmp_path):
+    ensemble = Ensemble([tiny_model(seed=0), tiny_model(seed=1)]).eval()
+    save_ensemble(ensemble, tmp_path / "ens")
+    files = published(tmp_path / "ens", "someone/ens")
+    assert {"model.json", "README.md", "members/0/model.safetensors", "members/1/model.json", "members/1/README.md"} <= set(files)
+    lay_out_cache(tmp_path / "hf-cache", "someone/ens", files)
+    loaded = load_from_hub("hf://someone/ens", cache_dir=tmp_path / "hf-cache", local_files_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ensemble(x).logits)
