@@ -439,16 +439,18 @@ def _data_and_protocol(config: dict[str, Any]) -> list[str]:
         ("validation", f"{_fraction(val)} of the training pictures, stratified by class, seed {run.get('seed', 0)}: used to select the model"
                        if val else "none (the final model is kept)"),
         ("test", "the dataset's test split, only ever reported, never used to choose"),
-        ("schedule", f"{schedule.get('pretrain_epochs', 0)} pre-training, {schedule.get('warm_epochs', '?')} warm-up and "
-                     f"{schedule.get('epochs', '?')} epochs in all; push from epoch {schedule.get('push_start', '?')} every "
-                     f"{schedule.get('push_every', '?')}, then {schedule.get('last_layer_iterations', '?')} last-layer iterations"),
+        ("schedule", (f"{schedule['pretrain_epochs']} epochs of backbone pre-training, then " if schedule.get("pretrain_epochs") else "")
+                     + f"{schedule.get('epochs', '?')} epochs, the first {schedule.get('warm_epochs', '?')} warm-up; push at epoch "
+                     f"{schedule.get('push_start', '?')} and every {schedule.get('push_every', '?')} after, each followed by "
+                     f"{schedule.get('last_layer_iterations', '?')} last-layer iterations"),
         ("pruning", f"the paper's pruning after the final push (k = {schedule.get('prune_k')}, threshold {schedule.get('prune_threshold')})"
                     if schedule.get("prune") else "none in training"),
         ("learning rates (Adam)", ", ".join(f"{key.removesuffix('_lr').replace('_', ' ')} {_number(value)}" for key, value in optim.items()
-                                            if key.endswith("_lr"))),
+                                            if key.endswith("_lr") and (key != "pretrain_lr" or schedule.get("pretrain_epochs")))),
         ("loss", ", ".join(f"{key} {_number(value)}" for key, value in loss.items())),
         ("arithmetic", f"{run.get('precision', 'fp32')} on {run.get('device', 'auto')}"),
-        ("prototype start", str(model.get("prototype_init", "uniform")) if model.get("prototype_init") else "uniform noise"),
+        ("prototypes start as", "latent patches of training pictures of their class" if model.get("prototype_init") == "patches"
+                                else "uniform noise in [0, 1)"),
     ]
     return ["## Data and protocol\n",
             "| | |\n|---|---|\n" + "".join(f"| {a} | {_cell(b)} |\n" for a, b in rows),
