@@ -204,7 +204,7 @@ def test_bad_hub_specs_are_refused(spec):
         parse_hub_spec(spec)
 
 
-def test_a_push_sends_exactly_the_model_files_in_one_commit(model_dir, monkeypatch):
+def test_a_push_sends_exactly_the_model_files_in_one_commit(model_dir, monkeypatch, capsys):
     calls = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create_repo", (repo_id, kw)))
     monkeypatch.setattr(HfApi, "list_repo_files", lambda self, repo_id, **kw: [
@@ -237,6 +237,12 @@ def test_a_push_sends_exactly_the_model_files_in_one_commit(model_dir, monkeypat
     assert [op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)] == ["prototypes/0099_patch.png"]
     assert kw["commit_message"] == "protopnet 0.1.0: ProtoPNet on tiny_cnn, 6 prototypes, 3 classes"
     assert meta["tensors"]["sha256"] in kw["commit_description"]
+    # the command line sends the same commit and says where it went
+    del calls["create_commit"]
+    assert main(["-q", "push-to-hub", str(model_dir), "someone/tiny", "--license", "mit"]) == 0
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert said["commit"] == COMMIT and said["load_with"] == "protopnet.load_model('hf://someone/tiny')"
+    assert [op.path_in_repo for op in calls["create_commit"][1]] == [op.path_in_repo for op in operations]
 
 
 def test_a_directory_with_a_pickle_or_bad_tensors_is_not_published(model_dir):
