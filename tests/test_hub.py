@@ -20,6 +20,13 @@ hub = pytest.importorskip("huggingface_hub")
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi  # noqa: E402
 from huggingface_hub.file_download import repo_folder_name  # noqa: E402
 
+try:
+    from huggingface_hub.utils.sha import git_hash  # noqa: E402
+except ImportError:  # huggingface_hub < 0.21: the git blob hash, computed as git does
+
+    def git_hash(data: bytes) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
 from protopnet import CheckpointError, ProtoPNet, UnsafeCheckpointError, load_model, save_model  # noqa: E402
 from protopnet.cli import main  # noqa: E402
 from protopnet.ensemble import Ensemble, save_ensemble  # noqa: E402
@@ -62,11 +69,13 @@ def published(model_dir: Path, repo_id: str) -> dict[str, bytes]:
 
 def lay_out_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT) -> Path:
     """A downloaded snapshot as huggingface_hub's cache holds it (its documented layout): the
-    contents in blobs/, snapshots/<commit>/<path> a relative link to its blob, refs/main naming
-    the commit."""
+    contents in blobs/<etag> (the SHA-256 of a file stored with LFS, as .gitattributes says the
+    tensors are, the git blob hash of the others), snapshots/<commit>/<path> a relative link to
+    its blob, refs/main naming the commit."""
     storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
     for rel, data in files.items():
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        etag = hashlib.sha256(data).hexdigest() if rel.endswith(".safetensors") else git_hash(data)
+        blob = storage / "blobs" / etag
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(data)
         link = storage / "snapshots" / commit / rel
