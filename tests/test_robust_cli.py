@@ -80,6 +80,10 @@ CASES = [
     # demo
     (["demo", "--out", "{base}/demo", "model.bogus=1"], "model.bogus: unknown key"),
     (["demo", "--out", "{base}/demo", "schedule.epochs=-1"], "schedule.epochs: expected a number > 0, got -1"),
+    # push-to-hub (and a Hub model given where a model directory goes)
+    (["push-to-hub", MISSING, "me/model", "--dry-run"], f"{MISSING}: no such model directory"),
+    (["push-to-hub", "{model}", "not a repo", "--dry-run"], "'not a repo' is not a Hub repository id: expected OWNER/NAME"),
+    (["evaluate", "hf://just-a-name", "--data", "synthetic"], "'hf://just-a-name' is not a Hub model: expected hf://OWNER/NAME[@REVISION]"),
     # data
     (["data", "cub200", "/nonexistent/CUB", "--out", "{base}/prepared"], "/nonexistent/CUB"),
     (["data", "cars", "{base}/empty_dir", "--out", "{base}/prepared"], "empty_dir"),

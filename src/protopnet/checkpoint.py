@@ -7,6 +7,8 @@ A model directory holds:
                         the SHA-256 of model.safetensors (a truncated or altered file is refused)
     config.yaml         the run config that trained it (when trained by protopnet)
     prototypes/*.png    each prototype's patch, source image with box, activation overlay
+    README.md           the model card, generated from the files above (see protopnet.model_card);
+                        loading never reads it, and a directory without one loads the same
 
 Loading never unpickles: ``.pt``/``.pth``/``.pkl`` files are refused, and ``torch.load`` is never
 called. Every file is written atomically (temporary file, fsync, rename), and a whole directory
@@ -298,6 +300,7 @@ def save_model(
     """
     import yaml
 
+    from .model_card import display_name, write_model_card
     from .visualize import save_prototype_images
 
     def fill(tmp: Path) -> None:
@@ -314,6 +317,7 @@ def save_model(
         if run_config is not None:
             atomic_write_text(tmp / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         atomic_write_json(tmp / "model.json", meta)
+        write_model_card(tmp, name=display_name(directory))
 
     path = write_directory_atomically(directory, fill)
     model.source_directory = str(path)
@@ -475,12 +479,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Any:
 
     Args:
         path: a model directory written by :func:`save_model` (or a run directory holding one
-            in ``model/``).
+            in ``model/``), or ``hf://OWNER/NAME[@REVISION]``: a Hugging Face Hub repository
+            holding one (see :mod:`protopnet.hub`; needs ``pip install 'protopnet[hub]'``).
 
     Raises:
         UnsafeCheckpointError: the path is a pickle.
         CheckpointError: anything else wrong, with the reason.
     """
+    if isinstance(path, str) and path.startswith("hf://"):
+        from .hub import load_from_hub
+
+        return load_from_hub(path, device)
     directory = Path(path)
     if directory.is_dir() and not (directory / "model.json").exists() and (directory / "model" / "model.json").exists():
         directory = directory / "model"

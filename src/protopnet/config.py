@@ -254,13 +254,19 @@ class LossConfig:
 
 @dataclass
 class RunConfig:
-    """How to run: seed, device and arithmetic."""
+    """How to run: seed, device and arithmetic.
+
+    ``tensorboard``: also write the run to ``<output dir>/tensorboard/`` (the optional extra
+    ``pip install 'protopnet[tensorboard]'``): every scalar of ``metrics.jsonl`` (which stays the
+    record), the learning rates, and at each push a grid of the prototypes' source patches. Only
+    rank 0 writes."""
 
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     threads: int = 0
+    tensorboard: bool = False
 
     def validate(self) -> None:
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):

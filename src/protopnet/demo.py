@@ -70,6 +70,11 @@ def run_demo(
         "train_seconds": round(result.seconds, 2),
         "model": str(result.model_dir),
     }
+    from .model_card import record_evaluation
+
+    record_evaluation(result.model_dir, {"interpretability": {  # the model card shows them
+        "prototype_localization": figures["localization"], "prototype_localization_chance": figures["localization_chance"],
+        "prototype_localization_before_pruning": figures["localization_before_pruning"]}})
     report = _write_report(model, trainer, out_dir, explain_images, figures)
     if report is not None:
         figures["report"] = str(report)

@@ -59,6 +59,7 @@ from .checkpoint import (
     save_model,
     write_directory_atomically,
 )
+from .model_card import display_name, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -368,6 +369,7 @@ def save_ensemble(ensemble: Ensemble, directory: str | Path, *, extra: dict[str,
         if extra:
             meta["extra"] = extra
         atomic_write_json(tmp / "model.json", meta)
+        write_model_card(tmp, name=display_name(directory))
 
     try:
         target = write_directory_atomically(directory, fill)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .common import CommandError
 
-COMMANDS = ("train", "evaluate", "push", "demo", "explain", "analyze", "prune", "ensemble", "edit", "export", "data")
+COMMANDS = ("train", "evaluate", "push", "demo", "explain", "analyze", "prune", "ensemble", "edit", "export", "data", "push-to-hub")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"{__name__}.{name}")
+            module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
         except ModuleNotFoundError as error:
-            if error.name == f"{__name__}.{name}":
+            if error.name == f"{__name__}.{name.replace('-', '_')}":
                 continue  # a command not built into this installation
             raise
         sub = module.create_parser(subparsers)

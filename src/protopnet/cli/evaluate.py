@@ -24,6 +24,8 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", help="which split to evaluate: test (default), train or all")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--interpretability", action="store_true", help="also measure interpretability (needs part annotations)")
+    parser.add_argument("--record", action="store_true",
+                        help="keep the figures in the model directory (model.json) and regenerate its model card (README.md)")
     add_device_arguments(parser)
     return parser
 
@@ -59,7 +61,23 @@ def execute(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, report)
         print(f"wrote {args.json}")
+    if args.record:
+        record(model, args, report)
     return 0
+
+
+def record(model: Any, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """``--record``: the figures go into the model directory, with the tensors' checksum."""
+    from ..model_card import record_evaluation
+
+    directory = getattr(model, "source_directory", None)
+    if not directory or str(args.model).startswith("hf://"):
+        raise CommandError(f"--record: {args.model} is not a model directory on this machine; evaluate a local copy")
+    figures = {args.split: {key: report[key] for key in ("split", "data", "n", "accuracy", "top5", "per_class") if key in report}}
+    if "interpretability" in report:
+        figures["interpretability"] = report["interpretability"]
+    record_evaluation(directory, figures)
+    print(f"recorded in {directory}/model.json and {directory}/README.md")
 
 
 def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:

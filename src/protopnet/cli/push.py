@@ -38,7 +38,24 @@ def execute(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     model.history.append({"event": "push", "data": args.data, "source": args.model})
-    save_model(model, args.out, dataset=dataset)
+    save_model(model, args.out, dataset=dataset, run_config=_run_config(model))
     moved = [p["distance"] for p in provenance]
     print(json.dumps({"model": args.out, "prototypes": len(provenance), "mean_distance_moved": sum(moved) / len(moved)}))
     return 0
+
+
+def _run_config(model: Any) -> dict[str, Any] | None:
+    """The source directory's config.yaml (the run that trained the model), kept with the pushed
+    model so its card still tells how it was trained."""
+    from pathlib import Path
+
+    import yaml
+
+    source = Path(model.source_directory or "") / "config.yaml"
+    if not model.source_directory or not source.is_file():
+        return None
+    try:
+        config = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None

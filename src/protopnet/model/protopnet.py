@@ -152,6 +152,28 @@ class ProtoPNet(nn.Module):
         self.image_size = 224  # the input side the model was trained at (set by training / loading)
         self.source_directory: str | None = None  # the model directory it was loaded from
 
+    # -- sharing --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: Any, *, device: Any = "cpu", revision: str | None = None, **hub_kwargs: Any) -> "ProtoPNet":
+        """Load a ProtoPNet from a model directory, ``hf://OWNER/NAME[@REVISION]`` or ``OWNER/NAME``
+        on the Hugging Face Hub (``pip install 'protopnet[hub]'``); see :mod:`protopnet.hub`.
+        ``hub_kwargs``: ``cache_dir``, ``local_files_only``, ``token``."""
+        from ..checkpoint import CheckpointError
+        from ..hub import load_pretrained
+
+        model = load_pretrained(name_or_path, device, revision=revision, **hub_kwargs)
+        if not isinstance(model, cls):
+            raise CheckpointError(f"{name_or_path}: not a single {cls.__name__} (it holds a {type(model).__name__}); load it with protopnet.load_model")
+        return model
+
+    def save_pretrained(self, directory: Any, **kwargs: Any) -> Any:
+        """Write this model as a model directory (tensors, JSON, pictures, model card): the same
+        as :func:`protopnet.save_model` (``kwargs``: ``dataset``, ``run_config``, ``extra``); push
+        it with ``protopnet push-to-hub DIRECTORY OWNER/NAME``."""
+        from ..checkpoint import save_model
+
+        return save_model(self, directory, **kwargs)
+
     # -- facts ----------------------------------------------------------------------------------
     @property
     def num_prototypes(self) -> int:

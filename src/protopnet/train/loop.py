@@ -56,6 +56,7 @@ from ..checkpoint import (
 )
 from ..config import Config
 from ..losses import LossCoefficients, protopnet_loss
+from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device, resolve_precision
 from .evaluate import accuracy_report, predict_logits
@@ -65,6 +66,7 @@ from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, ma
 from .prototype_init import distinctive_patches
 from .push import push_prototypes
 from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable, take_averaged_weights
+from .tensorboard import open_tensorboard
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +275,7 @@ class Trainer:
         # optim.ema_decay: the moving average of the weights since the last push (None when off,
         # and between a push and the next training epoch)
         self.weight_average: AveragedModel | None = None
+        self.tensorboard = open_tensorboard(config.run.tensorboard, self.out_dir, self.is_main)  # run.tensorboard
 
     # -- setup ------------------------------------------------------------------------------
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -765,6 +768,7 @@ class Trainer:
             overall.update(self.next_step)
             for step in self.plan[self.next_step:]:
                 t0 = time.perf_counter()
+                self.tensorboard.before_step(step, self.optimizers)
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     torch.manual_seed(self._step_seed(step))
                     if step.stage in ("warm", "joint") and step.index == self._first_prototype_step():
@@ -785,12 +789,14 @@ class Trainer:
                           "seconds": round(time.perf_counter() - t0, 3)}
                 self._merge_bad_images()
                 self.metrics.append(record)
+                self.tensorboard.after_step(record, self.model, self.data.clean)  # before the checkpoint: a resume purges it
                 try:
                     self._after_step(step, val)
                 except OSError as error:
                     raise self._write_failure(error, f"step {step.index} ({step.stage}, epoch {step.epoch})") from None
                 overall.update(1)
                 logger.info("step %d %s epoch %d: %s", step.index, step.stage, step.epoch, _short(record))
+        self.tensorboard.close()
         self._adopt_weight_average()  # a schedule that ends with training epochs
         if self.selected_step is None and self.is_main:
             # No pushed model was ever selected (a schedule without push): keep the final one.
@@ -902,6 +908,7 @@ class Trainer:
             }
             try:
                 atomic_write_json(self.out_dir / "results.json", results)
+                record_training_results(model_dir, results, cfg.data.root)  # the model card shows them
                 if len(self.bad_images):
                     atomic_write_text(self.out_dir / "bad_images.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.bad_images.items.items())))
             except OSError as error:
