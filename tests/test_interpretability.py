@@ -430,6 +430,75 @@ def test_cli_evaluate_interpretability(tmp_path, capsys, monkeypatch):
     assert f"consistency: {figures['consistency']:.4f}" in printed and "deletion_gap:" in printed
 
 
+def test_cli_evaluate_interpretability_takes_a_list_of_metrics(tmp_path, capsys, monkeypatch):
+    import protopnet.cli.evaluate as cli_evaluate
+    from protopnet.checkpoint import save_model
+    from protopnet.cli import main
+
+    real = cli_evaluate.dataset_for_model
+    asked = []
+
+    def small(model, spec, split, **kw):
+        asked.append(split)
+        return real(model, spec, split, images_per_class=3, **kw)
+
+    monkeypatch.setattr(cli_evaluate, "dataset_for_model", small)
+    model = tiny_model(num_classes=3, prototypes_per_class=2, seed=0)
+    model.mean, model.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    save_model(model, tmp_path / "model")
+    out = tmp_path / "eval.json"
+    argv = ["-q", "evaluate", str(tmp_path / "model"), "--data", "synthetic", "--json", str(out), "--device", "cpu", "--interpretability"]
+    assert main(argv + [" stability, consistency,stability"]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())["interpretability"]
+    for name in ("consistency", "stability", "consistency_fixed_cell", "consistency_random_peak"):
+        assert 0.0 <= figures[name] <= 1.0, name
+        assert f"{name}: {figures[name]:.4f}" in printed
+    for name in ("prototype_localization", "activation_localization", "deletion_gap", "purity", "duplicates"):
+        assert figures[name] is None, name
+    assert "deletion" not in figures["details"] and "purity" not in figures["details"]
+    assert asked == ["test"]  # neither purity nor localisation: the training split is not read
+
+    # a name that is not a metric: one line naming it and every allowed name, before the model is read
+    assert main(["-q", "evaluate", str(tmp_path / "absent"), "--data", "synthetic", "--interpretability", "consistency,acuracy"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "'acuracy'" in error and "consistency" in error
+    assert all(name in error for name in METRICS)
+    assert main(["-q", "evaluate", str(tmp_path / "model"), "--data", "synthetic", "--interpretability", ","]) == 1
+    assert "names no metric" in capsys.readouterr().err
+
+
+def test_interpretability_option_parsing():
+    import argparse
+
+    from protopnet.cli.common import CommandError, add_interpretability_argument, interpretability_metrics
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    add_interpretability_argument(parser, "measure")
+    read = lambda *argv: interpretability_metrics(parser.parse_args(list(argv)).interpretability)  # noqa: E731
+    assert read("m") is None
+    assert read("m", "--interpretability") == tuple(METRICS) == read("m", "--interpretability", "all")
+    assert read("m", "--interpretability", "purity,deletion,purity") == ("purity", "deletion")
+    assert read("m", "--interpretability=consistency") == ("consistency",)
+    with pytest.raises(CommandError, match=r"unknown metric 'runs/model' \(a path\?"):
+        read("--interpretability", "runs/model", "m")
+    with pytest.raises(CommandError, match="unknown metric 'Consistency'; choose from consistency, stability, localization"):
+        read("m", "--interpretability", "Consistency")
+
+
+def test_cli_analyze_shares_the_metrics_option(tmp_path, capsys):
+    from protopnet.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["analyze", "model", "--data", "synthetic", "--out", "x", "--interpretability", "consistency"])
+    assert args.interpretability == "consistency"
+    from protopnet.cli import main
+
+    assert main(["-q", "analyze", str(tmp_path / "absent"), "--data", "synthetic", "--out", str(tmp_path / "a"), "--interpretability", "purity,nope"]) == 1
+    assert "unknown metric 'nope'" in capsys.readouterr().err
+
+
 def test_localisation_before_pruning_counts_the_pruned_prototypes():
     from protopnet.prune import prune
 
