@@ -13,7 +13,9 @@ the same rule (:func:`~protopnet.interpretability.parts.consistency_from_counts`
 **The detector.** A *fixed-position detector* at cell ``g`` of the activation grid (H', W') — the
 positions a prototype's peak can take; the latent grid H x W for 1 x 1 prototypes — has the
 activation map that is 1 at ``g`` and 0 elsewhere, on every picture. Its region is centred where
-that map's bicubic upsampling peaks, exactly as for a real prototype whose map is that one-hot.
+that map's bicubic upsampling peaks, exactly as for a real prototype whose map is that one-hot
+(inner cells: their centre, e.g. pixel 47 for cell 1 of 7 at 224 px; border cells: pushed towards
+the picture's edge by the bicubic kernel's overshoot, pixel 5 for cell 0).
 
 **consistency_fixed_cell** (the floor to beat). One cell ``g*`` for every prototype of every
 class: each cell's score is the fraction of evaluated prototypes (those whose class has test

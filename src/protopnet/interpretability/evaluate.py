@@ -176,7 +176,10 @@ def evaluate_interpretability(
     Returns:
         A JSON-able dict: the scalars of :data:`SCALARS` (None when skipped), ``n_images``,
         ``n_prototypes``, ``parts`` (part names met), ``prototypes`` (class of each),
-        ``details`` (per metric: per-prototype values, curves), ``skipped`` (metric -> why),
+        ``details`` (per metric: per-prototype values, curves; ``consistency_baselines``: the
+        fixed-cell and random-peak reference points of
+        :meth:`~protopnet.interpretability.baselines.PositionBaselines.result`, on the activation
+        grid of the first member for an ensemble), ``skipped`` (metric -> why),
         ``settings``, ``definitions`` and ``timings`` (seconds per stage).
 
     Raises:
