@@ -22,6 +22,14 @@ Prints a markdown table (model | top-1 | top-5 | wall time) and writes the same 
 settings, to a JSON file. Test accuracy is computed in float32 on each final model; the float32 vs
 bfloat16 inference accuracy of both is reported too.
 
+Then, for each ProtoPNet, what the accuracy does not show, on the same test pictures
+(:func:`protopnet.interpretability.evaluate_interpretability`): part consistency and stability
+(Huang et al., ICCV 2023, on CUB's 15 part locations), nearest-patch purity (k = 5, training
+pictures), and the two reference points for consistency — a detector fixed at the best single
+cell (the floor a prototype must beat to show it follows the bird rather than the crop's centre)
+and a random peak in each picture (chance). ``--seeds 0 1 ...`` trains every model once per seed
+(``run.seed``) and prints each seed's row, the mean and the standard deviation over seeds.
+
 Full run (30 classes, 224 px, about 30 minutes on 2 CPU cores)::
 
     python benchmarks/bench_cub.py --data ../shared/data/CUB_200_2011 --threads 2
@@ -29,6 +37,10 @@ Full run (30 classes, 224 px, about 30 minutes on 2 CPU cores)::
 Smoke test (a minute)::
 
     python benchmarks/bench_cub.py --data ../shared/data/CUB_200_2011 --classes 3 --epochs 2 --image-size 112 --out runs/bench_cub_smoke
+
+Two seeds, ProtoPNet only::
+
+    python benchmarks/bench_cub.py --data ../shared/data/CUB_200_2011 --threads 2 --models protopnet --seeds 0 1
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import argparse
 import json
 import logging
 import os
+import math
 import platform
 import shutil
 import sys
@@ -292,6 +305,89 @@ def evaluate(model: Any, dataset: Any, config: Any, precision: str) -> dict[str,
     return {"n": report["n"], "top1": report["accuracy"], "top5": report["top5"]}
 
 
+#: What bench_cub measures on each ProtoPNet besides accuracy (consistency brings its two reference points).
+INTERPRETABILITY_METRICS = ("consistency", "stability", "purity")
+#: The columns of the ProtoPNet table: (key of the per-seed row, header).
+COLUMNS = (
+    ("top1", "top-1"),
+    ("consistency", "consistency"),
+    ("consistency_fixed_cell", "fixed cell"),
+    ("consistency_random_peak", "random peak"),
+    ("stability", "stability"),
+    ("purity", "purity"),
+    ("seconds", "wall time"),
+)
+
+
+def measure_protopnet(model: Any, test: Any, train: Any, batch_size: int = 64) -> dict[str, Any]:
+    """Consistency, stability, purity and the two consistency reference points of ``model`` on
+    ``test`` (purity's nearest patches come from ``train``), measured with a fixed seed (0) so
+    that several training seeds are compared on the same noise and the same random peaks.
+
+    Returns:
+        ``{consistency, stability, purity, consistency_fixed_cell, consistency_random_peak}``
+        (None where the data cannot support one: no part annotations, say), ``fixed_cell``
+        (the chosen cell ``[row, col]`` of the activation grid), ``random_peak_standard_error``,
+        ``skipped`` (metric -> why) and ``seconds``.
+    """
+    from protopnet.interpretability import evaluate_interpretability
+
+    t0 = time.perf_counter()
+    figures = evaluate_interpretability(model, test, train_dataset=train, metrics=INTERPRETABILITY_METRICS, batch_size=batch_size, device="cpu", seed=0)
+    baselines = figures["details"].get("consistency_baselines") or {}
+    return {
+        **{key: figures[key] for key in ("consistency", "consistency_fixed_cell", "consistency_random_peak", "stability", "purity")},
+        "fixed_cell": (baselines.get("fixed_cell") or {}).get("cell"),
+        "random_peak_standard_error": (baselines.get("random_peak") or {}).get("standard_error"),
+        "skipped": figures["skipped"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None for one value), min and max of the values that are
+    not None, and how many there were."""
+    kept = [float(v) for v in values if v is not None]
+    if not kept:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+    mean = sum(kept) / len(kept)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in kept) / (len(kept) - 1)) if len(kept) > 1 else None
+    return {"n": len(kept), "mean": mean, "sd": sd, "min": min(kept), "max": max(kept)}
+
+
+def protopnet_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per seed from the ``runs`` records (``{"seed", "results": {"protopnet": ...}}``):
+    the :data:`COLUMNS` keys, top-1 in float32 and the training wall time in seconds."""
+    rows = []
+    for run in runs:
+        r = run["results"].get("protopnet")
+        if r is None:
+            continue
+        rows.append({"seed": run["seed"], "top1": r["test_fp32"]["top1"], **{k: r["interpretability"][k] for k, _ in COLUMNS[1:-1]},
+                     "seconds": r["seconds"]})
+    return rows
+
+
+def protopnet_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The markdown table of :func:`protopnet_rows`: one line per seed, then the mean and the
+    standard deviation over seeds when there are several; figures in percent, "n/a" where not
+    measured. Returns the table and the summary (column -> :func:`spread`)."""
+    summary = {key: spread([row[key] for row in rows]) for key, _ in COLUMNS}
+
+    def cell(key: str, value: float | None) -> str:
+        if value is None:
+            return "n/a"
+        return minutes(value) if key == "seconds" else f"{100 * value:.1f} %"
+
+    lines = ["| ProtoPNet | " + " | ".join(header for _, header in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for row in rows:
+        lines.append(f"| seed {row['seed']} | " + " | ".join(cell(key, row[key]) for key, _ in COLUMNS) + " |")
+    if len(rows) > 1:
+        lines.append("| mean | " + " | ".join(cell(key, summary[key]["mean"]) for key, _ in COLUMNS) + " |")
+        lines.append("| sd | " + " | ".join(cell(key, summary[key]["sd"]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines), summary
+
+
 def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:04.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
 
@@ -313,9 +409,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: the config's run.threads, else PyTorch's default)")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="a folder of torchvision checkpoints linked into $TORCH_HOME (default ../shared/weights)")
     parser.add_argument("--models", default="protopnet,baseline", help="which to train: protopnet, baseline or both (default)")
+    parser.add_argument("--seeds", nargs="+", metavar="SEED", help="train every model once per seed (run.seed); default: the config's seed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.precision=fp32")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seeds:  # "--seeds 0 1 key=value": the list stops at the first override
+        overrides = [item for item in args.seeds if "=" in item]
+        args.seeds, args.overrides = [item for item in args.seeds if "=" not in item], overrides + list(args.overrides)
+        bad = [item for item in args.seeds if not item.lstrip("-").isdigit()]
+        if bad or not args.seeds:
+            parser.error(f"--seeds takes whole numbers, got {', '.join(map(repr, bad)) or 'none'}")
+        args.seeds = [int(item) for item in args.seeds]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,72 +454,103 @@ def main(argv: list[str] | None = None) -> int:
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
     progress = progress_factory(args.quiet)
+    seeds = list(args.seeds) if args.seeds else [config.run.seed]
+    if len(set(seeds)) != len(seeds):
+        sys.exit(f"bench_cub: --seeds repeats a seed: {seeds}")
 
     dataset_kw: dict[str, Any] = {}
     if args.classes:
         names = build_dataset(config.data.root, split="train", image_size=config.data.image_size, crop=config.data.crop).classes
         dataset_kw["classes"] = list(names[: args.classes])
-    t0 = time.perf_counter()
     mean, std = backbone_normalisation(config)
-    data = build_run_data(config, mean, std, **dataset_kw)
-    data_seconds = time.perf_counter() - t0
-    n_train, n_test = len(data.train_indices), len(data.test) if data.test is not None else 0
-    n_items = len(data.training_items)  # what one epoch goes through: n_train x data.augment_views
-    logger.info("data ready in %.1f s: %d classes, %d training / %d test images", data_seconds, len(data.class_names), n_train, n_test)
-
-    results: dict[str, Any] = {}
-    if "protopnet" in models:
-        run_dir = out / "protopnet"
-        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run directory
+    runs: list[dict[str, Any]] = []
+    data_seconds = 0.0
+    for seed in seeds:
+        if args.seeds:
+            config = load_config(args.config, overrides + [f"run.seed={seed}"])
         t0 = time.perf_counter()
-        trained = Trainer(config, run_dir, progress=progress, data=data).fit()
-        seconds = time.perf_counter() - t0
-        model = load_model(trained.model_dir, device="cpu")
-        results["protopnet"] = {
-            "label": f"ProtoPNet ({config.model.backbone}, {model.num_prototypes} prototypes)",
-            "test_fp32": {"n": trained.test["n"], "top1": trained.test["accuracy"], "top5": trained.test["top5"]},
-            "test_bf16": evaluate(model, data.test, config, "bf16"),
-            "seconds": seconds,
-            "steps": [{k: r[k] for k in ("stage", "epoch", "seconds") if k in r} for r in trained.metrics],
-            "model_dir": str(trained.model_dir),
-        }
-    if "baseline" in models:
-        t0 = time.perf_counter()
-        baseline, steps = train_baseline(config, data, progress)
-        fp32 = evaluate(baseline, data.test, config, "fp32")
-        seconds = time.perf_counter() - t0
-        results["baseline"] = {
-            "label": f"Linear head ({config.model.backbone}, GAP + Linear)",
-            "test_fp32": fp32,
-            "test_bf16": evaluate(baseline, data.test, config, "bf16"),
-            "seconds": seconds,
-            "steps": steps,
-        }
+        data = build_run_data(config, mean, std, **dataset_kw)  # the split and the augmentation follow run.seed
+        data_seconds += time.perf_counter() - t0
+        n_train, n_test = len(data.train_indices), len(data.test) if data.test is not None else 0
+        n_items = len(data.training_items)  # what one epoch goes through: n_train x data.augment_views
+        logger.info("seed %d: data ready: %d classes, %d training / %d test images", seed, len(data.class_names), n_train, n_test)
 
-    total = sum(r["seconds"] for r in results.values()) + data_seconds
+        results: dict[str, Any] = {}
+        if "protopnet" in models:
+            run_dir = out / "protopnet" if len(seeds) == 1 else out / f"protopnet-seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run directory
+            t0 = time.perf_counter()
+            trained = Trainer(config, run_dir, progress=progress, data=data).fit()
+            seconds = time.perf_counter() - t0
+            model = load_model(trained.model_dir, device="cpu")
+            results["protopnet"] = {
+                "label": f"ProtoPNet ({config.model.backbone}, {model.num_prototypes} prototypes)",
+                "test_fp32": {"n": trained.test["n"], "top1": trained.test["accuracy"], "top5": trained.test["top5"]},
+                "test_bf16": evaluate(model, data.test, config, "bf16"),
+                "interpretability": measure_protopnet(model, data.test, data.clean, config.data.test_batch_size),
+                "seconds": seconds,
+                "steps": [{k: r[k] for k in ("stage", "epoch", "seconds") if k in r} for r in trained.metrics],
+                "model_dir": str(trained.model_dir),
+            }
+        if "baseline" in models:
+            t0 = time.perf_counter()
+            baseline, steps = train_baseline(config, data, progress)
+            fp32 = evaluate(baseline, data.test, config, "fp32")
+            seconds = time.perf_counter() - t0
+            results["baseline"] = {
+                "label": f"Linear head ({config.model.backbone}, GAP + Linear)",
+                "test_fp32": fp32,
+                "test_bf16": evaluate(baseline, data.test, config, "bf16"),
+                "seconds": seconds,
+                "steps": steps,
+            }
+        runs.append({"seed": seed, "results": results})
+
+    total = sum(r["seconds"] for run in runs for r in run["results"].values()) + data_seconds
+    several = len(seeds) > 1
+
+    def seed_note(run: dict[str, Any]) -> str:
+        return f" (seed {run['seed']})" if several else ""
     lines = ["| model | top-1 | top-5 | wall time |", "|---|---:|---:|---:|"]
-    for r in results.values():
-        lines.append(f"| {r['label']} | {100 * r['test_fp32']['top1']:.1f} % | {100 * r['test_fp32']['top5']:.1f} % | {minutes(r['seconds'])} |")
+    for run in runs:
+        for r in run["results"].values():
+            label = f"{r['label']}, seed {run['seed']}" if several else r["label"]
+            lines.append(f"| {label} | {100 * r['test_fp32']['top1']:.1f} % | {100 * r['test_fp32']['top5']:.1f} % | {minutes(r['seconds'])} |")
     targets: dict[str, Any] = {"total_seconds": round(total, 1), "total_within_30_min": total <= 1800}
     notes = [
         f"{len(data.class_names)} classes, {n_train} training / {n_test} test images ({n_items} training items per epoch), "
         f"{config.data.image_size} px bounding-box crops; "
         f"{torch.get_num_threads()} threads, precision {config.run.precision}{', channels_last' if config.run.channels_last else ''}; "
-        f"decoding + cache: {minutes(data_seconds)}; total: {minutes(total)}.",
-        "Test accuracy in float32; in bfloat16: " + ", ".join(f"{k} {100 * r['test_bf16']['top1']:.1f} %" for k, r in results.items()) + ".",
+        f"decoding + cache: {minutes(data_seconds)}; total: {minutes(total)}" + (f" for seeds {', '.join(map(str, seeds))}." if several else "."),
+        "Test accuracy in float32; in bfloat16: " + ", ".join(
+            f"{k}{seed_note(run)} {100 * r['test_bf16']['top1']:.1f} %" for run in runs for k, r in run["results"].items()) + ".",
     ]
-    if {"protopnet", "baseline"} <= results.keys():
-        gap = 100 * (results["protopnet"]["test_fp32"]["top1"] - results["baseline"]["test_fp32"]["top1"])
-        targets.update(protopnet_top1_at_least_80=results["protopnet"]["test_fp32"]["top1"] >= 0.80,
+    top1 = {name: spread([run["results"][name]["test_fp32"]["top1"] for run in runs]) for name in models}
+    if {"protopnet", "baseline"} <= set(models):
+        gap = 100 * (top1["protopnet"]["mean"] - top1["baseline"]["mean"])
+        targets.update(protopnet_top1_at_least_80=top1["protopnet"]["mean"] >= 0.80,
                        gap_points=round(gap, 2), within_2_points_of_baseline=gap >= -2.0)
-        notes.append(f"ProtoPNet - baseline: {gap:+.1f} points.")
-    table = "\n".join(lines + [""] + notes)
+        notes.append(f"ProtoPNet - baseline: {gap:+.1f} points" + (" (means over seeds)." if several else "."))
+    parts = ["\n".join(lines + [""] + notes)]
+    summary: dict[str, Any] = {}
+    if "protopnet" in models:
+        interpretability_table, summary = protopnet_table(protopnet_rows(runs))
+        skipped = runs[0]["results"]["protopnet"]["interpretability"]["skipped"]
+        parts.append(
+            interpretability_table + "\n\nSame test pictures: consistency, stability (Huang et al., ICCV 2023) and nearest-patch purity "
+            "(k = 5, training pictures); fixed cell = consistency of a detector always peaking at the best single cell (the floor to "
+            "beat), random peak = at a random cell in each picture (chance). Wall time: training."
+            + ("".join(f"\nNot measured: {name}: {reason}." for name, reason in skipped.items()))
+        )
+    table = "\n\n".join(parts)
     print(table)
     record = {
-        "config": str(args.config), "overrides": overrides, "data": str(Path(args.data).resolve()),
+        "config": str(args.config), "overrides": overrides, "data": str(Path(args.data).resolve()), "seeds": seeds,
         "classes": len(data.class_names), "train_images": n_train, "train_items_per_epoch": n_items, "test_images": n_test,
         "image_size": config.data.image_size, "threads": torch.get_num_threads(), "precision": config.run.precision,
-        "channels_last": config.run.channels_last, "data_seconds": round(data_seconds, 1), "results": results,
+        "channels_last": config.run.channels_last, "data_seconds": round(data_seconds, 1),
+        "results": runs[0]["results"],  # the first seed's, as single-seed records have them
+        "runs": runs, "top1": top1, "protopnet_summary": summary,
         "targets": targets, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch_home": torch_home, "table": table,
     }

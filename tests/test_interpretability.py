@@ -430,6 +430,75 @@ def test_cli_evaluate_interpretability(tmp_path, capsys, monkeypatch):
     assert f"consistency: {figures['consistency']:.4f}" in printed and "deletion_gap:" in printed
 
 
+def test_cli_evaluate_interpretability_takes_a_list_of_metrics(tmp_path, capsys, monkeypatch):
+    import protopnet.cli.evaluate as cli_evaluate
+    from protopnet.checkpoint import save_model
+    from protopnet.cli import main
+
+    real = cli_evaluate.dataset_for_model
+    asked = []
+
+    def small(model, spec, split, **kw):
+        asked.append(split)
+        return real(model, spec, split, images_per_class=3, **kw)
+
+    monkeypatch.setattr(cli_evaluate, "dataset_for_model", small)
+    model = tiny_model(num_classes=3, prototypes_per_class=2, seed=0)
+    model.mean, model.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    save_model(model, tmp_path / "model")
+    out = tmp_path / "eval.json"
+    argv = ["-q", "evaluate", str(tmp_path / "model"), "--data", "synthetic", "--json", str(out), "--device", "cpu", "--interpretability"]
+    assert main(argv + [" stability, consistency,stability"]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())["interpretability"]
+    for name in ("consistency", "stability", "consistency_fixed_cell", "consistency_random_peak"):
+        assert 0.0 <= figures[name] <= 1.0, name
+        assert f"{name}: {figures[name]:.4f}" in printed
+    for name in ("prototype_localization", "activation_localization", "deletion_gap", "purity", "duplicates"):
+        assert figures[name] is None, name
+    assert "deletion" not in figures["details"] and "purity" not in figures["details"]
+    assert asked == ["test"]  # neither purity nor localisation: the training split is not read
+
+    # a name that is not a metric: one line naming it and every allowed name, before the model is read
+    assert main(["-q", "evaluate", str(tmp_path / "absent"), "--data", "synthetic", "--interpretability", "consistency,acuracy"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "'acuracy'" in error and "consistency" in error
+    assert all(name in error for name in METRICS)
+    assert main(["-q", "evaluate", str(tmp_path / "model"), "--data", "synthetic", "--interpretability", ","]) == 1
+    assert "names no metric" in capsys.readouterr().err
+
+
+def test_interpretability_option_parsing():
+    import argparse
+
+    from protopnet.cli.common import CommandError, add_interpretability_argument, interpretability_metrics
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    add_interpretability_argument(parser, "measure")
+    read = lambda *argv: interpretability_metrics(parser.parse_args(list(argv)).interpretability)  # noqa: E731
+    assert read("m") is None
+    assert read("m", "--interpretability") == tuple(METRICS) == read("m", "--interpretability", "all")
+    assert read("m", "--interpretability", "purity,deletion,purity") == ("purity", "deletion")
+    assert read("m", "--interpretability=consistency") == ("consistency",)
+    with pytest.raises(CommandError, match=r"unknown metric 'runs/model' \(a path\?"):
+        read("--interpretability", "runs/model", "m")
+    with pytest.raises(CommandError, match="unknown metric 'Consistency'; choose from consistency, stability, localization"):
+        read("m", "--interpretability", "Consistency")
+
+
+def test_cli_analyze_shares_the_metrics_option(tmp_path, capsys):
+    from protopnet.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["analyze", "model", "--data", "synthetic", "--out", "x", "--interpretability", "consistency"])
+    assert args.interpretability == "consistency"
+    from protopnet.cli import main
+
+    assert main(["-q", "analyze", str(tmp_path / "absent"), "--data", "synthetic", "--out", str(tmp_path / "a"), "--interpretability", "purity,nope"]) == 1
+    assert "unknown metric 'nope'" in capsys.readouterr().err
+
+
 def test_localisation_before_pruning_counts_the_pruned_prototypes():
     from protopnet.prune import prune
 
@@ -445,3 +514,137 @@ def test_localisation_before_pruning_counts_the_pruned_prototypes():
     counted = prototype_localization(model, train, before_pruning=True)
     assert counted["n"] == 6 and counted["localization"] == pytest.approx(before["localization"])
     assert counted["per_prototype"][:3] == after["per_prototype"]
+
+
+# -- consistency reference points: a fixed cell and a random peak ------------------------------
+
+class FixedSquares(Squares):
+    """Squares whose class square (the part) is always at the same place, (x, y) = (12, 8)."""
+
+    def squares(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (12, 8), (0, 0)
+
+
+def brute_force_cell_peaks(grid, size):
+    """Each one-hot activation map's region centre, one map at a time with
+    :func:`protopnet.regions.upsample_activation` and numpy's argmax (not the batched code)."""
+    h, w = grid
+    peaks = []
+    for g in range(h * w):
+        onehot = np.zeros((h, w), dtype=np.float32)
+        onehot.flat[g] = 1.0
+        up = upsample_activation(onehot, (size, size))
+        peaks.append(np.unravel_index(int(np.argmax(up)), up.shape))
+    return peaks
+
+
+def brute_force_cell_coverage(dataset, classes, grid, half):
+    """Per class: for each picture, the parts visible and, per cell, the set of parts its region covers."""
+    peaks = brute_force_cell_peaks(grid, dataset.image_size)
+    per_class = {c: [] for c in set(classes)}
+    for i in range(len(dataset)):
+        label = dataset.targets[i]
+        if label not in per_class:
+            continue
+        points = annotation_points(dataset.annotation(i))
+        cells = [{n for n, (px, py) in points.items() if abs(math.floor(py) - r) <= half and abs(math.floor(px) - c) <= half} for r, c in peaks]
+        per_class[label].append((set(points), cells))
+    return per_class
+
+
+def brute_force_fixed_cells(dataset, classes, grid, half, threshold):
+    """Per cell: the fraction of prototypes whose class's pictures have some part covered by the
+    region at that cell in at least ``threshold`` of the pictures where it is visible."""
+    coverage = brute_force_cell_coverage(dataset, classes, grid, half)
+    scores = []
+    for g in range(grid[0] * grid[1]):
+        consistent = {}
+        for c, pictures in coverage.items():
+            names = set().union(*(seen for seen, _ in pictures))
+            freq = [sum(n in cells[g] for seen, cells in pictures if n in seen) / sum(n in seen for seen, _ in pictures) for n in names]
+            consistent[c] = any(f >= threshold for f in freq)
+        scores.append(sum(consistent[c] for c in classes) / len(classes))
+    return scores
+
+
+def binomial_tail(n, p, k):
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+def test_fixed_cell_peaks_are_the_one_hot_maps_peaks():
+    from protopnet.interpretability.baselines import fixed_peaks
+
+    for grid, size in (((8, 8), 32), ((7, 7), 224), ((4, 4), 40)):
+        assert [tuple(p) for p in fixed_peaks(grid, size).tolist()] == [tuple(int(v) for v in p) for p in brute_force_cell_peaks(grid, size)]
+
+
+def test_a_part_at_a_fixed_place_is_found_by_a_fixed_cell():
+    """The part is always at the same place: a detector that always peaks on it is perfectly
+    consistent, so the floor is 1.0, and the grey prototypes' real consistency does not beat it."""
+    data = FixedSquares(per_class=5)
+    model = planted_and_background()
+    result = evaluate_interpretability(model, data, metrics=["consistency"], baseline_draws=200)
+    baselines = result["details"]["consistency_baselines"]
+    assert result["consistency_fixed_cell"] == 1.0 and baselines["fixed_cell"]["per_class_best"] == 1.0
+    # the chosen cell's region covers the part's centre (16, 12) = (x, y)
+    row, col = baselines["fixed_cell"]["peak_pixel"]
+    assert abs(12 - row) <= 5 and abs(16 - col) <= 5
+    assert baselines["grid"] == [8, 8] and baselines["evaluated_prototypes"] == 6
+    expected = brute_force_fixed_cells(data, model.prototype_classes.tolist(), (8, 8), region_half_size(32), 0.8)
+    assert sum(baselines["fixed_cell"]["per_cell"], []) == pytest.approx(expected)
+    assert result["consistency"] == 0.5 < result["consistency_fixed_cell"]
+
+
+def test_random_peak_matches_the_binomial_tail():
+    """One part, always at the same place: a random peak covers it with probability p = (cells
+    whose region covers it) / 64 in each picture, independently, so a prototype is consistent
+    with probability P(Binomial(n, p) >= ceil(threshold * n)). The sampled estimate must agree."""
+    data = FixedSquares(per_class=8)
+    model = colour_model(COLOURS, [0, 1, 2])
+    half = region_half_size(32)
+    peaks = brute_force_cell_peaks((8, 8), 32)
+    p = sum(abs(12 - r) <= half and abs(16 - c) <= half for r, c in peaks) / 64
+    assert 0.05 < p < 0.3  # about region area / picture area: 11 x 11 / 32 x 32 = 0.118
+    for threshold in (0.125, 0.25, 0.8):
+        result = evaluate_interpretability(model, data, metrics=["consistency"], threshold=threshold, baseline_draws=4000, seed=3)
+        random_peak = result["details"]["consistency_baselines"]["random_peak"]
+        exact = binomial_tail(8, p, math.ceil(threshold * 8 - 1e-9))
+        assert random_peak["score"] == pytest.approx(exact, abs=4 * max(random_peak["standard_error"], 0.002))
+        assert random_peak["expected_best_frequency"] == pytest.approx(p)
+        assert result["consistency"] == 1.0  # the colour prototypes are on the part in every picture
+    assert 0.3 < evaluate_interpretability(model, data, metrics=["consistency"], threshold=0.125, baseline_draws=100)["consistency_random_peak"] < 0.95
+
+
+def test_a_detector_on_the_part_beats_the_fixed_cell_with_cub_style_parts():
+    """The square moves: no fixed cell follows it, the class-colour prototype does. The per-cell
+    figures match a one-picture-at-a-time count with visibility (the tail is visible in every
+    other picture only)."""
+    data = Squares(per_class=6, cub=True)
+    model = colour_model(COLOURS, [0, 1, 2])
+    result = evaluate_interpretability(model, data, metrics=["consistency"], baseline_draws=500)
+    assert result["consistency"] == 1.0
+    assert result["consistency_fixed_cell"] < 1.0 and result["consistency_random_peak"] < 0.5
+    baselines = result["details"]["consistency_baselines"]
+    for threshold in (0.8, 0.3):
+        expected = brute_force_fixed_cells(data, [0, 1, 2], (8, 8), region_half_size(32), threshold)
+        got = evaluate_interpretability(model, data, metrics=["consistency"], threshold=threshold, baseline_draws=10)
+        per_cell = got["details"]["consistency_baselines"]["fixed_cell"]["per_cell"]
+        assert sum(per_cell, []) == pytest.approx(expected)
+        assert got["consistency_fixed_cell"] == pytest.approx(max(expected))
+        assert got["details"]["consistency_baselines"]["fixed_cell"]["cell"] == list(divmod(expected.index(max(expected)), 8))
+    loose = brute_force_fixed_cells(data, [0, 1, 2], (8, 8), region_half_size(32), 0.3)
+    assert min(loose) == 0 and 0 < sorted(loose)[-2]  # the per-cell check above is not vacuous
+    assert baselines["random_peak"]["draws"] == 500
+
+
+def test_baselines_do_not_depend_on_batching_and_follow_the_seed():
+    data = Squares(per_class=4, cub=True)
+    model = random_model(seed=2)
+    one = evaluate_interpretability(model, data, metrics=["consistency"], batch_size=1, threshold=0.3, baseline_draws=50, seed=5)
+    many = evaluate_interpretability(model, data, metrics=["consistency"], batch_size=7, threshold=0.3, baseline_draws=50, seed=5)
+    assert one["details"]["consistency_baselines"] == many["details"]["consistency_baselines"]
+    other = evaluate_interpretability(model, data, metrics=["consistency"], batch_size=7, threshold=0.3, baseline_draws=50, seed=6)
+    assert other["details"]["consistency_baselines"]["fixed_cell"] == one["details"]["consistency_baselines"]["fixed_cell"]
+    # only consistency asks for them
+    only_stability = evaluate_interpretability(model, data, metrics=["stability"])
+    assert only_stability["consistency_fixed_cell"] is None and "consistency_baselines" not in only_stability["details"]

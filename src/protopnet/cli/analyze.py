@@ -12,7 +12,17 @@ from pathlib import Path
 import logging
 from typing import Any
 
-from .common import DATA_HELP, CommandError, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, progress_factory
+from .common import (
+    DATA_HELP,
+    CommandError,
+    add_device_arguments,
+    add_interpretability_argument,
+    add_parser,
+    dataset_for_model,
+    interpretability_metrics,
+    load_model_or_fail,
+    progress_factory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +40,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=5, help="nearest patches per prototype and split (default 5)")
     parser.add_argument("--splits", default="train,test", help="comma-separated splits to scan (default train,test)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="scan only the first N images of each split (a quick look)")
-    parser.add_argument("--interpretability", action="store_true", help="also measure interpretability on the test split (needs part annotations) and add it to the report")
+    add_interpretability_argument(parser, "also measure interpretability on the test split and add it to the report")
     add_device_arguments(parser)
     return parser
 
@@ -46,6 +56,7 @@ def execute(args: argparse.Namespace) -> int:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not splits:
         raise CommandError("--splits names no split (e.g. --splits train,test)")
+    metrics = interpretability_metrics(args.interpretability)  # refuse a bad name before loading anything
     model = load_model_or_fail(args.model, args.device)
     if not hasattr(model, "prototypes"):
         raise CommandError(f"{args.model}: analyze works on a single ProtoPNet, not an ensemble; analyze each member directory (members/0, ...)")
@@ -53,13 +64,13 @@ def execute(args: argparse.Namespace) -> int:
     progress = progress_factory(getattr(args, "quiet", False))
     analysis = analyze(model, datasets, args.k, limit=args.limit, progress=progress, batch_size=args.batch_size, num_workers=args.workers)
     extra = []
-    if args.interpretability:
+    if metrics is not None:
         from ..interpretability import evaluate_interpretability
         from ..interpretability.report import interpretability_sections
 
         test = datasets.get("test") or dataset_for_model(model, args.data, "test")
         train = datasets.get("train") or dataset_for_model(model, args.data, "train")
-        results = evaluate_interpretability(model, test, train_dataset=train, batch_size=args.batch_size, num_workers=args.workers)
+        results = evaluate_interpretability(model, test, train_dataset=train, metrics=metrics, batch_size=args.batch_size, num_workers=args.workers)
         extra = interpretability_sections(results)
         from ..checkpoint import atomic_write_json
 

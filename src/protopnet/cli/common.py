@@ -31,6 +31,42 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
 
 
+def add_interpretability_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--interpretability [METRICS]``: bare, every metric; or a comma-separated list of names
+    from :data:`protopnet.interpretability.METRICS`. Read it with :func:`interpretability_metrics`."""
+    from ..interpretability import METRICS
+
+    parser.add_argument(
+        "--interpretability", nargs="?", const="all", default=None, metavar="METRICS",
+        help=f"{help}; bare: all metrics, or a comma-separated list of {', '.join(METRICS)}",
+    )
+
+
+def interpretability_metrics(value: str | None) -> tuple[str, ...] | None:
+    """The metrics ``--interpretability`` asks for: None when it was not given, all of
+    :data:`~protopnet.interpretability.METRICS` when bare (or ``all``), else the names listed
+    (order kept, repeats dropped).
+
+    Raises:
+        CommandError: a name that is not a metric, or a list naming none (one line, listing the allowed names).
+    """
+    from ..interpretability import METRICS
+
+    if value is None:
+        return None
+    if value.strip() == "all":
+        return tuple(METRICS)
+    names = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    allowed = ", ".join(METRICS)
+    if not names:
+        raise CommandError(f"--interpretability {value!r} names no metric; choose from {allowed} (or give none for all)")
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        hint = " (a path? put --interpretability after the model directory)" if any("/" in n or Path(n).exists() for n in unknown) else ""
+        raise CommandError(f"--interpretability: unknown metric {', '.join(map(repr, unknown))}{hint}; choose from {allowed}")
+    return tuple(names)
+
+
 def progress_factory(quiet: bool = False) -> Any:
     """A ``(description, total) -> context manager`` making tqdm bars on stderr (None when quiet)."""
     if quiet or not sys.stderr:

@@ -1,13 +1,22 @@
-"""protopnet evaluate MODEL_DIR --data ... [--json FILE] [--interpretability]"""
+"""protopnet evaluate MODEL_DIR --data ... [--json FILE] [--interpretability [METRICS]]"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from typing import Any
+from typing import Any, Sequence
 
-from .common import DATA_HELP, CommandError, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail
+from .common import (
+    DATA_HELP,
+    CommandError,
+    add_device_arguments,
+    add_interpretability_argument,
+    add_parser,
+    dataset_for_model,
+    interpretability_metrics,
+    load_model_or_fail,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +32,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--split", default="test", help="which split to evaluate: test (default), train or all")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--interpretability", action="store_true", help="also measure interpretability (needs part annotations)")
+    add_interpretability_argument(parser, "also measure interpretability (consistency and stability need part annotations)")
     parser.add_argument("--record", action="store_true",
                         help="keep the figures in the model directory (model.json) and regenerate its model card (README.md)")
     add_device_arguments(parser)
@@ -35,6 +44,7 @@ def execute(args: argparse.Namespace) -> int:
     from ..train.evaluate import evaluate
     from ..train.loader import BadImageLog
 
+    metrics = interpretability_metrics(args.interpretability)  # refuse a bad name before loading anything
     model = load_model_or_fail(args.model, args.device)
     try:
         dataset = dataset_for_model(model, args.data, args.split)
@@ -45,8 +55,8 @@ def execute(args: argparse.Namespace) -> int:
     report: dict[str, Any] = evaluate(model, dataset, batch_size=args.batch_size, device=device, num_workers=args.workers, bad_images=bad)
     report = {"model": args.model, "data": args.data, "split": args.split, **report,
               "bad_images": len(bad), "bad_image_files": dict(sorted(bad.items.items()))}
-    if args.interpretability:
-        report["interpretability"] = interpretability_report(model, dataset, args)
+    if metrics is not None:
+        report["interpretability"] = interpretability_report(model, dataset, args, metrics)
     print(f"top-1 accuracy {report['accuracy']:.4f}  top-5 {report['top5']:.4f}  ({report['n']} images)")
     if len(bad):
         first, reason = next(iter(report["bad_image_files"].items()))
@@ -80,8 +90,9 @@ def record(model: Any, args: argparse.Namespace, report: dict[str, Any]) -> None
     print(f"recorded in {directory}/model.json and {directory}/README.md")
 
 
-def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The interpretability figures ``--interpretability`` adds (see protopnet.interpretability).
+def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace, metrics: Sequence[str] | None = None) -> dict[str, Any]:
+    """The interpretability figures ``--interpretability`` adds (see protopnet.interpretability):
+    ``metrics`` (default all of :data:`~protopnet.interpretability.METRICS`).
 
     The nearest-patch purity and the prototype localisation read the training split (the push
     images) when the data has one; otherwise the evaluated split. Metrics the data cannot support
@@ -91,15 +102,16 @@ def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace) 
 
     if not hasattr(interpretability, "evaluate_interpretability"):
         return {"prototype_localization": interpretability.prototype_localization(model, dataset)["localization"]}
+    metrics = tuple(interpretability.METRICS) if metrics is None else tuple(metrics)
     train = dataset if args.split == "train" else None
-    if train is None:
+    if train is None and {"purity", "localization"} & set(metrics):
         try:
             train = dataset_for_model(model, args.data, "train")
         except (CommandError, FileNotFoundError, ValueError) as error:
             logger.info("no training split for purity and prototype localisation (%s); using the %s split", error, args.split)
     device = next(model.parameters()).device
     figures = interpretability.evaluate_interpretability(
-        model, dataset, train_dataset=train, batch_size=args.batch_size, device=device, num_workers=args.workers
+        model, dataset, train_dataset=train, metrics=metrics, batch_size=args.batch_size, device=device, num_workers=args.workers
     )
     for name, reason in figures.get("skipped", {}).items():
         print(f"{name}: not measured ({reason})")

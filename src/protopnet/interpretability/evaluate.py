@@ -4,7 +4,10 @@
 15 part locations, or the built-in synthetic dataset's class-glyph boxes):
 
 * ``consistency`` and ``stability`` (Huang et al., ICCV 2023; see
-  :mod:`protopnet.interpretability.parts` for the exact definitions adopted);
+  :mod:`protopnet.interpretability.parts` for the exact definitions adopted), with two reference
+  points for consistency on the same pictures (:mod:`protopnet.interpretability.baselines`):
+  ``consistency_fixed_cell``, a detector always peaking at the best single cell, and
+  ``consistency_random_peak``, one peaking at a random cell in each picture (chance);
 * ``prototype_localization`` (:func:`~protopnet.interpretability.prototype_localization`: the
   fraction of pushed prototypes whose box centre lies in their source image's part box) and
   ``activation_localization``: for each test image, the most activated prototype *of the image's
@@ -36,6 +39,7 @@ import torch
 
 from ..regions import box_center, point_in_box
 from ..runtime import resolve_device
+from .baselines import DRAWS, PositionBaselines
 from .deletion import DeletionCurves
 from .localization import prototype_localization
 from .parts import NOISE_CLIP, NOISE_STD, THRESHOLD, PartCounter, annotation_points, covered_parts, peak_locations, perturbation, region_half_size
@@ -47,6 +51,8 @@ METRICS = ("consistency", "stability", "localization", "deletion", "purity", "du
 #: The scalar figures at the top of the result, in display order.
 SCALARS = (
     "consistency",
+    "consistency_fixed_cell",
+    "consistency_random_peak",
     "stability",
     "prototype_localization",
     "activation_localization",
@@ -59,6 +65,10 @@ DEFINITIONS = {
     "consistency": "fraction of prototypes whose activated region (a square of about a third of the image side around the peak "
     "of the upsampled activation map) covers the same annotated part in at least 80% of their class's test images "
     "(Huang et al., ICCV 2023)",
+    "consistency_fixed_cell": "consistency of a detector that ignores the picture and always peaks at one cell of the "
+    "activation grid, the best single cell for all prototypes (the position prior of the data: the floor to beat)",
+    "consistency_random_peak": "expected consistency of a detector peaking at a cell drawn uniformly at random in each "
+    "picture (chance; estimated by seeded sampling)",
     "stability": "mean over prototypes of the fraction of their class's test images whose covered parts stay the same when "
     "Gaussian noise (std 0.2, clipped to 0.25, on the normalised image) is added (Huang et al., ICCV 2023)",
     "prototype_localization": "fraction of pushed prototypes whose box centre lies in the class-defining part of their source image",
@@ -138,6 +148,7 @@ def evaluate_interpretability(
     deletion_grid: int | Sequence[int] | None = None,
     k: int = 5,
     seed: int = 0,
+    baseline_draws: int = DRAWS,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Measure how interpretable ``model`` is on ``dataset`` (usually the test split).
@@ -157,13 +168,18 @@ def evaluate_interpretability(
             stability noise. deletion_steps: points per deletion curve minus one. deletion_grid:
             cells per side (or (rows, cols)) for deletion (default: the latent grid H x W, one
             cell per latent position's footprint).
-            k: nearest patches for purity. seed: seeds the stability noise and random deletion.
+            k: nearest patches for purity. seed: seeds the stability noise, random deletion and
+            the random-peak sampling. baseline_draws: Monte Carlo draws for
+            ``consistency_random_peak`` (:mod:`~protopnet.interpretability.baselines`).
         progress: called with the number of images of each batch of the test pass.
 
     Returns:
         A JSON-able dict: the scalars of :data:`SCALARS` (None when skipped), ``n_images``,
         ``n_prototypes``, ``parts`` (part names met), ``prototypes`` (class of each),
-        ``details`` (per metric: per-prototype values, curves), ``skipped`` (metric -> why),
+        ``details`` (per metric: per-prototype values, curves; ``consistency_baselines``: the
+        fixed-cell and random-peak reference points of
+        :meth:`~protopnet.interpretability.baselines.PositionBaselines.result`, on the activation
+        grid of the first member for an ensemble), ``skipped`` (metric -> why),
         ``settings``, ``definitions`` and ``timings`` (seconds per stage).
 
     Raises:
@@ -201,6 +217,7 @@ def evaluate_interpretability(
     want_deletion = "deletion" in wanted
 
     counter = PartCounter(m) if want_parts else None
+    baselines: PositionBaselines | None = None  # made on the first batch, once the grid is known
     deletion: DeletionCurves | None = None
     hits = seen_boxes = 0
     chance = 0.0
@@ -230,6 +247,10 @@ def evaluate_interpretability(
                 if counter is not None:
                     t0 = time.perf_counter()
                     points, visible = counter.encode(annotations)  # (B, Q, 2), (B, Q)
+                    if "consistency" in wanted:
+                        if baselines is None:  # the activation grid of the (first member's) prototypes
+                            baselines = PositionBaselines(tuple(groups[0][1].shape[-2:]), size, half, classes)
+                        baselines.add(labels, points, visible)
                     noisy_groups = None
                     if want_stability:
                         noise = torch.stack([perturbation(images.shape[1:], seed, int(i), noise_std, noise_clip) for i in batch.indices]).to(device)
@@ -276,6 +297,12 @@ def evaluate_interpretability(
                 scalars["stability"] = details["stability"]["score"]
             if scalars["consistency"] is None and "consistency" in wanted:
                 skipped["consistency"] = "no test image of any prototype's class"
+            if baselines is not None:
+                t0 = time.perf_counter()
+                details["consistency_baselines"] = baselines.result(counter.num_parts, threshold, baseline_draws, seed)
+                scalars["consistency_fixed_cell"] = details["consistency_baselines"]["fixed_cell"]["score"]
+                scalars["consistency_random_peak"] = details["consistency_baselines"]["random_peak"]["score"]
+                timings["consistency_baselines"] += time.perf_counter() - t0
         if want_activation:
             details["activation_localization"] = {
                 "score": hits / seen_boxes if seen_boxes else None,
@@ -340,6 +367,7 @@ def evaluate_interpretability(
             "deletion_steps": int(deletion_steps),
             "k": int(k),
             "seed": int(seed),
+            "baseline_draws": int(baseline_draws),
         },
         "definitions": {name: DEFINITIONS[name] for name in SCALARS},
         "timings": {name: round(value, 4) for name, value in timings.items()},

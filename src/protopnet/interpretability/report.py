@@ -16,6 +16,8 @@ from ..explain.report import Section
 
 _LABELS = {
     "consistency": "Part consistency",
+    "consistency_fixed_cell": "Part consistency of the best fixed cell (floor)",
+    "consistency_random_peak": "Part consistency of a random peak (chance)",
     "stability": "Part stability under noise",
     "prototype_localization": "Prototypes on the class-defining part",
     "activation_localization": "Top activations on the class-defining part",
@@ -45,7 +47,9 @@ def interpretability_sections(results: Mapping[str, Any], max_prototypes: int | 
     skipped = results.get("skipped", {}) or {}
     rows = []
     for name, label in _LABELS.items():
-        chance = (details.get(name) or {}).get("chance") if name != "consistency" else None
+        chance = (details.get(name) or {}).get("chance") if not name.startswith("consistency") else None
+        if name == "consistency":
+            chance = results.get("consistency_random_peak")
         if name == "deletion_gap":
             chance = 0.0
         reason = skipped.get(name)
