@@ -631,6 +631,7 @@ def test_a_detector_on_the_part_beats_the_fixed_cell_with_cub_style_parts():
         per_cell = got["details"]["consistency_baselines"]["fixed_cell"]["per_cell"]
         assert sum(per_cell, []) == pytest.approx(expected)
         assert got["consistency_fixed_cell"] == pytest.approx(max(expected))
+        assert got["consistency_fixed_cell_mean"] == pytest.approx(sum(expected) / len(expected))
         assert got["details"]["consistency_baselines"]["fixed_cell"]["cell"] == list(divmod(expected.index(max(expected)), 8))
     loose = brute_force_fixed_cells(data, [0, 1, 2], (8, 8), region_half_size(32), 0.3)
     assert min(loose) == 0 and 0 < sorted(loose)[-2]  # the per-cell check above is not vacuous

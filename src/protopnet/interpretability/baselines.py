@@ -126,7 +126,8 @@ class PositionBaselines:
         Returns:
             ``fixed_cell``: ``score`` (None when no prototype's class had pictures), ``cell``
             ``[row, col]`` of the activation grid, ``peak_pixel`` ``[row, col]``, ``per_cell``
-            (H' x W' scores) and ``per_class_best``; ``random_peak``: ``score``,
+            (H' x W' scores), ``per_class_best`` and ``mean_over_cells`` (a cell chosen without
+            looking: the mean of ``per_cell``); ``random_peak``: ``score``,
             ``standard_error``, ``draws``, ``expected_best_frequency``, ``method``; and ``grid``,
             ``evaluated_prototypes``.
         """
@@ -155,7 +156,7 @@ class PositionBaselines:
         rows = torch.tensor([index[c] for c in self.prototype_classes.tolist() if c in index], dtype=torch.long)  # (M_eval,)
         out: dict[str, Any] = {"grid": list(self.grid), "evaluated_prototypes": int(rows.numel()), "threshold": float(threshold)}
         if rows.numel() == 0:
-            out["fixed_cell"] = {"score": None, "cell": None, "peak_pixel": None, "per_cell": None, "per_class_best": None}
+            out["fixed_cell"] = {"score": None, "cell": None, "peak_pixel": None, "per_cell": None, "per_class_best": None, "mean_over_cells": None}
             out["random_peak"] = {"score": None, "standard_error": None, "draws": int(draws), "expected_best_frequency": None, "method": "seeded sampling"}
             return out
         per_cell = consistent[rows].double().mean(0)  # (G,) score of one cell for all prototypes
@@ -168,6 +169,7 @@ class PositionBaselines:
             "peak_pixel": [int(v) for v in self.peaks[best].tolist()],
             "per_cell": [[round(float(v), 6) for v in row] for row in per_cell.view(self.grid).tolist()],
             "per_class_best": float(consistent[rows].any(dim=1).double().mean()),
+            "mean_over_cells": float(per_cell.mean()),
         }
         out["random_peak"] = {
             "score": float(per_draw.mean()),

@@ -52,6 +52,7 @@ METRICS = ("consistency", "stability", "localization", "deletion", "purity", "du
 SCALARS = (
     "consistency",
     "consistency_fixed_cell",
+    "consistency_fixed_cell_mean",
     "consistency_random_peak",
     "stability",
     "prototype_localization",
@@ -67,6 +68,8 @@ DEFINITIONS = {
     "(Huang et al., ICCV 2023)",
     "consistency_fixed_cell": "consistency of a detector that ignores the picture and always peaks at one cell of the "
     "activation grid, the best single cell for all prototypes (the position prior of the data: the floor to beat)",
+    "consistency_fixed_cell_mean": "consistency of a detector that always peaks at one cell, averaged over the cells of the "
+    "activation grid (a fixed position chosen without looking at the data)",
     "consistency_random_peak": "expected consistency of a detector peaking at a cell drawn uniformly at random in each "
     "picture (chance; estimated by seeded sampling)",
     "stability": "mean over prototypes of the fraction of their class's test images whose covered parts stay the same when "
@@ -301,6 +304,7 @@ def evaluate_interpretability(
                 t0 = time.perf_counter()
                 details["consistency_baselines"] = baselines.result(counter.num_parts, threshold, baseline_draws, seed)
                 scalars["consistency_fixed_cell"] = details["consistency_baselines"]["fixed_cell"]["score"]
+                scalars["consistency_fixed_cell_mean"] = details["consistency_baselines"]["fixed_cell"]["mean_over_cells"]
                 scalars["consistency_random_peak"] = details["consistency_baselines"]["random_peak"]["score"]
                 timings["consistency_baselines"] += time.perf_counter() - t0
         if want_activation:

@@ -17,6 +17,7 @@ from ..explain.report import Section
 _LABELS = {
     "consistency": "Part consistency",
     "consistency_fixed_cell": "Part consistency of the best fixed cell (floor)",
+    "consistency_fixed_cell_mean": "Part consistency of a fixed cell, averaged over cells",
     "consistency_random_peak": "Part consistency of a random peak (chance)",
     "stability": "Part stability under noise",
     "prototype_localization": "Prototypes on the class-defining part",
