@@ -483,28 +483,6 @@ def render_html(report: PruneReport, *, dataset: Any = None, source_directory: s
     return "\n".join(parts) + "\n"
 
 
-def prune_model_directory(
-    model_dir: str | Path,
-    dataset: Any,
-    out: str | Path,
-    *,
-    test_dataset: Any = None,
-    **kwargs: Any,
-) -> PruneReport:
-    """Load a model directory, prune it and write the pruned model plus its report to ``out``.
-
-    The model directory is written atomically; ``pruning.json`` and ``pruning.html`` are then
-    added to it (each atomically). Keyword arguments are those of :func:`prune`.
-    """
-    from .checkpoint import load_model
-
-    model = load_model(model_dir)
-    source = model.source_directory
-    report = prune(model, dataset, test_dataset=test_dataset, **kwargs)
-    save_pruned(model, report, out, dataset=dataset, source_directory=source)
-    return report
-
-
 def save_pruned(model: Any, report: PruneReport, out: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> Path:
     """Save a pruned model to ``out`` with ``pruning.json`` and ``pruning.html`` beside it."""
     summary = {
