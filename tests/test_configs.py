@@ -247,3 +247,11 @@ class _LastBuilt:
 
     def parameters(self):
         return self.built[-1].parameters() if self.built else iter(())
+
+
+def test_the_packaged_demo_config_is_the_repository_one():
+    """``protopnet demo`` reads the copy inside the package (so an installed wheel finds it);
+    users read and edit ``configs/demo.yaml``. The two must stay byte-identical."""
+    from protopnet.demo import demo_config_path
+
+    assert demo_config_path().read_bytes() == (CONFIGS / "demo.yaml").read_bytes()
