@@ -47,10 +47,10 @@ from .edit import (
     accuracy_from_similarities,
     now_utc,
     refit_last_layer,
-    remove_prototypes,
     save_edited_model,
     scan_similarities,
 )
+from .model.surgery import remove_prototypes
 
 logger = logging.getLogger(__name__)
 

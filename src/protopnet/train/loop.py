@@ -660,7 +660,7 @@ class Trainer:
         last-layer stage that follows re-fits the remaining connections."""
         from ..prune import prune
 
-        from ..edit import remove_prototypes
+        from ..model.surgery import remove_prototypes
 
         cfg = self.config
         self.model.eval()
