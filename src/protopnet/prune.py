@@ -43,14 +43,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .edit import (
-    accuracy_from_similarities,
-    now_utc,
-    refit_last_layer,
-    save_edited_model,
-    scan_similarities,
-)
+from .edit import now_utc, save_edited_model
 from .model.surgery import remove_prototypes
+from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
 logger = logging.getLogger(__name__)
 
