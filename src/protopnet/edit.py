@@ -35,25 +35,18 @@ are shared with :mod:`protopnet.prune`; the in-place edits (:func:`remove_protot
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+# The shared helpers below moved to the layers they belong to; they are re-exported here so
+# ``from protopnet.edit import remove_prototypes`` (and the like) keeps working.
+from .checkpoint import now_utc, save_edited_model
 from .model.distances import l2_distance_maps
-from .train.refit import (  # re-exported: edit.py was their home
-    BatchHook,
-    accuracy_from_similarities,
-    refit_last_layer,
-    scan_similarities,
-)
-from .model.surgery import (  # re-exported: edit.py was their home
+from .model.surgery import (
     PrototypeIndexError,
     check_class as _check_class,
     check_prototype_indices,
@@ -61,13 +54,9 @@ from .model.surgery import (  # re-exported: edit.py was their home
     remove_prototypes,
 )
 from .regions import activation_box
+from .train.refit import BatchHook, accuracy_from_similarities, refit_last_layer, scan_similarities
 
 logger = logging.getLogger(__name__)
-
-
-def now_utc() -> str:
-    """The current time as UTC ISO 8601 (``2024-05-01T12:00:00Z``)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def patch_for_box(
@@ -434,84 +423,3 @@ def _pictures(picture: Any, activation: torch.Tensor, box: Sequence[float]) -> d
     from .visualize import prototype_pictures
 
     return prototype_pictures(picture, activation.numpy(), box)
-
-
-# -- saving --------------------------------------------------------------------------------------
-
-def save_edited_model(
-    model: Any,
-    directory: str | Path,
-    *,
-    pictures: Mapping[int, Mapping[str, Any]] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Save an edited (or pruned) model as a model directory, atomically.
-
-    Prototype pictures follow their prototypes: those of unchanged prototypes are copied from
-    the directory the model was loaded from and renamed to their new index
-    (``prototypes/<new>_<kind>.png``); ``pictures`` (new index -> {kind: PIL picture}) gives
-    the pictures of replaced prototypes. The source's ``config.yaml`` (the run that trained it)
-    is kept.
-    """
-    from .checkpoint import CheckpointError, safe_relative_path, save_model
-
-    source = Path(model.source_directory) if getattr(model, "source_directory", None) else None
-    pictures = dict(pictures or {})
-    staging = Path(tempfile.mkdtemp(prefix=".protopnet-edit-"))
-    try:
-        if model.provenance is not None:
-            (staging / "prototypes").mkdir()
-            for new, entry in enumerate(model.provenance):
-                if entry is None:
-                    continue
-                images = dict(entry.get("images") or {})
-                entry.pop("images", None)
-                written = {}
-                if new in pictures:
-                    for kind, picture in pictures[new].items():
-                        relative = f"prototypes/{new:04d}_{kind}.png"
-                        picture.save(staging / relative)
-                        written[kind] = relative
-                elif source is not None:
-                    for kind, relative in images.items():
-                        try:
-                            src = safe_relative_path(source, relative)
-                        except CheckpointError:
-                            continue
-                        if src.is_file():
-                            target = f"prototypes/{new:04d}_{kind}.png"
-                            shutil.copyfile(src, staging / target)
-                            written[kind] = target
-                if written:
-                    entry["images"] = written
-        run_config = None
-        if source is not None and (source / "config.yaml").is_file():
-            import yaml
-
-            try:
-                run_config = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as error:
-                logger.warning("not keeping %s/config.yaml: %s", source, error)
-        merged = dict(_source_extra(source))
-        merged.update(extra or {})
-        model.source_directory = str(staging)
-        try:
-            return save_model(model, directory, run_config=run_config, extra=merged or None)
-        except BaseException:
-            model.source_directory = str(source) if source is not None else None
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _source_extra(source: Path | None) -> dict[str, Any]:
-    """The ``extra`` section of the source model's ``model.json`` (metrics of the run), if any."""
-    if source is None or not (source / "model.json").is_file():
-        return {}
-    import json
-
-    try:
-        extra = json.loads((source / "model.json").read_text(encoding="utf-8")).get("extra")
-    except (OSError, ValueError):
-        return {}
-    return extra if isinstance(extra, dict) else {}

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .edit import now_utc, save_edited_model
+from .checkpoint import now_utc, save_edited_model
 from .model.surgery import remove_prototypes
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
