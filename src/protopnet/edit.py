@@ -45,6 +45,7 @@ import torch
 # The shared helpers below moved to the layers they belong to; they are re-exported here so
 # ``from protopnet.edit import remove_prototypes`` (and the like) keeps working.
 from .checkpoint import now_utc, save_edited_model
+from .data.transforms import normalise
 from .model.distances import l2_distance_maps
 from .model.surgery import (
     PrototypeIndexError,
@@ -174,13 +175,7 @@ def prepare_replacement(model: Any, request: Replacement, dataset: Any = None) -
     picture, path, index, (sx, sy) = _picture_for(model, request, dataset)
     if index is None and dataset is not None and hasattr(dataset, "path"):
         index = _dataset_index_of(dataset, path)
-    device = model.prototypes.device
-    mean = torch.tensor(model.mean, device=device).view(3, 1, 1)
-    std = torch.tensor(model.std, device=device).view(3, 1, 1)
-    import numpy as np
-
-    array = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)  # (3, S, S)
-    x = ((array - mean) / std).unsqueeze(0)  # (1, 3, S, S)
+    x = normalise(picture, model.mean, model.std).to(model.prototypes.device).unsqueeze(0)  # (1, 3, S, S)
     was_training = model.training
     model.eval()
     try:
