@@ -1,7 +1,8 @@
 """configs/*.yaml: every file loads; the paper rows carry the paper's / reference code's
 hyperparameters; every architecture builds (on the meta device: no memory, no weights) and maps a
 224 px image to a 7 x 7 latent grid; the CPU config builds for real, freezes what it says, and
-loads the shared ImageNet weights offline."""
+loads the shared ImageNet weights offline; the packaged demo config is this one. (bench_cub's
+tests are in test_bench_cub.py.)"""
 
 from __future__ import annotations
 
@@ -117,133 +118,9 @@ def test_the_cpu_config_loads_the_shared_imagenet_weights_offline(torch_home, mo
     assert not torch.equal(model.features[0][0].weight, torchvision.models.mobilenet_v2().features[0][0].weight)
 
 
-def _bench_module():
-    import importlib.util
+def test_the_packaged_demo_config_is_the_repository_one():
+    """``protopnet demo`` reads the copy inside the package (so an installed wheel finds it);
+    users read and edit ``configs/demo.yaml``. The two must stay byte-identical."""
+    from protopnet.demo import demo_config_path
 
-    path = CONFIGS.parent / "benchmarks" / "bench_cub.py"
-    spec = importlib.util.spec_from_file_location("bench_cub", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_cub_trains_both_models_and_writes_table_and_json(tmp_path, capsys):
-    import json
-
-    from test_prepare import make_cub
-
-    bench = _bench_module()
-    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=2)
-    out = tmp_path / "bench"
-    tiny = ["model.backbone=tiny_cnn", "model.pretrained=false", "model.prototypes_per_class=2", "model.prototype_dim=8",
-            "data.batch_size=4", "schedule.last_layer_iterations=2", "output.save_prototype_images=false"]
-    assert bench.main(["--data", str(src), "--out", str(out), "--epochs", "2", "--image-size", "32", "--threads", "1",
-                       "--weights", "", "--quiet", *tiny]) == 0
-    table = capsys.readouterr().out
-    assert "| model | top-1 | top-5 | wall time |" in table and "ProtoPNet (tiny_cnn, 6 prototypes)" in table and "Linear head" in table
-    record = json.loads((out / "bench_cub.json").read_text())
-    assert (record["classes"], record["train_images"], record["test_images"], record["image_size"]) == (3, 12, 6, 32)
-    for name in ("protopnet", "baseline"):
-        result = record["results"][name]
-        assert result["test_fp32"]["n"] == 6 and 0 <= result["test_fp32"]["top1"] <= result["test_fp32"]["top5"] <= 1
-        assert [s["stage"] for s in result["steps"]] == ["warm", "joint", "push", "last_layer"]
-    assert record["targets"]["gap_points"] == pytest.approx(
-        100 * (record["results"]["protopnet"]["test_fp32"]["top1"] - record["results"]["baseline"]["test_fp32"]["top1"]), abs=0.01)
-    assert (out / "protopnet" / "results.json").is_file() and (out / "cache").is_dir()
-
-
-def _small_bench_setup(tmp_path, *overrides):
-    """The benchmark module, and a 3-epoch config and its data on a 3-class CUB tree (12 training
-    pictures, batches of 4, tiny_cnn at 32 px)."""
-    from test_prepare import make_cub
-
-    from protopnet.train import build_run_data
-    from protopnet.train.loop import backbone_normalisation
-
-    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
-    config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn", "model.pretrained=false", "data.image_size=32",
-                                "data.batch_size=4", "schedule.epochs=3", "schedule.warm_epochs=1", "schedule.push_start=3",
-                                "schedule.last_layer_iterations=2", "run.device=cpu", f"output.dir={tmp_path / 'run'}", *overrides])
-    return _bench_module(), config, build_run_data(config, *backbone_normalisation(config))
-
-
-def test_bench_baseline_follows_the_schedule_and_keeps_frozen_blocks(tmp_path):
-    bench, config, data = _small_bench_setup(tmp_path, "schedule.frozen_backbone_blocks=4")
-    torch.manual_seed(config.run.seed)
-    initial = bench.LinearBaseline("tiny_cnn", 3, pretrained=False)  # the same init train_baseline makes
-    model, steps = bench.train_baseline(config, data)
-    assert [s["stage"] for s in steps] == ["warm", "joint", "joint", "push", "last_layer"]
-    before, after = backbone_blocks(initial.features), backbone_blocks(model.features)
-    conv = [i for i, b in enumerate(after) if isinstance(b, torch.nn.Conv2d)]
-    assert all(torch.equal(before[i].weight, after[i].weight) for i in conv if i < 4)  # frozen blocks untouched
-    assert any(not torch.equal(before[i].weight, after[i].weight) for i in conv if i >= 4)  # the rest trained
-    assert not torch.equal(initial.head.weight, model.head.weight)
-
-
-def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypatch):
-    """The baseline caches the frozen blocks once (warm-up, joint and last layer read them) and
-    ends with the weights it reaches from the pictures."""
-    from test_prepare import make_cub
-
-    from protopnet.data import CUB200
-    from protopnet.train import build_run_data
-    from protopnet.train.loop import backbone_normalisation
-
-    bench = _bench_module()
-    src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
-    weights, losses = [], []
-    for cached in (False, True):
-        config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn_gn", "model.pretrained=false", "data.image_size=32",
-                                    "data.batch_size=4", "data.augment=true", "data.augment_views=2", f"data.feature_cache={str(cached).lower()}",
-                                    "data.cache=false", "schedule.epochs=3", "schedule.warm_epochs=1", "schedule.push_start=3",
-                                    "schedule.last_layer_iterations=2", "schedule.frozen_backbone_blocks=2", "run.device=cpu",
-                                    f"output.dir={tmp_path / 'run'}"])
-        data = build_run_data(config, *backbone_normalisation(config))
-        loads = []
-        original = CUB200.load_image
-        monkeypatch.setattr(CUB200, "load_image", lambda self, i: (loads.append(i), original(self, i))[1])
-        model, steps = bench.train_baseline(config, data)
-        monkeypatch.setattr(CUB200, "load_image", original)
-        if cached:  # each training view made once, for the frozen blocks' cache (and none for the last layer)
-            assert sorted(loads) == sorted(i // 2 for i in data.training_items)  # a view loads its base picture
-        weights.append({k: v.clone() for k, v in model.state_dict().items()})
-        losses.append([s.get("loss") for s in steps])
-    assert [s["stage"] for s in steps] == ["warm", "joint", "joint", "push", "last_layer"]
-    assert losses[0][:3] == pytest.approx(losses[1][:3], rel=1e-5)  # the same batches in the same order
-    for k in weights[0]:
-        assert torch.allclose(weights[0][k], weights[1][k], atol=1e-4, rtol=1e-4), k
-
-
-def test_bench_baseline_averages_its_weights_as_the_trainer_does(tmp_path, monkeypatch):
-    """With optim.ema_decay the baseline's backbone ends as the moving average of its training
-    weights (the last-layer stage then trains the head alone), as ProtoPNet's does."""
-    from test_train import moving_average, record_trajectory
-
-    bench, config, data = _small_bench_setup(tmp_path, "optim.ema_decay=0.7")
-    built: list[torch.nn.Module] = []  # the benchmark builds its model itself: keep a handle on it
-    original = bench.LinearBaseline.__init__
-    monkeypatch.setattr(bench.LinearBaseline, "__init__", lambda self, *a, **k: (original(self, *a, **k), built.append(self))[0])
-    snapshots, handle = record_trajectory(_LastBuilt(built))
-    try:
-        model, steps = bench.train_baseline(config, data)
-    finally:
-        handle.remove()
-    training_steps = 3 * 3  # 3 epochs of 3 batches (12 pictures, batch 4), then 2 passes of the last layer
-    assert len(snapshots) == training_steps + 2 * 3
-    expected = moving_average(snapshots[:training_steps], 0.7)
-    names = [n for n, _ in model.named_parameters()]
-    for name, got, want in zip(names, model.parameters(), expected):
-        if name.startswith("features"):
-            assert torch.allclose(got, want, atol=1e-6), name
-    head = names.index("head.weight")
-    assert not torch.allclose(expected[head], snapshots[training_steps - 1][head], atol=1e-5)  # the average is not the last weights
-
-
-class _LastBuilt:
-    """The parameters of the last model in a list (empty until one is built)."""
-
-    def __init__(self, built: list) -> None:
-        self.built = built
-
-    def parameters(self):
-        return self.built[-1].parameters() if self.built else iter(())
+    assert demo_config_path().read_bytes() == (CONFIGS / "demo.yaml").read_bytes()

@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.distributed  # every test here launches torchrun (two gloo processes)
+
 from protopnet.checkpoint import load_model
 from protopnet.config import load_config
 from protopnet.data import build_dataset
@@ -278,6 +280,7 @@ def test_a_refusal_on_rank_0_stops_every_rank(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing written
 
 
+@pytest.mark.slow  # trains twice with views, cache and pruning (~15 s on 2 cores)
 def test_two_ranks_with_fixed_views_feature_cache_patch_init_and_pruning(tmp_path):
     """The options that change what an epoch reads and what the prototype set is: fixed
     augmented views with the frozen-layer cache (the first block's outputs, kept for the joint

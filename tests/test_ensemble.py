@@ -4,6 +4,7 @@ sheet that adds up to the logits, members of different input sizes, safe saving 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from protopnet import CheckpointError, ProtoPNet, load_model, save_model
+from protopnet import CheckpointError, ProtoPNet, explain, load_model, save_model
 from protopnet.data.base import ProtoDataset
 from protopnet.ensemble import Ensemble, save_ensemble
 from protopnet.train.evaluate import evaluate
@@ -62,25 +63,22 @@ def test_same_preprocessing_members_sum_exactly():
     assert ensemble.member_offsets() == [0, 6]
 
 
-def test_score_rows_add_up_to_the_ensemble_logits():
+def test_the_explanation_of_an_ensemble_adds_up_to_its_logits():
     ensemble = Ensemble([member(0), member(1, per_class=1, image_size=48)]).eval()
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         logits = ensemble(x).logits
-    sheets = ensemble.score_rows(x)
-    assert len(sheets) == 2 and len(sheets[0]) == 9
-    for b, rows in enumerate(sheets):
-        for k in range(3):
-            total = sum(row["points"][k] for row in rows)
-            assert total == pytest.approx(float(logits[b, k]), abs=1e-5)
+    for b in range(2):
+        e = explain(ensemble, x[b], top_classes=3)  # one image without a batch axis
+        assert len(e.matches) == 9 and len(e.classes) == 3
+        for sheet in e.classes:
+            assert math.fsum(row.points for row in sheet.rows) == pytest.approx(float(logits[b, sheet.class_index]), abs=1e-5)
             # the points are similarity x weight of each row
-            assert all(row["points"][k] == pytest.approx(row["similarity"] * row["weights"][k], rel=1e-6, abs=1e-7) for row in rows)
-    rows = sheets[0]
-    assert [r["member"] for r in rows] == [0] * 6 + [1] * 3
-    assert [r["member_prototype"] for r in rows] == list(range(6)) + list(range(3))
-    assert [r["prototype"] for r in rows] == list(range(9))
-    assert rows[7]["class_name"] == NAMES[rows[7]["class_index"]] == NAMES[1]
-    assert len(ensemble.score_rows(x[0])) == 1  # one image without a batch axis
+            assert all(row.points == pytest.approx(row.similarity * row.weight, rel=1e-6, abs=1e-7) for row in sheet.rows)
+        matches = sorted(e.matches, key=lambda m: (m.member, m.prototype))
+        assert [m.member for m in matches] == [0] * 6 + [1] * 3
+        assert [m.prototype for m in matches] == list(range(6)) + list(range(3))
+        assert all(m.class_name == NAMES[m.class_index] for m in matches)
 
 
 def test_members_with_other_sizes_and_normalisation_see_their_own_input():

@@ -210,6 +210,7 @@ def assert_no_alert_and_pictures_loaded(driver) -> None:
     assert broken == []
 
 
+@pytest.mark.browser
 def test_explanation_report_in_a_browser(browser, setup, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -231,6 +232,7 @@ def test_explanation_report_in_a_browser(browser, setup, tmp_path):
     screenshot(browser, tmp_path, "explanation")
 
 
+@pytest.mark.browser
 def test_analysis_report_in_a_browser(browser, setup, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -26,6 +26,7 @@ from protopnet.cli import main
 from test_robust_kill import assert_whole, leftovers
 
 loop = importlib.import_module("protopnet.train.loop")
+state = importlib.import_module("protopnet.train.state")  # the checkpoint writer
 
 CONFIG = """\
 model: {backbone: tiny_cnn, pretrained: false, prototypes_per_class: 2, prototype_dim: 8}
@@ -83,14 +84,14 @@ def fail_writes_after(monkeypatch, after_step: int, action) -> None:
 
 def test_enospc_mid_run_keeps_the_last_checkpoint_and_resume_finishes(config, uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real = loop.save_tensors
+    real = state.save_tensors
 
     def disk_full_at_step_2(path, tensors):
         if Path(path).parent.name.startswith(".step-00002."):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, tensors)
 
-    monkeypatch.setattr(loop, "save_tensors", disk_full_at_step_2)
+    monkeypatch.setattr(state, "save_tensors", disk_full_at_step_2)
     assert main(["-q", "train", str(config), "--out", str(out)]) == 1
     line = error_line(capsys)
     assert line.startswith("protopnet train: error: could not save step 2 (push, epoch 1) in ")
@@ -99,7 +100,7 @@ def test_enospc_mid_run_keeps_the_last_checkpoint_and_resume_finishes(config, un
     assert leftovers(out) == []  # the half-written checkpoint was removed, not left to confuse
     assert_whole(out)
 
-    monkeypatch.setattr(loop, "save_tensors", real)  # space was freed
+    monkeypatch.setattr(state, "save_tensors", real)  # space was freed
     assert main(["-q", "train", str(config), "--out", str(out), "--resume"]) == 0
     same_weights(uninterrupted, out)
 

@@ -13,12 +13,16 @@ by finding parts of it that look like prototypical parts of training images.
 import logging
 
 from .checkpoint import CheckpointError, UnsafeCheckpointError, load_model, save_model
-from . import explain  # callable package: protopnet.explain(model, image) -> Explanation
 from .config import Config, ConfigError, load_config
 from .losses import LossCoefficients, cluster_cost, protopnet_loss, separation_cost
 from .model import ProtoPNet, ProtoPNetOutput, available_backbones
 from .train import Trainer, evaluate, train
 from .train.push import push_prototypes as push
+
+# ``protopnet.explain`` is the function (protopnet.explain(model, image) -> Explanation); the
+# package of the same name stays importable as such: ``from protopnet.explain import analyze``.
+# Bound last, after every import that could load the package and set this attribute to it.
+from .explain.local import explain
 
 __version__ = "0.1.0"
 

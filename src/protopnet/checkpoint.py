@@ -18,6 +18,7 @@ version, never half of one.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -516,3 +517,87 @@ def _import_optional_loaders() -> None:
             importlib.import_module(name)
         except ImportError:  # pragma: no cover - module not present
             pass
+
+
+def now_utc() -> str:
+    """The current time as UTC ISO 8601 (``2024-05-01T12:00:00Z``)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+def save_edited_model(
+    model: Any,
+    directory: str | Path,
+    *,
+    pictures: Mapping[int, Mapping[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save an edited (or pruned) model as a model directory, atomically.
+
+    Prototype pictures follow their prototypes: those of unchanged prototypes are copied from
+    the directory the model was loaded from and renamed to their new index
+    (``prototypes/<new>_<kind>.png``); ``pictures`` (new index -> {kind: PIL picture}) gives
+    the pictures of replaced prototypes. The source's ``config.yaml`` (the run that trained it)
+    is kept.
+    """
+    source = Path(model.source_directory) if getattr(model, "source_directory", None) else None
+    pictures = dict(pictures or {})
+    staging = Path(tempfile.mkdtemp(prefix=".protopnet-edit-"))
+    try:
+        if model.provenance is not None:
+            (staging / "prototypes").mkdir()
+            for new, entry in enumerate(model.provenance):
+                if entry is None:
+                    continue
+                images = dict(entry.get("images") or {})
+                entry.pop("images", None)
+                written = {}
+                if new in pictures:
+                    for kind, picture in pictures[new].items():
+                        relative = f"prototypes/{new:04d}_{kind}.png"
+                        picture.save(staging / relative)
+                        written[kind] = relative
+                elif source is not None:
+                    for kind, relative in images.items():
+                        try:
+                            src = safe_relative_path(source, relative)
+                        except CheckpointError:
+                            continue
+                        if src.is_file():
+                            target = f"prototypes/{new:04d}_{kind}.png"
+                            shutil.copyfile(src, staging / target)
+                            written[kind] = target
+                if written:
+                    entry["images"] = written
+        run_config = None
+        if source is not None and (source / "config.yaml").is_file():
+            import yaml
+
+            try:
+                run_config = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as error:
+                logger.warning("not keeping %s/config.yaml: %s", source, error)
+        merged = dict(_source_extra(source))
+        merged.update(extra or {})
+        model.source_directory = str(staging)
+        try:
+            return save_model(model, directory, run_config=run_config, extra=merged or None)
+        except BaseException:
+            model.source_directory = str(source) if source is not None else None
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _source_extra(source: Path | None) -> dict[str, Any]:
+    """The ``extra`` section of the source model's ``model.json`` (metrics of the run), if any."""
+    if source is None or not (source / "model.json").is_file():
+        return {}
+    import json
+
+    try:
+        extra = json.loads((source / "model.json").read_text(encoding="utf-8")).get("extra")
+    except (OSError, ValueError):
+        return {}
+    return extra if isinstance(extra, dict) else {}

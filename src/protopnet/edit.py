@@ -28,255 +28,36 @@ H' x W' = (H - h + 1) x (W - w + 1) patch positions, K classes, N images of a da
     >>> report.accuracy_before["test"], report.accuracy_after["test"]
     >>> save_edited_model(model, "runs/cub/edited", pictures=report.pictures)
 
-The helpers here (:func:`scan_similarities`, :func:`refit_last_layer`,
-:func:`remove_prototypes`, :func:`save_edited_model`) are shared with :mod:`protopnet.prune`.
+The helpers here (:func:`scan_similarities`, :func:`refit_last_layer`, :func:`save_edited_model`)
+are shared with :mod:`protopnet.prune`; the in-place edits (:func:`remove_prototypes`,
+:func:`relabel_prototype`) live in :mod:`protopnet.model.surgery` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import numbers
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+# The shared helpers below moved to the layers they belong to; they are re-exported here so
+# ``from protopnet.edit import remove_prototypes`` (and the like) keeps working.
+from .checkpoint import now_utc, save_edited_model
+from .data.transforms import normalise
 from .model.distances import l2_distance_maps
+from .model.surgery import (
+    PrototypeIndexError,
+    check_class as _check_class,
+    check_prototype_indices,
+    relabel_prototype,
+    remove_prototypes,
+)
 from .regions import activation_box
+from .train.refit import BatchHook, accuracy_from_similarities, refit_last_layer, scan_similarities
 
 logger = logging.getLogger(__name__)
-
-
-class PrototypeIndexError(ValueError):
-    """A prototype index that the model does not have; the message names it and the valid range."""
-
-
-def now_utc() -> str:
-    """The current time as UTC ISO 8601 (``2024-05-01T12:00:00Z``)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-# -- checks ------------------------------------------------------------------------------------
-
-def check_prototype_indices(model: Any, indices: Sequence[int], what: str = "prototype") -> list[int]:
-    """Validate prototype indices against ``model.num_prototypes``.
-
-    Returns the indices as a sorted list without duplicates.
-
-    Raises:
-        PrototypeIndexError: an index is not an integer in ``[0, M)``; the message names the index
-            and the allowed range.
-    """
-    m = int(model.num_prototypes)
-    checked = set()
-    for raw in indices:
-        if isinstance(raw, bool) or not isinstance(raw, numbers.Integral) and not (isinstance(raw, torch.Tensor) and raw.numel() == 1 and not raw.is_floating_point()):
-            raise PrototypeIndexError(f"{what} index {raw!r} is not an integer")
-        j = int(raw)
-        if not 0 <= j < m:
-            raise PrototypeIndexError(
-                f"{what} index {j} is out of range: this model has {m} prototypes (valid indices 0..{m - 1})"
-            )
-        checked.add(j)
-    return sorted(checked)
-
-
-def _check_class(model: Any, k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"class index {k!r} is not an integer")
-    if not 0 <= k < model.num_classes:
-        raise ValueError(f"class index {k} is out of range: this model has {model.num_classes} classes (valid 0..{model.num_classes - 1})")
-    return int(k)
-
-
-# -- one pass over a dataset -------------------------------------------------------------------
-
-BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-@torch.no_grad()
-def scan_similarities(
-    model: Any,
-    dataset: Any,
-    prototypes: torch.Tensor | None = None,
-    *,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 75,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    on_batch: BatchHook | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Smallest distance from each of ``prototypes`` to each image, in one streamed pass.
-
-    The dataset is read unaugmented and the model runs in eval mode (its mode is restored).
-
-    Args:
-        prototypes: (P, D, h, w) the vectors to measure (default: ``model.prototypes``). Passing
-            the current prototypes concatenated with candidate replacements lets one pass serve
-            the model before and after an edit.
-        on_batch: called with ``(distances (B, P, H', W'), labels (B,), dataset indices (B,))``
-            for every batch (the k-nearest-patch search of :mod:`protopnet.prune` uses it).
-        progress: called with the number of images of each batch.
-
-    Returns:
-        min_distances (N, P) float32 on the CPU, labels (N,), dataset indices (N,), sorted by
-        dataset index. Unreadable images are skipped (and logged).
-    """
-    from .runtime import resolve_device
-    from .train.loader import BadImageLog, IndexedSubset, make_loader
-
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
-    protos = (model.prototypes if prototypes is None else prototypes).detach().to(device)
-    was_training = model.training
-    model.eval()
-    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    bad = BadImageLog()
-    mins, labels, idx = [], [], []
-    try:
-        for batch in loader:
-            bad.add(batch.bad)
-            if batch.images is None:
-                continue
-            z = model.latent(batch.images.to(device, non_blocking=True))  # (B, D, H, W)
-            distances = l2_distance_maps(z, protos)  # (B, P, H', W')
-            mins.append(distances.flatten(2).amin(dim=2).cpu())  # (B, P)
-            labels.append(batch.labels)
-            idx.append(batch.indices)
-            if on_batch is not None:
-                on_batch(distances, batch.labels.to(device), batch.indices.to(device))
-            if progress is not None:
-                progress(len(batch.indices))
-    finally:
-        model.train(was_training)
-    d = torch.cat(mins) if mins else torch.zeros(0, protos.shape[0])
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    i = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-    order = torch.argsort(i, stable=True)
-    return d[order], y[order], i[order]
-
-
-def accuracy_from_similarities(weight: torch.Tensor, similarities: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy of a last layer ``weight`` (K, M) on fixed similarities (N, M) with labels (N,).
-
-    Exactly what a forward pass gives (logits = similarities @ weight.T), without re-running the
-    network. Returns :func:`protopnet.train.evaluate.accuracy_report`'s dict.
-    """
-    from .train.evaluate import accuracy_report
-
-    logits = similarities.float() @ weight.detach().float().cpu().t()  # (N, K)
-    return accuracy_report(logits, labels, class_names)
-
-
-def refit_last_layer(
-    model: Any,
-    similarities: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    iterations: int = 20,
-    lr: float = 1e-4,
-    l1: float = 1e-4,
-    batch_size: int = 80,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Re-optimise ``model.last_layer`` on fixed similarities (paper Section 2.2, last-layer stage).
-
-    Starts from the current weights; Adam with the paper's last-layer learning rate (1e-4) and
-    L1 penalty on wrong-class connections (1e-4) by default; ``iterations`` passes over the N
-    vectors in a seeded order.
-
-    Args:
-        similarities: (N, M) for the model's current M prototypes; labels: (N,).
-
-    Returns the last iteration's mean ``ce``, ``l1``, ``loss`` and ``train_accuracy``.
-    """
-    from .train.last_layer import optimise_last_layer
-
-    if similarities.shape[1] != model.num_prototypes:
-        raise ValueError(f"similarities have {similarities.shape[1]} columns but the model has {model.num_prototypes} prototypes")
-    if iterations <= 0 or similarities.shape[0] == 0:
-        return {}
-    optimizer = torch.optim.Adam(model.last_layer.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(int(seed))
-    with torch.enable_grad():
-        terms = optimise_last_layer(
-            model, similarities, labels, optimizer, iterations=iterations, batch_size=batch_size, l1=l1, generator=generator
-        )
-    logger.info("last layer re-fitted: %d iterations, train accuracy %.4f", iterations, terms.get("train_accuracy", float("nan")))
-    return terms
-
-
-# -- primitive edits (in place) ----------------------------------------------------------------
-
-@torch.no_grad()
-def remove_prototypes(model: Any, indices: Sequence[int]) -> list[int]:
-    """Remove prototypes from ``model`` in place: their vectors, classes, last-layer columns and
-    provenance entries go; the remaining prototypes are renumbered ``0..M'-1`` in their old order
-    (provenance ``prototype`` fields follow).
-
-    Returns:
-        ``kept``: for each new index, the old index (length M').
-
-    Raises:
-        PrototypeIndexError: an index outside ``[0, M)``.
-        ValueError: every prototype would go.
-    """
-    drop = set(check_prototype_indices(model, indices, "remove"))
-    m = model.num_prototypes
-    kept = [j for j in range(m) if j not in drop]
-    if not kept:
-        raise ValueError(f"refusing to remove all {m} prototypes: a ProtoPNet needs at least one")
-    if not drop:
-        return kept
-    keep = torch.tensor(kept, dtype=torch.long, device=model.prototypes.device)
-    model.set_prototypes(
-        model.prototypes.detach()[keep],  # (M', D, h, w)
-        model.prototype_classes[keep],  # (M',)
-        model.last_layer.weight.detach()[:, keep],  # (K, M')
-    )
-    if model.provenance is not None:
-        entries = [dict(model.provenance[j]) if model.provenance[j] is not None else None for j in kept]
-        for new, entry in enumerate(entries):
-            if entry is not None:
-                entry["prototype"] = new
-        model.provenance = entries
-    empty = sorted(set(range(model.num_classes)) - set(model.prototype_classes.tolist()))
-    if empty:
-        logger.warning("classes left without prototypes: %s", ", ".join(model.class_names[k] for k in empty))
-    logger.info("removed %d prototypes (%d left)", len(drop), len(kept))
-    return kept
-
-
-@torch.no_grad()
-def relabel_prototype(model: Any, index: int, new_class: int, *, incorrect_class_connection: float = -0.5) -> int:
-    """Move prototype ``index`` to class ``new_class`` in place.
-
-    Its last-layer column is reset to the paper's initialisation for its new class (+1 to the
-    new class, ``incorrect_class_connection`` to every other), since the old weights encoded the
-    old class; re-fit the last layer afterwards. Relabelling to the class it already has changes
-    nothing. Returns the old class.
-    """
-    (j,) = check_prototype_indices(model, [index], "relabel")
-    k = _check_class(model, new_class)
-    old = int(model.prototype_classes[j])
-    if old == k:
-        logger.info("prototype %d already belongs to class %d: not relabelled", j, k)
-        return old
-    model.prototype_classes[j] = k
-    column = torch.full((model.num_classes,), float(incorrect_class_connection), device=model.last_layer.weight.device)
-    column[k] = 1.0
-    model.last_layer.weight[:, j] = column
-    if model.provenance is not None and model.provenance[j] is not None:
-        entry = dict(model.provenance[j])
-        entry["class_index"], entry["class_name"] = k, model.class_names[k]
-        entry.setdefault("relabelled_from", old)
-        model.provenance[j] = entry
-    return old
 
 
 def patch_for_box(
@@ -394,13 +175,7 @@ def prepare_replacement(model: Any, request: Replacement, dataset: Any = None) -
     picture, path, index, (sx, sy) = _picture_for(model, request, dataset)
     if index is None and dataset is not None and hasattr(dataset, "path"):
         index = _dataset_index_of(dataset, path)
-    device = model.prototypes.device
-    mean = torch.tensor(model.mean, device=device).view(3, 1, 1)
-    std = torch.tensor(model.std, device=device).view(3, 1, 1)
-    import numpy as np
-
-    array = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)  # (3, S, S)
-    x = ((array - mean) / std).unsqueeze(0)  # (1, 3, S, S)
+    x = normalise(picture, model.mean, model.std).to(model.prototypes.device).unsqueeze(0)  # (1, 3, S, S)
     was_training = model.training
     model.eval()
     try:
@@ -643,84 +418,3 @@ def _pictures(picture: Any, activation: torch.Tensor, box: Sequence[float]) -> d
     from .visualize import prototype_pictures
 
     return prototype_pictures(picture, activation.numpy(), box)
-
-
-# -- saving --------------------------------------------------------------------------------------
-
-def save_edited_model(
-    model: Any,
-    directory: str | Path,
-    *,
-    pictures: Mapping[int, Mapping[str, Any]] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Save an edited (or pruned) model as a model directory, atomically.
-
-    Prototype pictures follow their prototypes: those of unchanged prototypes are copied from
-    the directory the model was loaded from and renamed to their new index
-    (``prototypes/<new>_<kind>.png``); ``pictures`` (new index -> {kind: PIL picture}) gives
-    the pictures of replaced prototypes. The source's ``config.yaml`` (the run that trained it)
-    is kept.
-    """
-    from .checkpoint import CheckpointError, safe_relative_path, save_model
-
-    source = Path(model.source_directory) if getattr(model, "source_directory", None) else None
-    pictures = dict(pictures or {})
-    staging = Path(tempfile.mkdtemp(prefix=".protopnet-edit-"))
-    try:
-        if model.provenance is not None:
-            (staging / "prototypes").mkdir()
-            for new, entry in enumerate(model.provenance):
-                if entry is None:
-                    continue
-                images = dict(entry.get("images") or {})
-                entry.pop("images", None)
-                written = {}
-                if new in pictures:
-                    for kind, picture in pictures[new].items():
-                        relative = f"prototypes/{new:04d}_{kind}.png"
-                        picture.save(staging / relative)
-                        written[kind] = relative
-                elif source is not None:
-                    for kind, relative in images.items():
-                        try:
-                            src = safe_relative_path(source, relative)
-                        except CheckpointError:
-                            continue
-                        if src.is_file():
-                            target = f"prototypes/{new:04d}_{kind}.png"
-                            shutil.copyfile(src, staging / target)
-                            written[kind] = target
-                if written:
-                    entry["images"] = written
-        run_config = None
-        if source is not None and (source / "config.yaml").is_file():
-            import yaml
-
-            try:
-                run_config = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as error:
-                logger.warning("not keeping %s/config.yaml: %s", source, error)
-        merged = dict(_source_extra(source))
-        merged.update(extra or {})
-        model.source_directory = str(staging)
-        try:
-            return save_model(model, directory, run_config=run_config, extra=merged or None)
-        except BaseException:
-            model.source_directory = str(source) if source is not None else None
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _source_extra(source: Path | None) -> dict[str, Any]:
-    """The ``extra`` section of the source model's ``model.json`` (metrics of the run), if any."""
-    if source is None or not (source / "model.json").is_file():
-        return {}
-    import json
-
-    try:
-        extra = json.loads((source / "model.json").read_text(encoding="utf-8")).get("extra")
-    except (OSError, ValueError):
-        return {}
-    return extra if isinstance(extra, dict) else {}

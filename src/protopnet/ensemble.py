@@ -5,13 +5,13 @@ weight — so the sum of several models' logits is one bigger score sheet over t
 prototypes, just as interpretable. :class:`Ensemble` is that model: an ``nn.Module`` whose
 ``forward`` returns the summed logits plus the members' similarities and distances concatenated,
 and which exposes the concatenated prototype facts (classes, last-layer weights, which member each
-prototype comes from) so an explanation can build the combined score sheet
-(:meth:`Ensemble.score_rows`) whose points add up to the ensemble's logits.
+prototype comes from) so :func:`protopnet.explain` builds the combined score sheet, whose points
+add up to the ensemble's logits.
 
     >>> from protopnet.ensemble import Ensemble
     >>> ensemble = Ensemble([protopnet.load_model(d) for d in ("vgg19", "resnet34", "densenet121")])
     >>> out = ensemble(x)                       # out.logits (B, K) = sum of the members' logits
-    >>> rows = ensemble.score_rows(x)[0]        # one row per prototype; points add up to the logits
+    >>> e = protopnet.explain(ensemble, x[0])   # one score sheet over every member's prototypes
     >>> ensemble.save("runs/ensemble"); protopnet.load_model("runs/ensemble")   # -> Ensemble
 
 Members must agree on the classes (same number, same names, same order). They may differ in
@@ -260,52 +260,6 @@ class Ensemble(nn.Module):
             [o.distances for o in outputs],
         )
 
-    @torch.no_grad()
-    def score_rows(self, x: torch.Tensor) -> list[list[dict[str, Any]]]:
-        """The combined score sheet of each image: one row per prototype of every member.
-
-        Args:
-            x: (B, 3, S, S) images prepared as the ensemble expects (a single (3, S, S) image is
-                treated as a batch of one).
-
-        Returns:
-            for each image, ``sum M_i`` rows (global prototype order) with ``prototype`` (global
-            index), ``member``, ``member_prototype`` (index inside the member), ``class_index``,
-            ``class_name``, ``similarity``, ``min_distance``, ``weights`` (K floats: the
-            prototype's last-layer column) and ``points`` (K floats: similarity x weight). For
-            every class k, the sum of the rows' ``points[k]`` is the ensemble's logit k (up to
-            float32 rounding).
-        """
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        out = self(x)
-        weight = torch.cat([m.last_layer.weight.detach() for m in self.members], dim=1).float().cpu()  # (K, sum M)
-        sims = out.similarities.detach().float().cpu()  # (B, sum M)
-        mins = out.min_distances.detach().float().cpu()
-        points = sims.unsqueeze(1) * weight.unsqueeze(0)  # (B, K, sum M)
-        member, local, classes = self.prototype_member.tolist(), self.prototype_local_index.tolist(), self.prototype_classes.tolist()
-        columns = weight.t().tolist()  # sum M lists of K
-        sheets = []
-        for b in range(sims.shape[0]):
-            pts = points[b].t().tolist()  # sum M lists of K
-            sheets.append(
-                [
-                    {
-                        "prototype": g,
-                        "member": member[g],
-                        "member_prototype": local[g],
-                        "class_index": classes[g],
-                        "class_name": self.class_names[classes[g]],
-                        "similarity": float(sims[b, g]),
-                        "min_distance": float(mins[b, g]),
-                        "weights": columns[g],
-                        "points": pts[g],
-                    }
-                    for g in range(sims.shape[1])
-                ]
-            )
-        return sheets
-
     def extra_repr(self) -> str:
         kinds = ", ".join(f"{getattr(m, 'backbone_name', '?')}@{m.image_size}" for m in self.members)
         return f"members=[{kinds}], num_classes={self.num_classes}, num_prototypes={self.num_prototypes}, image_size={self.image_size}"
@@ -416,13 +370,3 @@ def _load_ensemble(directory: Path, meta: dict[str, Any], device: str | torch.de
     ensemble.history = list(history)
     ensemble.source_directory = str(directory)
     return ensemble.to(device).eval()
-
-
-def build_ensemble(model_dirs: Sequence[str | Path], out: str | Path, *, image_size: int | None = None, device: str | torch.device = "cpu") -> Ensemble:
-    """Load the models in ``model_dirs``, combine them and save the ensemble to ``out``."""
-    if not model_dirs:
-        raise ValueError("give at least one model directory")
-    members = [load_model(path, device=device) for path in model_dirs]
-    ensemble = Ensemble(members, image_size=image_size)
-    save_ensemble(ensemble, out)
-    return ensemble

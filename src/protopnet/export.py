@@ -193,15 +193,6 @@ def export_torchscript(model: Any, path: str | Path, *, batch_size: int = 2) -> 
     return path
 
 
-def export_model(model: Any, path: str | Path, format: str = "onnx", **kwargs: Any) -> Path:
-    """Export in ``format`` (``onnx`` or ``torchscript``)."""
-    if format == "onnx":
-        return export_onnx(model, path, **kwargs)
-    if format == "torchscript":
-        return export_torchscript(model, path, **kwargs)
-    raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
-
-
 @torch.no_grad()
 def reference_outputs(model: Any, images: torch.Tensor) -> list[torch.Tensor]:
     """The PyTorch outputs the exported file should reproduce, in :func:`output_names` order."""

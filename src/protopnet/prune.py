@@ -43,14 +43,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .edit import (
-    accuracy_from_similarities,
-    now_utc,
-    refit_last_layer,
-    remove_prototypes,
-    save_edited_model,
-    scan_similarities,
-)
+from .checkpoint import now_utc, save_edited_model
+from .model.surgery import remove_prototypes
+from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
 logger = logging.getLogger(__name__)
 
@@ -481,28 +476,6 @@ def render_html(report: PruneReport, *, dataset: Any = None, source_directory: s
         parts.append(f"<tr><td>{j}</td><td>{new}</td><td>{e(p['class_name'])}</td><td>{p['same_class']} / {len(p['nearest'])}</td></tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts) + "\n"
-
-
-def prune_model_directory(
-    model_dir: str | Path,
-    dataset: Any,
-    out: str | Path,
-    *,
-    test_dataset: Any = None,
-    **kwargs: Any,
-) -> PruneReport:
-    """Load a model directory, prune it and write the pruned model plus its report to ``out``.
-
-    The model directory is written atomically; ``pruning.json`` and ``pruning.html`` are then
-    added to it (each atomically). Keyword arguments are those of :func:`prune`.
-    """
-    from .checkpoint import load_model
-
-    model = load_model(model_dir)
-    source = model.source_directory
-    report = prune(model, dataset, test_dataset=test_dataset, **kwargs)
-    save_pruned(model, report, out, dataset=dataset, source_directory=source)
-    return report
 
 
 def save_pruned(model: Any, report: PruneReport, out: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> Path:

@@ -24,7 +24,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def execute(args: argparse.Namespace) -> int:
     from ..ensemble import Ensemble, save_ensemble
-    from ..edit import now_utc
+    from ..checkpoint import now_utc
 
     members = [load_model_or_fail(path) for path in args.models]
     try:

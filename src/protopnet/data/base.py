@@ -17,10 +17,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .transforms import normalise
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +104,8 @@ class ProtoDataset(Dataset, ABC):
         return len(self.classes)
 
     def to_tensor(self, picture: Image.Image) -> torch.Tensor:
-        """PIL RGB picture -> normalised float tensor (3, S, S)."""
-        array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0  # (S, S, 3)
-        tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (tensor - mean) / std
+        """PIL RGB picture -> normalised float tensor (3, S, S) (:func:`protopnet.data.transforms.normalise`)."""
+        return normalise(picture, self.mean, self.std)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         picture = self.load_image(index)

@@ -9,16 +9,12 @@
     >>> from protopnet.explain import analyze, write_analysis_report
     >>> write_analysis_report(analyze(model, {"train": train, "test": test}, k=5), "out/analysis")
 
-This package is itself callable: ``protopnet.explain(model, image, ...)`` is
-:func:`protopnet.explain.local.explain`, so ``protopnet.explain.Explanation`` and friends stay
-reachable as attributes of the same object.
+``protopnet.explain(model, image, ...)`` is the function :func:`protopnet.explain.local.explain`
+(bound by ``protopnet/__init__.py``); import everything else from this package:
+``from protopnet.explain import Explanation, analyze``.
 """
 
 from __future__ import annotations
-
-import sys
-import types
-from typing import Any
 
 from .analysis import Analysis, analyze
 from .boxes import activation_boxes, scale_box
@@ -53,14 +49,3 @@ __all__ = [
     "write_explanation_html",
     "write_explanation_report",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``protopnet.explain(model, image)`` call :func:`explain` while ``protopnet.explain``
-    remains this package (so ``import protopnet.explain as e`` and ``e.Explanation`` work)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Explanation:
-        return explain(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

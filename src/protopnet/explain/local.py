@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.transforms import denormalise, normalise
 from ..regions import UPSAMPLING_DESCRIPTION
 from .boxes import activation_boxes, scale_box
 
@@ -87,20 +88,6 @@ def _open_image(path: str) -> Image.Image:
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from None
     return open_image(path)
-
-
-def normalise(picture: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB picture -> normalised float tensor (3, S, S), as :meth:`ProtoDataset.to_tensor`."""
-    array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0  # (S, S, 3)
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S)
-    return (tensor - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-
-def denormalise(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
-    """Normalised (3, S, S) tensor -> RGB picture (S, S)."""
-    t = tensor.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    array = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)  # (S, S, 3)
-    return Image.fromarray(array)
 
 
 def prepare_input(image: Any, image_size: int, mean: Sequence[float], std: Sequence[float]) -> InputImage:

@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -47,35 +46,25 @@ from ..checkpoint import (
     clean_interrupted_writes,
     fault_point,
     atomic_write_text,
-    flatten_state,
-    load_tensors,
     save_model,
-    save_tensors,
-    unflatten_state,
-    write_directory_atomically,
 )
 from ..config import Config
 from ..losses import LossCoefficients, protopnet_loss
 from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device, resolve_precision
+from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .evaluate import accuracy_report, predict_logits
 from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
 from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
 from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader, stream_batches
 from .prototype_init import distinctive_patches
 from .push import push_prototypes
+from .state import STATE_VERSION, ResumeMismatchError, RunState  # noqa: F401 - the first two were defined here
 from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable, take_averaged_weights
 from .tensorboard import open_tensorboard
 
 logger = logging.getLogger(__name__)
-
-STATE_VERSION = 1
-
-
-class ResumeMismatchError(ValueError):
-    """The run directory holds a run of another config."""
-
 
 @dataclass
 class RunData:
@@ -197,14 +186,6 @@ def backbone_normalisation(config: Config) -> tuple[tuple[float, ...], tuple[flo
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` returns."""
@@ -217,7 +198,7 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Trainer:
+class Trainer(RunState):
     """Runs a config's schedule into ``out_dir``.
 
     Args:
@@ -660,7 +641,7 @@ class Trainer:
         last-layer stage that follows re-fits the remaining connections."""
         from ..prune import prune
 
-        from ..edit import remove_prototypes
+        from ..model.surgery import remove_prototypes
 
         cfg = self.config
         self.model.eval()
@@ -846,10 +827,6 @@ class Trainer:
         failure.errno = error.errno
         return failure
 
-    def _checkpoint_dirs(self) -> list[Path]:
-        root = self.out_dir / "checkpoints"
-        return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
-
     def _merge_bad_images(self) -> None:
         """With several processes, every rank learns the unreadable images the others met."""
         if _world() > 1:
@@ -917,108 +894,6 @@ class Trainer:
                 logger.warning("%d unreadable images were skipped; they are listed in %s", len(self.bad_images), self.out_dir / "bad_images.txt")
         return TrainResult(self.out_dir, model_dir, val or {}, test, seconds, self.metrics)
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        opt_skeleton, opt_tensors = flatten_state({k: o.state_dict() for k, o in self.optimizers.items()}, "optim")
-        opt_tensors.update({f"pretrain_head.{k}": v for k, v in self.pretrain_net.head.state_dict().items()})
-        if self.weight_average is not None:
-            opt_tensors.update({f"weight_average.{k}": v for k, v in self.weight_average.state_dict().items()})
-        state = {
-            "version": STATE_VERSION,
-            "next_step": self.next_step,
-            "plan": [s.to_json() for s in self.plan],
-            "config": self.config.to_dict(),
-            "metrics": self.metrics,
-            "best_val": self.best_val,
-            "selected_step": self.selected_step,
-            "optimizers": opt_skeleton,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            # Every step reseeds from (run.seed, step index) inside fork_rng, so the random state
-            # at a step boundary is a function of these two numbers.
-            "rng": {"seed": self.config.run.seed, "scheme": "seed * 1000003 + step * 7919 + 17, per step"},
-            "provenance": self.model.provenance,
-            "history": self.model.history,
-            "bad_images": self.bad_images.items,
-        }
-        return state, opt_tensors
-
-    def _save_checkpoint(self, step: Step) -> None:
-        state, extra_tensors = self._state()
-
-        def fill(tmp: Path) -> None:
-            state["model_sha256"] = save_tensors(tmp / "model.safetensors", self.model.state_dict())
-            fault_point("checkpoint-write")
-            state["state_sha256"] = save_tensors(tmp / "state.safetensors", extra_tensors)
-            atomic_write_json(tmp / "state.json", state)
-
-        root = self.out_dir / "checkpoints"
-        write_directory_atomically(root / f"step-{step.index:05d}", fill)
-        for old in self._checkpoint_dirs()[: -self.config.output.keep_checkpoints]:
-            # renamed first, so a kill halfway through the deletion leaves no half checkpoint
-            doomed = root / f".{old.name}.del-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-
-    def _resume(self) -> None:
-        root = self.out_dir / "checkpoints"
-        candidates = self._checkpoint_dirs()[::-1]
-        for path in candidates:
-            try:
-                self._load_checkpoint(path)
-                logger.info("resuming from %s (next step %d of %d)", path, self.next_step, len(self.plan))
-                return
-            except ResumeMismatchError:
-                raise
-            except (CheckpointError, OSError, ValueError, KeyError) as error:
-                logger.warning("checkpoint %s is unusable (%s); trying the one before", path, error)
-        if candidates:
-            raise CheckpointError(f"{root}: no usable checkpoint to resume from")
-        logger.info("no checkpoint in %s: starting from the beginning", self.out_dir)
-
-    def _load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if state.get("version") != STATE_VERSION:
-            raise CheckpointError(f"{path}: unknown checkpoint version {state.get('version')}")
-        if state["config"]["model"] != self.config.to_dict()["model"] or state["config"]["schedule"] != self.config.to_dict()["schedule"] or state["config"]["data"] != self.config.to_dict()["data"]:
-            raise ResumeMismatchError(f"{path}: this run was started with a different model, data or schedule config; resume with the same config or choose another --out")
-        model_tensors = load_tensors(path / "model.safetensors", state["model_sha256"])
-        other = load_tensors(path / "state.safetensors", state["state_sha256"])
-        self._match_prototype_count(model_tensors)
-        self.model.load_state_dict(model_tensors)
-        self.pretrain_net.head.load_state_dict({k[len("pretrain_head."):]: v for k, v in other.items() if k.startswith("pretrain_head.")})
-        average = {k[len("weight_average."):]: v for k, v in other.items() if k.startswith("weight_average.")}
-        self.weight_average = None
-        if average:
-            self._weight_average()
-            if self.weight_average is None:
-                raise CheckpointError(f"{path}: the checkpoint holds averaged weights but optim.ema_decay is 0")
-            self.weight_average.load_state_dict(average)
-        optim_states = unflatten_state(state["optimizers"], other)
-        self.optimizers = self._make_optimizers()
-        for k, o in self.optimizers.items():
-            o.load_state_dict(optim_states[k])
-        self.scheduler = self._make_scheduler()
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        self.metrics = list(state["metrics"])
-        self.best_val = float(state["best_val"])
-        self.selected_step = state["selected_step"]
-        self.model.provenance = state.get("provenance")
-        self.model.history = list(state.get("history") or [])
-        self.bad_images.items = dict(state.get("bad_images") or {})
-        self.next_step = int(state["next_step"])
-
-    def _match_prototype_count(self, tensors: dict[str, torch.Tensor]) -> None:
-        """A checkpoint written after the prune step holds fewer prototypes than the configured
-        model: take its prototype set (the optimisers are rebuilt over it afterwards)."""
-        saved, current = tensors["prototypes"].shape, self.model.prototypes.shape
-        if saved[1:] != current[1:] or (saved[0] != current[0] and not self.config.schedule.prune):
-            raise CheckpointError("checkpoint prototypes do not match the configured model")
-        if saved[0] != current[0]:
-            self.model.set_prototypes(tensors["prototypes"], tensors["prototype_classes"], tensors["last_layer.weight"])
-
     def _write_metrics(self) -> None:
         atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
 
@@ -1077,25 +952,6 @@ def _check_writable(directory: Path) -> None:
     usage = shutil.disk_usage(directory)
     if usage.free < 50 * 1024 * 1024:
         raise OSError(f"only {usage.free // (1024 * 1024)} MiB free under {directory}; training needs room for checkpoints")
-
-
-def _run_on_main(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only and return its result there (None on the other ranks). With
-    several processes every rank then raises the exception ``fn`` raised, so no rank is left
-    waiting in a collective operation for a rank that failed."""
-    result, error = None, None
-    if _rank() == 0:
-        try:
-            result = fn()
-        except Exception as caught:  # noqa: BLE001 - handed to every rank, then raised
-            error = caught
-    if _world() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise error
-    return result
 
 
 def _now() -> str:
