@@ -636,9 +636,9 @@ class Trainer(RunState):
 
     def _prune(self, step: Step) -> dict[str, Any]:
         """Paper Section 2.6 on the pushed model: drop the prototypes whose nearest training
-        patches are mostly of other classes. Every rank computes the same result on the whole
-        push set (one forward pass), so the models stay identical without communication. The
-        last-layer stage that follows re-fits the remaining connections."""
+        patches are mostly of other classes. With several processes rank 0 decides, on the whole
+        push set (one forward pass), and the other ranks apply its decision. The last-layer stage
+        that follows re-fits the remaining connections."""
         from ..prune import prune
 
         from ..model.surgery import remove_prototypes
