@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .common import CommandError
 
-COMMANDS = ("train", "evaluate", "push", "demo", "explain", "analyze", "prune", "ensemble", "edit", "export", "data", "push-to-hub")
+COMMANDS = ("train", "evaluate", "push", "demo", "explain", "analyze", "prune", "ensemble", "edit", "export", "data", "push-to-hub", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,20 @@
+// protopnet serve: drop a picture on the form, or choose one, and it is sent at once.
+(function () {
+  var form = document.getElementById("upload");
+  var input = document.getElementById("image");
+  if (!form || !input) { return; }
+  function send() { if (input.files && input.files.length) { form.submit(); } }
+  input.addEventListener("change", send);
+  ["dragenter", "dragover"].forEach(function (name) {
+    document.addEventListener(name, function (event) { event.preventDefault(); form.classList.add("dragging"); });
+  });
+  ["dragleave", "drop"].forEach(function (name) {
+    document.addEventListener(name, function (event) { event.preventDefault(); form.classList.remove("dragging"); });
+  });
+  document.addEventListener("drop", function (event) {
+    if (event.dataTransfer && event.dataTransfer.files && event.dataTransfer.files.length) {
+      input.files = event.dataTransfer.files;
+      send();
+    }
+  });
+}());
