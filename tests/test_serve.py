@@ -37,6 +37,7 @@ pytest.importorskip("multipart", reason="the serve extra is not installed (pip i
 
 import protopnet  # noqa: E402
 from conftest import ColourDataset, tiny_model  # noqa: E402
+from test_report import browser, screenshot  # noqa: E402,F401  (the headless Chromium of the report tests)
 
 SIZE = 64
 CLASSES = ["blue", "green", "red"]  # sorted, as ImageFolder numbers its folders
@@ -333,3 +334,82 @@ def test_load_400_requests_from_8_clients_keep_memory_flat(served):
     print(f"400 requests, 8 clients: {400 / seconds:.1f}/s, p50 {1000 * latencies[200]:.0f} ms, p95 {1000 * latencies[380]:.0f} ms, RSS {before} -> {after} KiB")
     assert after - before < 40 * 1024, f"server memory grew from {before} to {after} KiB"
     alive(url)
+
+
+# -- as a person uses it: headless Chromium ---------------------------------------------------------
+
+def shown_number(text: str) -> float:
+    return float(text.replace("\u2212", "-").replace("points", "").replace("%", "").strip())
+
+
+@pytest.mark.browser
+def test_a_person_explains_a_picture_then_removes_a_prototype(served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, model_dir, *_ = served
+    wait = WebDriverWait(browser, 60)
+    picture = tmp_path / "my picture.png"
+    picture.write_bytes(sample_picture(seed=4, index=1))
+
+    # upload: choosing the file sends it (the page's script submits the form)
+    browser.get(url)
+    assert "Drop a picture here" in browser.find_element(By.CSS_SELECTOR, "form.upload label").text
+    browser.find_element(By.ID, "image").send_keys(str(picture))
+    wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, ".predicted-class")))
+    assert browser.find_element(By.CSS_SELECTOR, "header .subtitle").text == "my picture.png"
+    api = json.loads(post_picture(url, picture.read_bytes())[2])
+    assert browser.find_element(By.CSS_SELECTOR, ".predicted-class").text == api["predicted"]["class_name"]
+    sheets = browser.find_elements(By.CSS_SELECTOR, "section.sheet")
+    assert len(sheets) == len(api["classes"]) == 3
+    for section, sheet in zip(sheets, api["classes"]):
+        points = [shown_number(td.get_attribute("textContent")) for td in section.find_elements(By.CSS_SELECTOR, "tr.score-row td.points")]
+        assert len(points) == len(sheet["prototypes"])
+        total = shown_number(section.find_element(By.CSS_SELECTOR, ".sheet-total").text)
+        assert total == pytest.approx(sheet["model_logit"], abs=1e-3 + 1e-6 * abs(sheet["model_logit"]))
+        assert sum(points) == pytest.approx(total, abs=0.005 * len(points) + 0.001)  # each shown with 2 decimals
+    broken = browser.execute_script("return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length")
+    assert broken == 0
+    screenshot(browser, tmp_path, "serve-explanation")
+
+    # the gallery, with nearest patches since --data was given
+    browser.get(url + "prototypes/")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".prototype-card")) == 9
+    assert len(browser.find_elements(By.CSS_SELECTOR, "figure.nearest-patch")) > 9
+    assert browser.execute_script("return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length") == 0
+
+    # editing asks for the token first
+    browser.get(url + "edit")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    wait.until(ready.presence_of_element_located((By.ID, "edit-form")))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.prototype-row")) == 9
+    browser.find_element(By.ID, f"remove-{J0}").click()
+    iterations = browser.find_element(By.ID, "iterations")
+    iterations.clear()
+    iterations.send_keys("0")
+    browser.find_element(By.ID, "edit-button").click()  # no reason given: refused, the choices kept
+    wait.until(ready.presence_of_element_located((By.ID, "error")))
+    assert "give a reason" in browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, f"remove-{J0}").is_selected()
+    browser.find_element(By.ID, f"reason-{J0}").send_keys("it looks at the background")
+    browser.find_element(By.ID, "iterations").clear()
+    browser.find_element(By.ID, "iterations").send_keys("0")
+    browser.find_element(By.ID, "edit-button").click()
+    wait.until(ready.presence_of_element_located((By.ID, "accuracy")))
+    row = browser.find_element(By.CSS_SELECTOR, '#accuracy tr[data-split="test"]')
+    assert row.find_element(By.CSS_SELECTOR, ".before").text == "60.0%"
+    assert row.find_element(By.CSS_SELECTOR, ".after").text == "20.0%"
+    assert "it looks at the background" in browser.find_element(By.ID, "changes").text
+    screenshot(browser, tmp_path, "serve-edit")
+    browser.find_element(By.ID, "save-button").click()
+    wait.until(ready.presence_of_element_located((By.ID, "saved-path")))
+    saved = Path(browser.find_element(By.ID, "saved-path").text)
+    assert saved.parent == model_dir.parent and saved.is_dir()
+    edited = protopnet.load_model(saved)
+    assert edited.num_prototypes == 8 and edited.history[-1]["reasons"] == {str(J0): "it looks at the background"}
+    from protopnet.data import build_dataset
+
+    test = build_dataset(str(served[2]), "test", image_size=SIZE, mean=edited.mean, std=edited.std)
+    assert protopnet.evaluate(edited, test)["accuracy"] == pytest.approx(0.2)

@@ -107,6 +107,10 @@ class Guard:
         except ValueError:
             too_big = False
         if too_big:
+            if int(declared) <= 4 * limit:  # read and drop it, so that the client sees the answer, not a broken pipe
+                message = {"more_body": True}
+                while message.get("more_body") and message.get("type", "http.request") == "http.request":
+                    message = await receive()
             response = _error_response(scope, 413, f"the request is {int(declared)} bytes; the limit is {limit} bytes")
             await response(scope, receive, send_with_headers)
         else:
