@@ -225,8 +225,12 @@ class ServeApp:
         assert isinstance(error, RequestError)
         logger.info("refused %s %s: %s", request.method, request.url.path, error.message)
         if not _wants_json(request.scope) and request.url.path in ("/", "/explain"):
-            return self.render(request, "home.html", status=error.status, title="Explain a picture", error=error.message, info=self.session.info())
-        return _error_response(request.scope, error.status, error.message)
+            response: Response = self.render(request, "home.html", status=error.status, title="Explain a picture", error=error.message, info=self.session.info())
+        else:
+            response = _error_response(request.scope, error.status, error.message)
+        if error.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
 
     async def _on_too_large(self, request: Request, error: Exception) -> Response:
         return await self._on_request_error(request, RequestError(413, str(error)))
