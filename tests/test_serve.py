@@ -306,6 +306,40 @@ def test_fuzz_random_bytes_truncations_and_hostile_names(served):
     assert not any("Traceback" in line for line in lines), "".join(lines)[-3000:]
 
 
+def test_without_data_it_explains_but_does_not_edit(served):
+    """The app in this process, on the same model without --data: a gallery of the prototypes'
+    own pictures, no editing (409), and the command's defaults keep it on this computer."""
+    import uvicorn
+
+    from protopnet.cli import build_parser
+    from protopnet.serve import create_app, session_for
+
+    _, model_dir, *_ = served
+    args = build_parser().parse_args(["serve", str(model_dir)])
+    assert args.host == "127.0.0.1" and args.data is None and args.out is None
+    server = uvicorn.Server(uvicorn.Config(create_app(session_for(model_dir), token=TOKEN), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
+    try:
+        assert json.loads(call(url + "api/model")[2])["editable"] is False
+        status, _, page = call(url + "prototypes/")
+        assert status == 200 and page.count(b'class="card prototype-card"') == 9 and page.count(b"data:image/png;base64,") == 18
+        auth = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+        status, _, body = call(url + "api/edit", "POST", json.dumps({"remove": [1], "reasons": {"1": "x"}}).encode(), auth)
+        assert status == 409 and "--data" in json.loads(body)["error"]
+        status, _, page = call(url + "edit")
+        assert status == 409 and b"--data" in page
+        status, _, body = post_picture(url, sample_picture())
+        assert status == 200 and json.loads(body)["input"]["path"] is None
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.mark.slow
 def test_load_400_requests_from_8_clients_keep_memory_flat(served):
     url, _, _, process, _ = served
