@@ -179,9 +179,9 @@ class ServeApp:
         )
         self.script = (folder / "static" / "serve.js").read_bytes()
         from .. import __version__
-        from ..explain.report import CSS
+        from .report_parts import stylesheet
 
-        self.css = CSS + SERVE_CSS
+        self.css = stylesheet() + SERVE_CSS
         self.version = __version__
         routes = [
             Route("/", self.home, methods=["GET"]),
@@ -299,9 +299,9 @@ class ServeApp:
         data, filename, form = await self.read_picture(request)
         top = _int_field(form.get("top_classes") if form else None, "top_classes", 3, 1, 50)
         explanation = await self.explained(request, data, top, 10)
-        blocks = await run_in_threadpool(self.session.report_blocks, explanation, self.picture_rows)
+        fragment = await run_in_threadpool(self.session.report_html, explanation, self.picture_rows)
         name = explanation.class_names[explanation.predicted]
-        return self.render(request, "explanation.html", title=f"Why the model thinks this is “{name}”", subtitle=filename, blocks=blocks)
+        return self.render(request, "explanation.html", title=f"Why the model thinks this is “{name}”", subtitle=filename, fragment=fragment)
 
     async def gallery(self, request: Request) -> Response:
         files = await run_in_threadpool(self.session.gallery_files)

@@ -160,12 +160,12 @@ class ModelSession:
         """For each prototype, its ``patch`` and ``source`` pictures from the model directory as
         data URIs (None where the directory has none)."""
         if self._pictures is None:
-            from ..explain.local import prototype_image_files
+            from .report_parts import prototype_files
 
             provenance = getattr(self.model, "provenance", None) or []
             pictures = []
             for j in range(getattr(self.model, "num_prototypes", 0)):
-                files = prototype_image_files(provenance[j] if j < len(provenance) else None, getattr(self.model, "source_directory", None))
+                files = prototype_files(provenance[j] if j < len(provenance) else None, getattr(self.model, "source_directory", None))
                 pictures.append({kind: data_uri(files[kind]) if kind in files else None for kind in ("patch", "source")})
             self._pictures = pictures
         return self._pictures
@@ -182,13 +182,12 @@ class ModelSession:
         return explanation
 
     @staticmethod
-    def report_blocks(explanation: Any, picture_rows: int = 10) -> list[str]:
-        """The HTML blocks of the explanation's report, exactly as ``protopnet explain`` writes
-        them (score sheets, most activated prototypes, how to read), pictures embedded."""
-        from ..explain.report import DataImages, explanation_report
+    def report_html(explanation: Any, picture_rows: int = 10) -> str:
+        """The explanation as ``protopnet explain``'s report shows it (score sheets, most
+        activated prototypes, how to read), made by the report's own code, pictures embedded."""
+        from .report_parts import explanation_fragment
 
-        report = explanation_report(explanation, DataImages(), picture_rows)
-        return [block.render() if hasattr(block, "render") else str(block) for block in report.blocks]
+        return explanation_fragment(explanation, picture_rows)
 
     # -- the gallery --------------------------------------------------------------------------------
     def gallery_files(self) -> dict[str, bytes] | None:
