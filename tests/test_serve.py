@@ -307,8 +307,9 @@ def test_fuzz_random_bytes_truncations_and_hostile_names(served):
 
 
 def test_without_data_it_explains_but_does_not_edit(served):
-    """The app in this process, on the same model without --data: a gallery of the prototypes'
-    own pictures, no editing (409), and the command's defaults keep it on this computer."""
+    """The app in this process, on the same model without --data, as behind a reverse proxy that
+    serves it under /pp (and strips the prefix): a gallery of the prototypes' own pictures, no
+    editing (409), links under the prefix; the command's defaults keep it on this computer."""
     import uvicorn
 
     from protopnet.cli import build_parser
@@ -317,7 +318,7 @@ def test_without_data_it_explains_but_does_not_edit(served):
     _, model_dir, *_ = served
     args = build_parser().parse_args(["serve", str(model_dir)])
     assert args.host == "127.0.0.1" and args.data is None and args.out is None
-    server = uvicorn.Server(uvicorn.Config(create_app(session_for(model_dir), token=TOKEN), host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(session_for(model_dir), token=TOKEN), host="127.0.0.1", port=0, log_level="warning", root_path="/pp"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -326,6 +327,10 @@ def test_without_data_it_explains_but_does_not_edit(served):
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
     try:
         assert json.loads(call(url + "api/model")[2])["editable"] is False
+        status, _, page = call(url)
+        assert status == 200 and b'href="/pp/prototypes/"' in page and b'action="/pp/explain"' in page
+        status, _, body = call(url + "api/explain?top_prototypes=x", "POST", b"", {"Content-Type": "image/png"})
+        assert status == 400 and "top_prototypes must be a whole number" in json.loads(body)["error"]
         status, _, page = call(url + "prototypes/")
         assert status == 200 and page.count(b'class="card prototype-card"') == 9 and page.count(b"data:image/png;base64,") == 18
         auth = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}

@@ -129,11 +129,17 @@ class Guard:
             except Exception:  # noqa: BLE001 - already answered (500) and logged by ServeApp._on_crash
                 if status["code"] == 0:
                     await _error_response(scope, 500, "the server failed on this request (see its log); it keeps serving")(scope, receive, send_with_headers)
-        logger.info("%s %s %d %.0f ms", scope.get("method"), scope.get("path"), status["code"], 1000 * (time.perf_counter() - started))
+        logger.info("%s %s %d %.0f ms", scope.get("method"), _route_path(scope), status["code"], 1000 * (time.perf_counter() - started))
+
+
+def _route_path(scope: dict) -> str:
+    """The path inside the app (without the ``--root-path`` prefix that uvicorn puts in front)."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", "")).rstrip("/")
+    return path[len(root):] or "/" if root and (path == root or path.startswith(root + "/")) else path
 
 
 def _wants_json(scope: dict) -> bool:
-    path = scope.get("path", "")
+    path = _route_path(scope)
     return path.startswith("/api/") or path == "/healthz"
 
 
@@ -223,8 +229,8 @@ class ServeApp:
 
     async def _on_request_error(self, request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestError)
-        logger.info("refused %s %s: %s", request.method, request.url.path, error.message)
-        if not _wants_json(request.scope) and request.url.path in ("/", "/explain"):
+        logger.info("refused %s %s: %s", request.method, _route_path(request.scope), error.message)
+        if not _wants_json(request.scope) and _route_path(request.scope) in ("/", "/explain"):
             response: Response = self.render(request, "home.html", status=error.status, title="Explain a picture", error=error.message, info=self.session.info())
         else:
             response = _error_response(request.scope, error.status, error.message)
@@ -245,7 +251,7 @@ class ServeApp:
         return _error_response(request.scope, error.status_code, message)
 
     async def _on_crash(self, request: Request, error: Exception) -> Response:
-        logger.error("failure on %s %s", request.method, request.url.path, exc_info=error)
+        logger.error("failure on %s %s", request.method, _route_path(request.scope), exc_info=error)
         return _error_response(request.scope, 500, "the server failed on this request (see its log); it keeps serving")
 
     def check_token(self, request: Request, form: FormData | None = None) -> None:
