@@ -332,7 +332,10 @@ def test_without_data_it_explains_but_does_not_edit(served):
         status, _, body = call(url + "api/explain?top_prototypes=x", "POST", b"", {"Content-Type": "image/png"})
         assert status == 400 and "top_prototypes must be a whole number" in json.loads(body)["error"]
         status, _, page = call(url + "prototypes/")
-        assert status == 200 and page.count(b'class="card prototype-card"') == 9 and page.count(b"data:image/png;base64,") == 18
+        assert status == 200 and page.count(b'class="card prototype-card"') == 9 and page.count(b'src="/pp/pictures/') == 18
+        status, headers, picture = call(url + "pictures/4/patch.png")
+        assert status == 200 and headers["content-type"] == "image/png" and Image.open(io.BytesIO(picture)).size[0] > 0
+        assert [call(url + f"pictures/{where}")[0] for where in ("9/patch.png", "4/overlay.png", "-1/patch.png", "4/..%2F..%2Fmodel.json")] == [404] * 4
         auth = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
         status, _, body = call(url + "api/edit", "POST", json.dumps({"remove": [1], "reasons": {"1": "x"}}).encode(), auth)
         assert status == 409 and "--data" in json.loads(body)["error"]

@@ -45,6 +45,13 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
+SECURITY_HEADERS = (
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cache-control", b"no-store"),
+)
 SERVE_CSS = """
 nav.top { display: flex; gap: 18px; align-items: baseline; border-bottom: 1px solid var(--line); padding-bottom: 8px; margin-bottom: 14px; }
 nav.top .model { margin-left: auto; color: var(--muted); font-size: 13px; }
@@ -57,7 +64,7 @@ form.upload.compact { padding: 10px; text-align: left; }
 button { font: inherit; padding: 5px 14px; border-radius: 6px; border: 1px solid var(--accent); background: var(--accent); color: #fff; cursor: pointer; }
 input[type=text], input[type=number], input[type=password], select { font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-radius: 4px; }
 table.edit td { vertical-align: middle; }
-table.edit input[type=text] { width: 260px; }
+table.edit input.reason { width: 260px; }
 .accuracy .changed { font-weight: 700; }
 pre.json { background: var(--bg); padding: 10px; overflow-x: auto; font-size: 12px; }
 """
@@ -91,13 +98,8 @@ class Guard:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 headers = list(message.get("headers", []))
-                headers += [
-                    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
-                    (b"x-frame-options", b"DENY"),
-                    (b"cache-control", b"no-store"),
-                ]
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in SECURITY_HEADERS if name not in present]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -195,6 +197,7 @@ class ServeApp:
             Route("/prototypes", lambda request: RedirectResponse(_root(request) + "/prototypes/", 308), methods=["GET"]),
             Route("/prototypes/", self.gallery, methods=["GET"]),
             Route("/prototypes/{name:path}", self.gallery_file, methods=["GET"]),
+            Route("/pictures/{prototype:int}/{kind}.png", self.prototype_picture, methods=["GET"]),
             Route("/edit", self.edit_page, methods=["GET"]),
             Route("/edit", self.edit_submit, methods=["POST"]),
             Route("/save", self.save_submit, methods=["POST"]),
@@ -312,8 +315,8 @@ class ServeApp:
     async def gallery(self, request: Request) -> Response:
         files = await run_in_threadpool(self.session.gallery_files)
         if files is None:
-            pictures = self.session.prototype_pictures()
-            return self.render(request, "gallery.html", title="Prototypes", info=self.session.info(), pictures=pictures)
+            kinds = self.session.prototype_picture_kinds()
+            return self.render(request, "gallery.html", title="Prototypes", info=self.session.info(), kinds=kinds)
         page = files["index.html"].decode("utf-8")
         nav = self.templates.get_template("nav.html").render(base=_root(request) + "/", name=self.session.name, editable=self.session.editable)
         page = page.replace("<main>", "<main>\n" + nav, 1)
@@ -327,6 +330,12 @@ class ServeApp:
             raise HTTPException(404)
         return Response(data, media_type="image/png" if name.endswith(".png") else "application/octet-stream")
 
+    async def prototype_picture(self, request: Request) -> Response:
+        data = await run_in_threadpool(self.session.prototype_picture, request.path_params["prototype"], request.path_params["kind"])
+        if data is None:
+            raise HTTPException(404)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
     async def edit_page(self, request: Request) -> Response:
         if not self.session.editable:
             raise RequestError(409, "editing needs the model's training data: start the server with --data DIR")
@@ -338,7 +347,7 @@ class ServeApp:
     def render_edit(self, request: Request, status: int = 200, error: str | None = None, form: FormData | None = None) -> Response:
         info = self.session.info()
         return self.render(request, "edit.html", status=status, title="Edit the prototypes", info=info, error=error,
-                           pictures=self.session.prototype_pictures(), token=self.token, form=form or {})
+                           kinds=self.session.prototype_picture_kinds(), token=self.token, form=form or {})
 
     async def edit_submit(self, request: Request) -> Response:
         form = await request.form(max_files=0, max_fields=10_000, max_part_size=FORM_FIELD_BYTES)

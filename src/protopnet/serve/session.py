@@ -13,7 +13,6 @@ from a request is used to reach the file system.
 
 from __future__ import annotations
 
-import base64
 import copy
 import datetime as dt
 import logging
@@ -33,6 +32,7 @@ from .uploads import RequestError
 logger = logging.getLogger(__name__)
 
 MAX_REASON = 500
+PICTURE_KINDS = ("patch", "source")
 
 
 @dataclass
@@ -57,17 +57,6 @@ class Draft:
         out["reasons"] = {str(j): text for j, text in self.reasons.items()}
         out["prototypes"] = int(self.model.num_prototypes)
         return out
-
-
-def data_uri(path: Path) -> str | None:
-    """A PNG/JPEG file as a ``data:`` URI, or None when it cannot be read."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        logger.warning("cannot read %s: %s", path, error)
-        return None
-    kind = "jpeg" if data[:3] == b"\xff\xd8\xff" else "png"
-    return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
 
 
 class ModelSession:
@@ -112,7 +101,7 @@ class ModelSession:
         self._gallery_lock = threading.Lock()
         self._drafts: OrderedDict[str, Draft] = OrderedDict()
         self._gallery: dict[str, bytes] | None = None
-        self._pictures: list[dict[str, str | None]] | None = None
+        self._pictures: list[dict[str, Path]] | None = None
         self.started = time.time()
         self.explained = 0
 
@@ -156,19 +145,33 @@ class ModelSession:
             out["history"] = list(getattr(model, "history", None) or [])
         return out
 
-    def prototype_pictures(self) -> list[dict[str, str | None]]:
-        """For each prototype, its ``patch`` and ``source`` pictures from the model directory as
-        data URIs (None where the directory has none)."""
+    def prototype_picture_kinds(self) -> list[list[str]]:
+        """For each prototype, which of its pictures (``patch``, ``source``) the model directory
+        holds."""
         if self._pictures is None:
             from .report_parts import prototype_files
 
             provenance = getattr(self.model, "provenance", None) or []
-            pictures = []
-            for j in range(getattr(self.model, "num_prototypes", 0)):
-                files = prototype_files(provenance[j] if j < len(provenance) else None, getattr(self.model, "source_directory", None))
-                pictures.append({kind: data_uri(files[kind]) if kind in files else None for kind in ("patch", "source")})
-            self._pictures = pictures
-        return self._pictures
+            self._pictures = [
+                {kind: path for kind, path in prototype_files(provenance[j] if j < len(provenance) else None,
+                                                              getattr(self.model, "source_directory", None)).items()
+                 if kind in PICTURE_KINDS}
+                for j in range(getattr(self.model, "num_prototypes", 0))
+            ]
+        return [sorted(files) for files in self._pictures]
+
+    def prototype_picture(self, j: int, kind: str) -> bytes | None:
+        """The PNG bytes of prototype ``j``'s ``kind`` picture, or None. ``j`` and ``kind`` only
+        select among the files the model's own provenance names."""
+        self.prototype_picture_kinds()
+        assert self._pictures is not None
+        if kind not in PICTURE_KINDS or not 0 <= j < len(self._pictures) or kind not in self._pictures[j]:
+            return None
+        try:
+            return self._pictures[j][kind].read_bytes()
+        except OSError as error:
+            logger.warning("cannot read prototype %d's %s picture: %s", j, kind, error)
+            return None
 
     # -- explanations -----------------------------------------------------------------------------
     def explain(self, picture: Any, top_classes: int = 3, top_prototypes: int = 10) -> Any:
