@@ -18,3 +18,14 @@
     }
   });
 }());
+
+// Trying an edit re-fits the last layer over the training data: say so while it runs.
+(function () {
+  var form = document.getElementById("edit-form");
+  var button = document.getElementById("edit-button");
+  if (!form || !button) { return; }
+  form.addEventListener("submit", function () {
+    button.disabled = true;
+    button.textContent = "Measuring and re-fitting\u2026 (this can take a while on a large dataset)";
+  });
+}());
