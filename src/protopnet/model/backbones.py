@@ -5,7 +5,9 @@ A registry maps a name to a builder returning a :class:`Backbone` — a module m
 (channels, normalisation mean and std), never repeated in configs.
 
 Names: ``vgg11 vgg11_bn vgg13 vgg13_bn vgg16 vgg16_bn vgg19 vgg19_bn resnet18 resnet34 resnet50
-resnet101 resnet152 densenet121 densenet161 densenet169 densenet201 mobilenet_v2``, the
+resnet101 resnet152 densenet121 densenet161 densenet169 densenet201 mobilenet_v2``, the same at
+output stride 16 (a 14 x 14 latent grid at 224 px: ``mobilenet_v2_stride16``,
+``resnet50_stride16``, ``resnet101_stride16``, ``resnet152_stride16``), the
 from-scratch ``tiny_cnn`` used by the demo (and ``tiny_cnn_gn``, the same with GroupNorm), and
 ``timm/<name>`` for any timm model (optional extra).
 Pretrained weights come through torchvision's own weights API (``IMAGENET1K_V1``), so a machine
@@ -149,6 +151,37 @@ def _mobilenet_v2(pretrained: bool) -> Backbone:
     return Backbone(_torchvision_model("mobilenet_v2", pretrained).features, 1280, stride=32)
 
 
+def _mobilenet_v2_stride16(pretrained: bool) -> Backbone:
+    """MobileNetV2 whose last stage keeps the 14 x 14 resolution (at 224 px): block 14's
+    depth-wise convolution loses its stride 2 and blocks 15-17's are dilated by 2, so every
+    block sees what it saw with the ImageNet weights (the atrous trick of DeepLab); a latent grid
+    twice as fine for about 1.9x the backbone's compute."""
+    features = _torchvision_model("mobilenet_v2", pretrained).features
+    for index, block in enumerate(features[14:18], start=14):
+        depthwise = block.conv[1][0]  # InvertedResidual: expand, depth-wise (3x3), project
+        if index == 14:
+            depthwise.stride = (1, 1)
+            block.stride = 1
+        else:
+            depthwise.dilation, depthwise.padding = (2, 2), (2, 2)
+    return Backbone(features, 1280, stride=16)
+
+
+def _resnet_stride16(name: str, channels: int) -> Callable[[bool], Backbone]:
+    """A ResNet whose layer4 is dilated instead of strided (torchvision's
+    ``replace_stride_with_dilation``): 14 x 14 latent grid at 224 px. Bottleneck ResNets only
+    (torchvision does not dilate the basic blocks of resnet18/34)."""
+
+    def build(pretrained: bool) -> Backbone:
+        import torchvision
+
+        weights = "IMAGENET1K_V1" if pretrained else None
+        net = torchvision.models.get_model(name, weights=weights, replace_stride_with_dilation=[False, False, True])
+        return Backbone(_ResNetFeatures(net), channels, stride=16)
+
+    return build
+
+
 def _tiny_cnn(norm: str) -> Callable[[bool], Backbone]:
     name = "tiny_cnn" if norm == "batch" else "tiny_cnn_gn"
 
@@ -173,6 +206,10 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
     "densenet169": _densenet("densenet169", 1664),
     "densenet201": _densenet("densenet201", 1920),
     "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v2_stride16": _mobilenet_v2_stride16,
+    "resnet50_stride16": _resnet_stride16("resnet50", 2048),
+    "resnet101_stride16": _resnet_stride16("resnet101", 2048),
+    "resnet152_stride16": _resnet_stride16("resnet152", 2048),
     "tiny_cnn": _tiny_cnn("batch"),
     "tiny_cnn_gn": _tiny_cnn("group"),
 }
