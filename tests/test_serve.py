@@ -33,7 +33,7 @@ from PIL import Image
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'protopnet[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'protopnet[serve]')")
-pytest.importorskip("multipart", reason="the serve extra is not installed (pip install 'protopnet[serve]')")
+pytest.importorskip("python_multipart", reason="the serve extra is not installed (pip install 'protopnet[serve]')")
 
 import protopnet  # noqa: E402
 from conftest import ColourDataset, tiny_model  # noqa: E402
@@ -329,6 +329,7 @@ def test_without_data_it_explains_but_does_not_edit(served):
         assert json.loads(call(url + "api/model")[2])["editable"] is False
         status, _, page = call(url)
         assert status == 200 and b'href="/pp/prototypes/"' in page and b'action="/pp/explain"' in page
+        assert f"curl -F image=@picture.png {url[:-1]}/pp/api/explain".encode() in page
         status, _, body = call(url + "api/explain?top_prototypes=x", "POST", b"", {"Content-Type": "image/png"})
         assert status == 400 and "top_prototypes must be a whole number" in json.loads(body)["error"]
         status, _, page = call(url + "prototypes/")
@@ -398,6 +399,7 @@ def test_a_person_explains_a_picture_then_removes_a_prototype(served, browser, t
     # upload: choosing the file sends it (the page's script submits the form)
     browser.get(url)
     assert "Drop a picture here" in browser.find_element(By.CSS_SELECTOR, "form.upload label").text
+    screenshot(browser, tmp_path, "serve-home")
     browser.find_element(By.ID, "image").send_keys(str(picture))
     wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, ".predicted-class")))
     assert browser.find_element(By.CSS_SELECTOR, "header .subtitle").text == "my picture.png"
@@ -435,9 +437,9 @@ def test_a_person_explains_a_picture_then_removes_a_prototype(served, browser, t
     wait.until(ready.presence_of_element_located((By.ID, "error")))
     assert "give a reason" in browser.find_element(By.ID, "error").text
     assert browser.find_element(By.ID, f"remove-{J0}").is_selected()
+    assert browser.find_element(By.ID, "iterations").get_attribute("value") == "0"
     browser.find_element(By.ID, f"reason-{J0}").send_keys("it looks at the background")
-    browser.find_element(By.ID, "iterations").clear()
-    browser.find_element(By.ID, "iterations").send_keys("0")
+    screenshot(browser, tmp_path, "serve-edit-form")
     browser.find_element(By.ID, "edit-button").click()
     wait.until(ready.presence_of_element_located((By.ID, "accuracy")))
     row = browser.find_element(By.CSS_SELECTOR, '#accuracy tr[data-split="test"]')

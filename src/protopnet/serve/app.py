@@ -225,7 +225,7 @@ class ServeApp:
         context.setdefault("error", None)
         context.setdefault("subtitle", None)
         page = self.templates.get_template(template).render(
-            base=_root(request) + "/", css=self.css, version=self.version, name=self.session.name,
+            base=_root(request) + "/", site=str(request.base_url), css=self.css, version=self.version, name=self.session.name,
             editable=self.session.editable, **context,
         )
         return HTMLResponse(page, status_code=status)
