@@ -20,7 +20,7 @@ from torch import nn
 from protopnet import ProtoPNet
 from protopnet.data.base import Annotation, ProtoDataset
 from protopnet.explain.nearest import nearest_patches
-from protopnet.explain.report import Report
+from protopnet.explain.html import Report
 from protopnet.interpretability import (
     METRICS,
     SCALARS,

@@ -16,7 +16,8 @@ from torch import nn
 from conftest import MarkedNoiseDataset
 from protopnet import ProtoPNet, load_model
 from protopnet.data.base import ProtoDataset
-from protopnet.prune import find_nearest_patches, prune, save_pruned
+from protopnet.edit import save_pruned
+from protopnet.prune import find_nearest_patches, prune
 from protopnet.train.evaluate import evaluate
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

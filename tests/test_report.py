@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import protopnet
-from protopnet.explain import Html, Report, Section, analyze, explain, write_analysis_report, write_demo_report, write_explanation_report
+from protopnet.demo import write_demo_report
+from protopnet.explain import Html, Report, Section, analyze, explain, write_analysis_report, write_explanation_report
 from protopnet.regions import UPSAMPLING_DESCRIPTION
 
 from conftest import ColourDataset, tiny_model

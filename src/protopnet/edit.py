@@ -38,7 +38,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -56,6 +57,10 @@ from .model.surgery import (
 )
 from .regions import activation_box
 from .train.refit import BatchHook, accuracy_from_similarities, refit_last_layer, scan_similarities
+
+if TYPE_CHECKING:
+    from .model import ProtoPNet
+    from .prune import PruneReport
 
 logger = logging.getLogger(__name__)
 
@@ -418,3 +423,30 @@ def _pictures(picture: Any, activation: torch.Tensor, box: Sequence[float]) -> d
     from .visualize import prototype_pictures
 
     return prototype_pictures(picture, activation.numpy(), box)
+
+
+def save_pruned(model: ProtoPNet, report: PruneReport, out: str | os.PathLike[str], *, dataset: Any = None,
+                source_directory: str | os.PathLike[str] | None = None) -> Path:
+    """Save a model pruned by :func:`protopnet.prune.prune` to ``out`` with ``pruning.json``
+    and ``pruning.html`` beside it.
+
+    Args:
+        dataset: the training images; when given, the HTML shows each pruned prototype's nearest
+            patches as pictures (embedded, so the page is one self-contained file).
+        source_directory: the model directory before pruning; the pruned prototypes' own
+            pictures are taken from it when present.
+    """
+    from .explain.reports import write_pruning_report
+
+    summary = {
+        "pruning": {
+            "k": report.k,
+            "threshold": report.threshold,
+            "per_image": report.per_image,
+            "removed": report.removed,
+            "accuracy": report.accuracy,
+        }
+    }
+    path = save_edited_model(model, out, extra=summary)
+    write_pruning_report(report, path, dataset=dataset, source_directory=source_directory)
+    return path

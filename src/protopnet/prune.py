@@ -7,10 +7,14 @@ nearest training patches (reference ``k = 6``), and removes the prototypes for w
 last layer is then re-optimised (the convex stage of Section 2.2) on similarities that were cached
 during the same pass over the training images — the network runs over the training set once.
 
-    >>> from protopnet.prune import prune, save_pruned
+    >>> from protopnet.prune import prune
     >>> report = prune(model, train_data, k=6, threshold=3, test_dataset=test_data)
     >>> report.removed, report.accuracy["test"]          # {"before", "after_removal", "after"}
-    >>> save_pruned(model, report, "runs/cub/pruned", dataset=train_data)   # + pruning.json/.html
+    >>> from protopnet.edit import save_pruned          # the model + pruning.json/.html
+    >>> save_pruned(model, report, "runs/cub/pruned", dataset=train_data)
+
+The readable report (``pruning.html``) is drawn by :func:`protopnet.explain.write_pruning_report`;
+this module decides and records, it does not draw.
 
 What counts as "the k nearest patches"
     ``per_image=True`` (default): each training image contributes one candidate, its patch
@@ -33,17 +37,13 @@ K classes, N training images.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoint import now_utc, save_edited_model
+from .checkpoint import now_utc
 from .model.surgery import remove_prototypes
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
@@ -358,137 +358,3 @@ def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed
             )
         out.append({"prototype": j, "class_index": c, "class_name": names[c], "same_class": int(counts[j]), "pruned": j in removed, "nearest": rows})
     return out
-
-
-# -- report --------------------------------------------------------------------------------------
-
-def write_report(report: PruneReport, directory: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``pruning.json`` and a readable ``pruning.html`` into ``directory`` (each atomically).
-
-    Args:
-        dataset: the training images; when given, the HTML shows each pruned prototype's nearest
-            patches as pictures (embedded, so the page is one self-contained file).
-        source_directory: the model directory before pruning; the pruned prototypes' own
-            pictures are taken from it when present.
-
-    Every string from the model or data (class names, paths) is HTML-escaped.
-    """
-    from .checkpoint import atomic_write_json, atomic_write_text
-
-    directory = Path(directory)
-    json_path, html_path = directory / "pruning.json", directory / "pruning.html"
-    atomic_write_json(json_path, report.to_json())
-    atomic_write_text(html_path, render_html(report, dataset=dataset, source_directory=source_directory))
-    return json_path, html_path
-
-
-def _png_data_uri(picture: Any) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}%"
-
-
-def render_html(report: PruneReport, *, dataset: Any = None, source_directory: str | Path | None = None) -> str:
-    """The pruning report as one self-contained HTML page (all strings escaped)."""
-    from PIL import Image
-
-    from .visualize import crop_box
-
-    e = html.escape
-    cache: dict[int, Any] = {}
-
-    def patch_picture(row: dict[str, Any]) -> str:
-        if dataset is None or row.get("box") is None:
-            return ""
-        index = row["dataset_index"]
-        try:
-            if index not in cache:
-                cache[index] = dataset.load_image(index).convert("RGB")
-            crop = crop_box(cache[index], row["box"]).resize((64, 64), Image.Resampling.NEAREST)
-        except (OSError, ValueError) as error:
-            logger.warning("pruning report: cannot read %s (%s)", row["path"], error)
-            return ""
-        return f'<img src="{_png_data_uri(crop)}" width="64" height="64" alt="patch">'
-
-    def own_picture(j: int) -> str:
-        if source_directory is None:
-            return ""
-        from .checkpoint import CheckpointError, read_metadata, safe_relative_path
-
-        try:
-            meta = read_metadata(source_directory)
-            entry = (meta.get("provenance") or [])[j]
-            relative = (entry.get("images") or {}).get("patch")
-            if not relative:
-                return ""
-            path = safe_relative_path(Path(source_directory), relative)
-            with Image.open(path) as picture:
-                return f'<img src="{_png_data_uri(picture.convert("RGB"))}" height="64" alt="prototype {j}">'
-        except (CheckpointError, OSError, IndexError, ValueError):
-            return ""
-
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Prototype pruning report</title>',
-        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
-        "td,th{border:1px solid #bbb;padding:0.25em 0.5em;text-align:left;vertical-align:middle}"
-        ".same{background:#e6f4e6}.other{background:#fbe9e9}code{font-size:0.9em}</style></head><body>",
-        "<h1>Prototype pruning</h1>",
-        f"<p>{e(_sentence(report.to_json()['rule']['description']))} (paper Section 2.6; reference k = {REFERENCE_K}, threshold = {REFERENCE_THRESHOLD}).</p>",
-        f"<p>Run at {e(report.when)}. Prototypes: {len(report.prototypes)} before, {len(report.kept)} after; "
-        f"<strong>{len(report.removed)} pruned</strong>.</p>",
-        "<h2>Accuracy</h2><table><tr><th>data</th><th>before</th><th>after removal</th><th>after last-layer re-fit</th></tr>",
-    ]
-    for split, values in report.accuracy.items():
-        parts.append(f"<tr><td>{e(split)}</td><td>{_fmt(values['before'])}</td><td>{_fmt(values['after_removal'])}</td><td>{_fmt(values['after'])}</td></tr>")
-    parts.append("</table>")
-    if report.classes_without_prototypes:
-        parts.append(f"<p><strong>Classes left without prototypes:</strong> {e(', '.join(report.classes_without_prototypes))}</p>")
-    parts.append("<h2>Pruned prototypes and why</h2>")
-    if not report.pruned:
-        parts.append("<p>None: every prototype has enough nearest patches from its own class.</p>")
-    for p in report.pruned:
-        parts.append(
-            f"<h3>Prototype {p['prototype']} (class {e(p['class_name'])}) {own_picture(p['prototype'])}</h3>"
-            f"<p>{p['same_class']} of its {len(p['nearest'])} nearest training patches come from its class "
-            f"(needs {report.threshold}).</p>"
-            "<table><tr><th>#</th><th>patch</th><th>class</th><th>image</th><th>position</th><th>distance</th></tr>"
-        )
-        for n, row in enumerate(p["nearest"], 1):
-            css = "same" if row["class_index"] == p["class_index"] else "other"
-            parts.append(
-                f'<tr class="{css}"><td>{n}</td><td>{patch_picture(row)}</td><td>{e(row["class_name"])}</td>'
-                f"<td><code>{e(str(row['path']))}</code> (item {row['dataset_index']})</td>"
-                f"<td>{row['position']}</td><td>{row['distance']:.4f}</td></tr>"
-            )
-        parts.append("</table>")
-    parts.append("<h2>Kept prototypes</h2><table><tr><th>prototype (before)</th><th>now</th><th>class</th><th>same-class nearest</th></tr>")
-    for new, j in enumerate(report.kept):
-        p = report.prototypes[j]
-        parts.append(f"<tr><td>{j}</td><td>{new}</td><td>{e(p['class_name'])}</td><td>{p['same_class']} / {len(p['nearest'])}</td></tr>")
-    parts.append("</table></body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def save_pruned(model: Any, report: PruneReport, out: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> Path:
-    """Save a pruned model to ``out`` with ``pruning.json`` and ``pruning.html`` beside it."""
-    summary = {
-        "pruning": {
-            "k": report.k,
-            "threshold": report.threshold,
-            "per_image": report.per_image,
-            "removed": report.removed,
-            "accuracy": report.accuracy,
-        }
-    }
-    path = save_edited_model(model, out, extra=summary)
-    write_report(report, path, dataset=dataset, source_directory=source_directory)
-    return path

@@ -43,7 +43,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def execute(args: argparse.Namespace) -> int:
     from ..explain.local import explain, prepare_input
-    from ..explain.report import write_explanation_report
+    from ..explain.reports import write_explanation_report
 
     if args.top_classes < 1:
         raise CommandError(f"--top-classes must be >= 1, got {args.top_classes}")
