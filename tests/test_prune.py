@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import MarkedNoiseDataset
+from conftest import MarkedNoiseDataset, tiny_model
 from protopnet import ProtoPNet, load_model
 from protopnet.data.base import ProtoDataset
 from protopnet.edit import save_pruned
@@ -42,13 +42,6 @@ class GridDataset(ProtoDataset):
 
 
 NoiseDataset = functools.partial(MarkedNoiseDataset, mark_row=4)  # the class mark in rows 4-12
-
-
-def tiny_model(num_classes: int = 3, per_class: int = 2, dim: int = 8, size=(1, 1), seed: int = 0, **kw) -> ProtoPNet:
-    torch.manual_seed(seed)
-    model = ProtoPNet(backbone="tiny_cnn", pretrained=False, num_classes=num_classes, prototypes_per_class=per_class, prototype_dim=dim, prototype_size=size, **kw)
-    model.image_size = 32
-    return model.eval()
 
 
 def colour_model(classes: list[int]) -> ProtoPNet:
@@ -180,7 +173,7 @@ def brute_force(model: ProtoPNet, data: ProtoDataset, k: int, per_image: bool):
 @pytest.mark.parametrize("per_image", [True, False])
 def test_nearest_patches_match_brute_force(per_image):
     data = NoiseDataset(n=13)
-    model = tiny_model(per_class=3, size=(2, 1), seed=3)
+    model = tiny_model(prototypes_per_class=3, prototype_size=(2, 1), seed=3).eval()
     dist, idx, lab, pos = brute_force(model, data, k=5, per_image=per_image)
     for batch_size in (4, 13):  # the answer does not depend on the batching
         nearest, mins, labels, indices = find_nearest_patches(model, data, k=5, per_image=per_image, batch_size=batch_size)
@@ -197,7 +190,7 @@ def test_nearest_patches_match_brute_force(per_image):
 
 def test_fewer_candidates_than_k_are_padded():
     data = NoiseDataset(n=3)
-    model = tiny_model(per_class=1)
+    model = tiny_model(prototypes_per_class=1).eval()
     nearest, *_ = find_nearest_patches(model, data, k=5)
     assert (nearest.index[:, :3] >= 0).all() and (nearest.index[:, 3:] == -1).all()
     assert torch.isinf(nearest.distance[:, 3:]).all()
@@ -208,7 +201,7 @@ def test_fewer_candidates_than_k_are_padded():
 def pushed_model(train: ProtoDataset, seed: int) -> ProtoPNet:
     from protopnet.train.push import push_prototypes
 
-    model = tiny_model(per_class=3, seed=seed)
+    model = tiny_model(prototypes_per_class=3, seed=seed).eval()
     push_prototypes(model, train)
     return model
 
@@ -249,7 +242,7 @@ def pushed_model_dir(tmp_path: Path, train: ProtoDataset) -> Path:
     from protopnet import save_model
     from protopnet.train.push import push_prototypes
 
-    model = tiny_model(per_class=3, seed=5, class_names=train.classes)
+    model = tiny_model(prototypes_per_class=3, seed=5, class_names=train.classes).eval()
     push_prototypes(model, train)
     return save_model(model, tmp_path / "model", dataset=train, extra={"test_accuracy": 0.5})
 
