@@ -57,6 +57,7 @@ from .model.surgery import (
 )
 from .regions import activation_box
 from .train.refit import BatchHook, accuracy_from_similarities, refit_last_layer, scan_similarities
+from .visualize import prototype_pictures
 
 if TYPE_CHECKING:
     from .model import ProtoPNet
@@ -356,7 +357,7 @@ def edit_model(
         moved = float(((old_vector - p.vector.to(old_vector)) ** 2).sum())
         entry = _replacement_provenance(model, j, p, moved, percentile)
         report.replaced.append({k: entry[k] for k in ("prototype", "path", "dataset_index", "position", "box", "selected_box")})
-        report.pictures[j] = _pictures(p.picture, p.activation, entry["box"])
+        report.pictures[j] = prototype_pictures(p.picture, p.activation.numpy(), entry["box"])
         if model.provenance is not None:
             model.provenance[j] = entry
         else:
@@ -417,12 +418,6 @@ def _replacement_provenance(model: Any, j: int, p: _Prepared, moved: float, perc
         "selected_box": [round(v, 3) for v in p.selected_box] if p.selected_box is not None else None,
         "edited": now_utc(),
     }
-
-
-def _pictures(picture: Any, activation: torch.Tensor, box: Sequence[float]) -> dict[str, Any]:
-    from .visualize import prototype_pictures
-
-    return prototype_pictures(picture, activation.numpy(), box)
 
 
 def save_pruned(model: ProtoPNet, report: PruneReport, out: str | os.PathLike[str], *, dataset: Any = None,

@@ -41,9 +41,22 @@ def read_picture(path: str | os.PathLike[str]) -> Image.Image | None:
         return None
 
 
-def draw_from_provenance(provenance: dict[str, Any] | None) -> dict[str, Image.Image]:
-    """Redraw a prototype's pictures from its source file, when it still exists."""
-    if not provenance or not provenance.get("path") or "activation" not in provenance:
+def draw_from_provenance(provenance: dict[str, Any] | None, dataset: Any = None) -> dict[str, Image.Image]:
+    """Redraw a prototype's pictures (``patch``, ``source``, ``overlay``) from its push
+    provenance: from ``dataset``'s item ``dataset_index`` when a dataset is given, else from the
+    source file when it still exists; {} when neither can be read (a warning says why)."""
+    if not provenance or "activation" not in provenance:
+        return {}
+    if dataset is not None:
+        if int(provenance.get("dataset_index", -1)) < 0:
+            return {}
+        try:
+            picture = dataset.load_image(int(provenance["dataset_index"]))
+            return prototype_pictures(picture, provenance["activation"], provenance["box"])
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("cannot draw prototype %s: %s", provenance.get("prototype"), error)
+            return {}
+    if not provenance.get("path"):
         return {}
     path = str(provenance["path"])
     if "://" in path or not os.path.isfile(path):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .html import DataImages, FileImages, Html, Report, Section, fmt, render
-from .pictures import prototype_image_files
+from .pictures import draw_from_provenance, prototype_image_files
 
 if TYPE_CHECKING:
     from ..prune import PruneReport
@@ -191,7 +191,7 @@ def write_analysis_report(
     Args:
         extra_sections: more :class:`Section` objects (e.g. interpretability metrics), appended.
     """
-    from ..visualize import crop_box, draw_box, prototype_pictures
+    from ..visualize import crop_box, draw_box
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -213,14 +213,10 @@ def write_analysis_report(
         for kind in ("patch", "source"):
             if kind in found:
                 entry[kind] = images.file(found[kind], f"prototypes/p{j:05d}-{kind}")
-        if len(entry) < 2 and j < len(provenance) and train is not None and provenance[j].get("dataset_index", -1) >= 0:
-            try:
-                picture = train.load_image(int(provenance[j]["dataset_index"]))
-                drawn = prototype_pictures(picture, provenance[j]["activation"], provenance[j]["box"])
-                for kind in ("patch", "source"):
-                    entry.setdefault(kind, images.picture(drawn[kind], f"prototypes/p{j:05d}-{kind}"))
-            except (OSError, ValueError, KeyError) as error:
-                logger.warning("cannot draw prototype %d: %s", j, error)
+        if len(entry) < 2 and j < len(provenance) and train is not None:
+            for kind, drawn in draw_from_provenance(provenance[j], train).items():
+                if kind in ("patch", "source"):
+                    entry.setdefault(kind, images.picture(drawn, f"prototypes/p{j:05d}-{kind}"))
         proto_src[j] = entry
 
     # The nearest patches' pictures: each dataset image read once.
