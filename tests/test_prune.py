@@ -177,10 +177,10 @@ def test_nearest_patches_match_brute_force(per_image):
     dist, idx, lab, pos = brute_force(model, data, k=5, per_image=per_image)
     for batch_size in (4, 13):  # the answer does not depend on the batching
         nearest, mins, labels, indices = find_nearest_patches(model, data, k=5, per_image=per_image, batch_size=batch_size)
-        assert torch.equal(nearest.index, idx)
-        assert torch.equal(nearest.label, lab)
-        assert torch.allclose(nearest.distance, dist, atol=1e-5)
-        assert [[tuple(p) for p in row] for row in nearest.position.tolist()] == pos
+        assert torch.equal(nearest.indices, idx)
+        assert torch.equal(nearest.labels, lab)
+        assert torch.allclose(nearest.distances, dist, atol=1e-5)
+        assert [[tuple(p) for p in row] for row in nearest.positions.tolist()] == pos
         assert nearest.latent_size == (4, 4)
     assert indices.tolist() == list(range(13)) and labels.tolist() == data.targets
     with torch.no_grad():
@@ -192,8 +192,8 @@ def test_fewer_candidates_than_k_are_padded():
     data = NoiseDataset(n=3)
     model = tiny_model(prototypes_per_class=1).eval()
     nearest, *_ = find_nearest_patches(model, data, k=5)
-    assert (nearest.index[:, :3] >= 0).all() and (nearest.index[:, 3:] == -1).all()
-    assert torch.isinf(nearest.distance[:, 3:]).all()
+    assert (nearest.indices[:, :3] >= 0).all() and (nearest.indices[:, 3:] == -1).all()
+    assert torch.isinf(nearest.distances[:, 3:]).all()
 
 
 # -- re-fit, accuracy, saving and the report ------------------------------------------------------

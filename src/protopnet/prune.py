@@ -45,83 +45,13 @@ import torch
 
 from .checkpoint import now_utc
 from .model.surgery import remove_prototypes
+from .train.nearest import NearestPatches, TopK
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_K = 6
 REFERENCE_THRESHOLD = 3
-
-
-@dataclass
-class NearestPatches:
-    """The k nearest training patches of each of M prototypes, nearest first.
-
-    Attributes:
-        distance: (M, k) squared latent distances (``inf`` where fewer than k candidates exist).
-        index: (M, k) dataset index of each patch's image (-1: none).
-        label: (M, k) class of that image (-1: none).
-        position: (M, k, 2) (row, col) of the patch's top-left latent cell.
-        latent_size: (H, W) of the latent map (for turning positions into pixel boxes).
-    """
-
-    distance: torch.Tensor
-    index: torch.Tensor
-    label: torch.Tensor
-    position: torch.Tensor
-    latent_size: tuple[int, int] = (0, 0)
-
-    def same_class_counts(self, prototype_classes: torch.Tensor) -> torch.Tensor:
-        """(M,) how many of each prototype's k nearest patches come from its own class."""
-        return (self.label == prototype_classes.view(-1, 1).to(self.label)).sum(dim=1)
-
-
-class _RunningTopK:
-    """Running k smallest (distance, dataset index, cell) triples per prototype."""
-
-    def __init__(self, m: int, k: int, device: torch.device) -> None:
-        self.k = k
-        self.distance = torch.full((m, k), float("inf"), device=device)
-        self.index = torch.full((m, k), -1, dtype=torch.long, device=device)
-        self.label = torch.full((m, k), -1, dtype=torch.long, device=device)
-        self.cell = torch.zeros((m, k), dtype=torch.long, device=device)
-        self.patch_grid: tuple[int, int] = (0, 0)
-
-    def update(self, distances: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, per_image: bool) -> None:
-        """Fold in one batch: distances (B, M, H', W'), labels (B,), dataset indices (B,)."""
-        b, m, hp, wp = distances.shape
-        self.patch_grid = (hp, wp)
-        flat = distances.flatten(2)  # (B, M, P)
-        if per_image:
-            d, cell = flat.min(dim=2)  # (B, M): each image's nearest patch (first cell on ties)
-            cand_d, cand_cell = d.t(), cell.t()  # (M, B)
-            cand_img = indices.view(1, b).expand(m, b)
-            cand_lab = labels.view(1, b).expand(m, b)
-        else:
-            p = hp * wp
-            cand_d = flat.permute(1, 0, 2).reshape(m, b * p)  # (M, B*P)
-            cand_cell = torch.arange(p, device=flat.device).repeat(b).view(1, -1).expand(m, -1)
-            cand_img = indices.repeat_interleave(p).view(1, -1).expand(m, -1)
-            cand_lab = labels.repeat_interleave(p).view(1, -1).expand(m, -1)
-        d = torch.cat([self.distance, cand_d.float()], dim=1)  # (M, k + C)
-        img = torch.cat([self.index, cand_img], dim=1)
-        lab = torch.cat([self.label, cand_lab], dim=1)
-        cell = torch.cat([self.cell, cand_cell], dim=1)
-        # Lexicographic order (distance, dataset index, cell): stable sorts, least significant first.
-        tie = img * (hp * wp) + cell  # (M, k + C); -1 rows are inf-distance padding
-        order = torch.argsort(tie, dim=1, stable=True)
-        d, img, lab, cell = (t.gather(1, order) for t in (d, img, lab, cell))
-        order = torch.argsort(d, dim=1, stable=True)[:, : self.k]
-        self.distance, self.index, self.label, self.cell = (t.gather(1, order) for t in (d, img, lab, cell))
-
-    def result(self, prototype_size: tuple[int, int]) -> NearestPatches:
-        hp, wp = self.patch_grid
-        wp = max(wp, 1)
-        position = torch.stack([self.cell // wp, self.cell % wp], dim=2)  # (M, k, 2)
-        position[self.index < 0] = -1
-        h, w = prototype_size
-        latent = (hp + h - 1, wp + w - 1) if hp else (0, 0)
-        return NearestPatches(self.distance.cpu(), self.index.cpu(), self.label.cpu(), position.cpu(), latent)
 
 
 @torch.no_grad()
@@ -153,15 +83,13 @@ def find_nearest_patches(
     from .runtime import resolve_device
 
     dev = resolve_device(device if device is not None else next(model.parameters()).device)
-    top = _RunningTopK(model.num_prototypes, int(k), dev)
-
-    def on_batch(distances: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> None:
-        top.update(distances, labels, idx, per_image)
-
+    top = TopK(model.num_prototypes, int(k), keep_activations=False, per_image=per_image)
     mins, labels, idx = scan_similarities(
-        model, dataset, indices=indices, batch_size=batch_size, device=dev, num_workers=num_workers, on_batch=on_batch, progress=progress
+        model, dataset, indices=indices, batch_size=batch_size, device=dev, num_workers=num_workers, on_batch=top.update, progress=progress
     )
-    return top.result(tuple(model.prototype_size)), mins, labels, idx
+    size = int(getattr(dataset, "image_size", getattr(model, "image_size", 224)))
+    nearest = top.result(model.prototype_classes, size, len(idx), prototype_size=tuple(model.prototype_size))
+    return nearest, mins, labels, idx
 
 
 @dataclass
@@ -268,10 +196,10 @@ def prune(
     nearest, min_d, train_y, _ = find_nearest_patches(
         model, dataset, k=k, per_image=per_image, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
     )
-    if int((nearest.index >= 0).sum(dim=1).min()) < k:
+    if int((nearest.indices >= 0).sum(dim=1).min()) < k:
         logger.warning("fewer than k=%d candidate patches for some prototypes (the dataset is small): missing places count as other classes", k)
     classes = model.prototype_classes.cpu()
-    counts = nearest.same_class_counts(classes)  # (M,)
+    counts = nearest.same_class_count()  # (M,)
     removed = [int(j) for j in torch.nonzero(counts < threshold).flatten()]
     m = model.num_prototypes
     if len(removed) == m and not dry_run:
@@ -338,12 +266,12 @@ def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed
     for j in range(model.num_prototypes):
         c = int(model.prototype_classes[j])
         rows = []
-        for n in range(nearest.index.shape[1]):
-            index = int(nearest.index[j, n])
+        for n in range(nearest.indices.shape[1]):
+            index = int(nearest.indices[j, n])
             if index < 0:
                 continue
-            r, col = int(nearest.position[j, n, 0]), int(nearest.position[j, n, 1])
-            label = int(nearest.label[j, n])
+            r, col = int(nearest.positions[j, n, 0]), int(nearest.positions[j, n, 1])
+            label = int(nearest.labels[j, n])
             box = [round(col * size / big_w, 2), round(r * size / big_h, 2), round((col + w) * size / big_w, 2), round((r + h) * size / big_h, 2)] if big_h else None
             rows.append(
                 {
@@ -351,7 +279,7 @@ def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed
                     "path": dataset.path(index) if hasattr(dataset, "path") else f"item://{index}",
                     "class_index": label,
                     "class_name": names[label] if 0 <= label < len(names) else str(label),
-                    "distance": float(nearest.distance[j, n]),
+                    "distance": float(nearest.distances[j, n]),
                     "position": [r, col],
                     "box": box,
                 }
