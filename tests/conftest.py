@@ -81,6 +81,14 @@ def colour_data():
     return ColourDataset()
 
 
+def write_folder(root: Path, data: ProtoDataset, split: str) -> None:
+    """Save ``data``'s pictures as an ImageFolder split: ``root/split/<class>/NNN.png``."""
+    for i in range(len(data)):
+        folder = root / split / data.classes[data.targets[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        data.load_image(i).save(folder / f"{i:03d}.png")
+
+
 def tiny_model(num_classes: int = 3, prototypes_per_class: int = 2, prototype_dim: int = 8, prototype_size=(1, 1), seed: int = 0, **kwargs):
     from protopnet import ProtoPNet
 

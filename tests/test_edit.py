@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MarkedNoiseDataset, tiny_model
+from conftest import MarkedNoiseDataset, tiny_model, write_folder
 from protopnet import ProtoPNet, load_model, save_model
 from protopnet.data.base import ProtoDataset
 from protopnet.edit import (
@@ -175,13 +175,6 @@ def test_saved_edited_model_keeps_history_provenance_and_pictures(tmp_path):
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-
-def write_folder(root: Path, data: ProtoDataset, split: str) -> None:
-    for i in range(len(data)):
-        folder = root / split / data.classes[data.targets[i]]
-        folder.mkdir(parents=True, exist_ok=True)
-        data.load_image(i).save(folder / f"{i:03d}.png")
-
 
 def test_cli_edit(tmp_path, capsys):
     from protopnet.cli import main

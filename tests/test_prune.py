@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import MarkedNoiseDataset, tiny_model
+from conftest import MarkedNoiseDataset, tiny_model, write_folder
 from protopnet import ProtoPNet, load_model
 from protopnet.data.base import ProtoDataset
 from protopnet.edit import save_pruned
@@ -288,13 +288,6 @@ def test_refuses_to_prune_everything():
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-
-def write_folder(root: Path, data: ProtoDataset, split: str) -> None:
-    for i in range(len(data)):
-        folder = root / split / data.classes[data.targets[i]]
-        folder.mkdir(parents=True, exist_ok=True)
-        data.load_image(i).save(folder / f"{i:03d}.png")
-
 
 def test_cli_prune(tmp_path, capsys):
     from protopnet.cli import main
