@@ -147,7 +147,7 @@ class _Prepared:
     selected_box: list[float] | None  # the person's box in the model-size picture's pixels
 
 
-def _picture_for(model: Any, request: Replacement, dataset: Any) -> tuple[Any, str, int | None, float]:
+def _picture_for(model: ProtoPNet, request: Replacement, dataset: Any) -> tuple[Any, str, int | None, float]:
     """(model-size PIL picture, path, dataset index, scale from the given pixels to model pixels)."""
     from PIL import Image
 
@@ -173,7 +173,7 @@ def _picture_for(model: Any, request: Replacement, dataset: Any) -> tuple[Any, s
 
 
 @torch.no_grad()
-def prepare_replacement(model: Any, request: Replacement, dataset: Any = None) -> _Prepared:
+def prepare_replacement(model: ProtoPNet, request: Replacement, dataset: Any = None) -> _Prepared:
     """Run the model on the pointed-at picture and cut out the latent patch (no change to the model)."""
     (j,) = check_prototype_indices(model, [request.index], "replace")
     if (request.box is None) == (request.position is None):
@@ -264,7 +264,7 @@ def _accuracy(weight: torch.Tensor, sims: torch.Tensor | None, labels: torch.Ten
 
 @torch.no_grad()
 def edit_model(
-    model: Any,
+    model: ProtoPNet,
     train_dataset: Any = None,
     *,
     remove: Sequence[int] = (),
@@ -399,7 +399,7 @@ def edit_model(
     return report
 
 
-def _replacement_provenance(model: Any, j: int, p: _Prepared, moved: float, percentile: float) -> dict[str, Any]:
+def _replacement_provenance(model: ProtoPNet, j: int, p: _Prepared, moved: float, percentile: float) -> dict[str, Any]:
     size = int(model.image_size)
     box, _ = activation_box(p.activation, (size, size), percentile)
     k = int(model.prototype_classes[j])

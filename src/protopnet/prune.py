@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -47,6 +47,9 @@ from .checkpoint import now_utc
 from .model.surgery import remove_prototypes
 from .train.nearest import NearestPatches, TopK
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
+
+if TYPE_CHECKING:
+    from .model import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ REFERENCE_THRESHOLD = 3
 
 @torch.no_grad()
 def find_nearest_patches(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     *,
     k: int = REFERENCE_K,
@@ -152,7 +155,7 @@ class PruneReport:
 
 @torch.no_grad()
 def prune(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     k: int = REFERENCE_K,
     threshold: int = REFERENCE_THRESHOLD,
@@ -257,7 +260,7 @@ def prune(
     return report
 
 
-def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed: set[int], dataset: Any) -> list[dict[str, Any]]:
+def _describe(model: ProtoPNet, nearest: NearestPatches, counts: torch.Tensor, removed: set[int], dataset: Any) -> list[dict[str, Any]]:
     names = list(model.class_names)
     size = int(getattr(model, "image_size", 224))
     big_h, big_w = nearest.latent_size

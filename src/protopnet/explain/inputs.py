@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
 
 from ..data.images import fit_square, open_image
 from ..data.transforms import denormalise, normalise
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model import ProtoPNet
 
 
 @dataclass
@@ -63,7 +67,7 @@ def prepare_input(image: Any, image_size: int, mean: Sequence[float], std: Seque
     raise TypeError(f"cannot explain a {type(image).__name__}: give a file path, a PIL image or a normalised tensor (3, S, S)")
 
 
-def model_input(model: Any, inp: InputImage, device: torch.device) -> torch.Tensor:
+def model_input(model: ProtoPNet | Ensemble, inp: InputImage, device: torch.device) -> torch.Tensor:
     """The (1, 3, S, S) tensor ``model`` takes: the caller's tensor when one was given, else the
     picture normalised with ``model.mean`` / ``model.std``."""
     x = inp.tensor if inp.tensor is not None else normalise(inp.picture, model.mean, model.std)  # (3, S, S)

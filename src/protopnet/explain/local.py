@@ -29,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ from .boxes import activation_boxes, scale_box
 from .inputs import InputImage, model_input, prepare_input
 from .members import member_inputs
 from .pictures import activation_overlay, boxed, draw_from_provenance, prototype_image_files, read_picture
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -420,7 +424,7 @@ class Explanation:
 
 @torch.no_grad()
 def explain(
-    model: Any,
+    model: ProtoPNet | Ensemble,
     image: Any,
     top_classes: int = 3,
     top_prototypes: int = 10,
@@ -527,7 +531,7 @@ def explain(
     )
 
 
-def nearest_prototypes(model: Any, image: Any, k: int = 3, **kwargs: Any) -> list[PrototypeMatch]:
+def nearest_prototypes(model: ProtoPNet | Ensemble, image: Any, k: int = 3, **kwargs: Any) -> list[PrototypeMatch]:
     """The ``k`` prototypes most similar to any patch of ``image`` (paper Figure 5a), each with
     its box on the image."""
     return explain(model, image, top_classes=1, top_prototypes=k, **kwargs).top_prototypes

@@ -3,12 +3,16 @@ ProtoPNets whose logits it sums, paper Section 2.5) is explained member by membe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model import ProtoPNet
 
-def model_members(model: Any) -> list[tuple[int | None, Any]]:
+
+def model_members(model: ProtoPNet | Ensemble) -> list[tuple[int | None, ProtoPNet]]:
     """``[(None, model)]`` for a ProtoPNet; ``[(i, member_i), ...]`` for an ensemble exposing
     ``members`` (ProtoPNets whose logits it sums)."""
     members = getattr(model, "members", None)
@@ -17,7 +21,7 @@ def model_members(model: Any) -> list[tuple[int | None, Any]]:
     return [(None, model)]
 
 
-def member_inputs(model: Any, x: torch.Tensor) -> list[tuple[int | None, Any, torch.Tensor]]:
+def member_inputs(model: ProtoPNet | Ensemble, x: torch.Tensor) -> list[tuple[int | None, ProtoPNet, torch.Tensor]]:
     """``(member id, network, its input)`` for every network whose logits make ``model``'s:
     the model itself for a ProtoPNet; for an ensemble, each member with the ensemble's input
     converted as the ensemble's own forward converts it (``model.member_input``), so the score

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,12 +19,15 @@ import torch
 from ..runtime import autocast, memory_format, resolve_device
 from ..train.nearest import NearestPatches, TopK
 
+if TYPE_CHECKING:
+    from ..model import ProtoPNet
+
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def nearest_patches(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     k: int = 5,
     *,
