@@ -42,7 +42,8 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from ..explain.local import explain, prepare_input
+    from ..explain.inputs import prepare_input
+    from ..explain.local import explain
     from ..explain.reports import write_explanation_report
 
     if args.top_classes < 1:

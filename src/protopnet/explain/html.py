@@ -46,13 +46,6 @@ class Html(str):
         return str(self)
 
 
-def esc(value: Any) -> Html:
-    """HTML-escape ``value`` (any object, via ``str``), quotes included; :class:`Html` passes."""
-    if hasattr(value, "__html__"):
-        return Html(value.__html__())
-    return Html(html.escape(str(value), quote=True))
-
-
 def fmt(value: Any, digits: int = 3) -> str:
     """Numbers with ``digits`` decimals and a real minus sign; anything else as ``str``."""
     if isinstance(value, bool) or value is None:

@@ -36,10 +36,11 @@ import torch
 from PIL import Image
 
 from ..regions import UPSAMPLING_DESCRIPTION
+from ..visualize import draw_box
 from .boxes import activation_boxes, scale_box
 from .inputs import InputImage, model_input, prepare_input
 from .members import member_inputs
-from .pictures import activation_overlay, boxed, draw_from_provenance, prototype_image_files, read_picture
+from .pictures import activation_overlay, draw_from_provenance, prototype_image_files, read_picture
 
 if TYPE_CHECKING:
     from ..ensemble import Ensemble
@@ -363,7 +364,7 @@ class Explanation:
 
     def input_with_box(self, match: PrototypeMatch) -> Image.Image:
         """The input picture with ``match``'s most activated region boxed."""
-        return boxed(self.input.picture, match.box)
+        return draw_box(self.input.picture, match.box)
 
     def activation_overlay(self, match: PrototypeMatch) -> Image.Image:
         """``match``'s activation map on the input, upsampled and blended over it, with its box."""

@@ -20,11 +20,6 @@ from .boxes import upsample_activations
 logger = logging.getLogger(__name__)
 
 
-def boxed(picture: Image.Image, box: Sequence[float]) -> Image.Image:
-    """``picture`` with ``box`` drawn on it (the input with a match's region)."""
-    return draw_box(picture, box)
-
-
 def activation_overlay(picture: Image.Image, activation: np.ndarray, box: Sequence[float]) -> Image.Image:
     """An (H', W') activation map upsampled to ``picture`` (square), blended over it, with ``box``."""
     up = upsample_activations(activation[None], (picture.width, picture.width))[0].numpy()
