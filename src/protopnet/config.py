@@ -239,17 +239,32 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Coefficients of the objective; ``separation`` is subtracted (negative)."""
+    """Coefficients of the objective; ``separation`` is subtracted (negative).
+
+    Beyond the paper (off by default): ``alignment`` weighs the shallow-deep feature alignment
+    cost of Huang et al. (ICCV 2023, :func:`protopnet.losses.alignment_cost`) in the joint
+    epochs, with ``alignment_threshold`` its tolerance and ``alignment_block`` the backbone block
+    whose output is the shallow feature (an index into the backbone's blocks; None: the last
+    block at stride 8 or finer, MobileNetV2's block 6, ResNet's layer2)."""
 
     ce: float = 1.0
     cluster: float = 0.8
     separation: float = -0.08
     l1: float = 1e-4
+    alignment: float = 0.0
+    alignment_threshold: float = 0.1
+    alignment_block: int | None = None
 
     def validate(self) -> None:
-        for f in fields(self):
-            if not math.isfinite(getattr(self, f.name)):
-                raise ConfigError(f"loss.{f.name}: expected a finite number, got {getattr(self, f.name)}")
+        for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"loss.{name}: expected a finite number, got {getattr(self, name)}")
+        if self.alignment < 0:
+            raise ConfigError(f"loss.alignment: expected a weight >= 0 (0 turns the alignment cost off), got {self.alignment}")
+        if self.alignment_threshold < 0:
+            raise ConfigError(f"loss.alignment_threshold: expected a tolerance >= 0, got {self.alignment_threshold}")
+        if self.alignment_block is not None and self.alignment_block < 0:
+            raise ConfigError(f"loss.alignment_block: expected a backbone block index >= 0 or null (automatic), got {self.alignment_block}")
 
 
 @dataclass

@@ -99,3 +99,66 @@ def protopnet_loss(
         terms.update(cluster=clst.detach(), separation=sep.detach(), avg_separation=avg_sep)
     terms["loss"] = loss.detach()
     return loss, terms
+
+
+def to_latent_grid(shallow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, Hs, Ws) shallow features -> (B, C', H, W) on the latent grid ``size``: each latent
+    cell gets the shallow cells it covers stacked as channels (space-to-depth,
+    ``C' = C * (Hs / H) * (Ws / W)``) when the sides divide, else their average
+    (``C' = C``)."""
+    h, w = int(size[0]), int(size[1])
+    hs, ws = shallow.shape[-2:]
+    if (hs, ws) == (h, w):
+        return shallow
+    if hs % h == 0 and ws % w == 0 and hs // h == ws // w:
+        return F.pixel_unshuffle(shallow, hs // h)
+    return F.adaptive_avg_pool2d(shallow, (h, w))
+
+
+def _cosine_self_similarity(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, N) cosine similarity between the N = H * W cells of each image."""
+    cells = F.normalize(features.flatten(2).float(), dim=1)  # (B, C, N)
+    return cells.transpose(1, 2) @ cells
+
+
+def alignment_cost(
+    distances: torch.Tensor,
+    labels: torch.Tensor,
+    class_identity: torch.Tensor,
+    shallow: torch.Tensor,
+    deep: torch.Tensor,
+    threshold: float = 0.1,
+) -> torch.Tensor:
+    """Shallow-deep feature alignment (Huang et al., ICCV 2023, "SDFA"; beyond the paper).
+
+    A deep latent cell sees most of the picture, so the cell where a prototype peaks need not be
+    where the part is. This cost asks the deep features to keep the spatial similarity structure
+    of shallow, local features *around the peaks that matter*: for every image and every
+    prototype of its class, the row of the deep cells' cosine self-similarity at the prototype's
+    closest cell should differ from the same row of the shallow features' self-similarity by at
+    most ``threshold``; the cost is the mean excess, ``mean(relu(|S_deep - S_shallow| - t))``.
+    The shallow features are constants (no gradient).
+
+    Args:
+        distances: (B, M, H, W) prototype distance maps (their argmin picks the rows; no gradient).
+        labels: (B,) class indices. class_identity: (M, K) one-hot prototype classes.
+        shallow: (B, Cs, Hs, Ws) features of an early backbone block (stride about 8).
+        deep: (B, Cd, H, W) the backbone's output, on the same grid as ``distances``.
+        threshold: the tolerated difference of two cosine similarities.
+
+    Returns:
+        scalar tensor (0 when no image has a prototype of its class).
+    """
+    b, m, h, w = distances.shape
+    if deep.shape[-2:] != (h, w):
+        raise ValueError(f"deep features on a {tuple(deep.shape[-2:])} grid but distance maps on {(h, w)}")
+    s_shallow = _cosine_self_similarity(to_latent_grid(shallow.detach(), (h, w)))  # (B, N, N)
+    s_deep = _cosine_self_similarity(deep)  # (B, N, N)
+    with torch.no_grad():
+        peaks = distances.flatten(2).argmin(dim=2)  # (B, M) closest cell of each prototype
+        own = class_identity[:, labels].t() > 0  # (B, M)
+    rows = peaks[..., None].expand(b, m, h * w)  # (B, M, N)
+    gap = (s_deep.gather(1, rows) - s_shallow.gather(1, rows)).abs()  # (B, M, N)
+    excess = F.relu(gap - float(threshold)).mean(dim=2)  # (B, M)
+    weight = own.to(excess.dtype)
+    return (excess * weight).sum() / weight.sum().clamp_min(1.0)

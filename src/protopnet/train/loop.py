@@ -49,10 +49,11 @@ from ..checkpoint import (
     save_model,
 )
 from ..config import Config
-from ..losses import LossCoefficients, protopnet_loss
+from ..losses import LossCoefficients, alignment_cost, protopnet_loss
 from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
 from ..runtime import autocast, memory_format, resolve_device, resolve_precision
+from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .evaluate import accuracy_report, predict_logits
 from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
@@ -250,6 +251,7 @@ class Trainer(RunState):
         self.bad_images = BadImageLog()
         self.next_step = 0
         self._ddp: dict[str, nn.Module] | None = None
+        self.alignment_block: int | None = None  # loss.alignment's shallow block, resolved when first needed
         # data.feature_cache: "warm" (the whole backbone's output) and "prefix" (the frozen
         # blocks' output); a key present with None means the cache could not be built
         self._feature_caches: dict[str, FrozenFeatureCache | None] = {}
@@ -417,7 +419,8 @@ class Trainer(RunState):
         correct = torch.zeros((), device=self.device)
         seen = torch.zeros((), device=self.device)
         total = cfg.schedule.pretrain_epochs if step.stage == "pretrain" else cfg.schedule.epochs
-        with self._bar(f"epoch {step.epoch + 1}/{total} {step.stage}", len(sampler)) as bar:
+        taps = self._alignment_taps(step, cache)
+        with taps or contextlib.nullcontext(), self._bar(f"epoch {step.epoch + 1}/{total} {step.stage}", len(sampler)) as bar:
             for batch in loader:
                 self.bad_images.add(batch.bad)
                 if batch.images is None and world == 1:
@@ -449,6 +452,11 @@ class Trainer(RunState):
                     terms = {"ce": loss.detach(), "loss": loss.detach()}
                 else:
                     loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients)
+                    if taps is not None:
+                        shallow, deep = taps.features(images)
+                        aligned = alignment_cost(out.distances, labels, identity, shallow, deep, cfg.loss.alignment_threshold)
+                        loss = loss + cfg.loss.alignment * aligned
+                        terms.update(alignment=aligned.detach(), loss=loss.detach())
                 optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss * share.squeeze(0) if world > 1 else loss).backward()
                 self.scaler.step(optimizer)
@@ -479,6 +487,16 @@ class Trainer(RunState):
             self.scheduler.step()
         self._share_model_from_main()
         return record
+
+    def _alignment_taps(self, step: Step, cache: FrozenFeatureCache | None) -> AlignmentTaps | None:
+        """The hooks that feed ``loss.alignment`` in the joint epochs (None when it is off or in
+        another stage: in the warm-up the backbone, which the cost trains, is frozen)."""
+        if step.stage != "joint" or not self.config.loss.alignment > 0:
+            return None
+        if self.alignment_block is None:
+            self.alignment_block = resolve_alignment_block(self.model.features, self.config.data.image_size, self.config.loss.alignment_block)
+            logger.info("alignment cost: shallow features from backbone block %d", self.alignment_block)
+        return AlignmentTaps(self.model, self.alignment_block, cache.frozen_blocks if cache is not None else None)
 
     def _check_ranks_agree(self, step: Step) -> None:
         """With several processes, check that every rank holds the same model after a step that
