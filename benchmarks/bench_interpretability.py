@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from protopnet.cli.common import dataset_for_model, load_model_or_fail
-    from protopnet.explain.report import Report
+    from protopnet.explain.html import Report
     from protopnet.interpretability import SCALARS, evaluate_interpretability, interpretability_sections
 
     start = time.perf_counter()

@@ -81,6 +81,14 @@ def colour_data():
     return ColourDataset()
 
 
+def write_folder(root: Path, data: ProtoDataset, split: str) -> None:
+    """Save ``data``'s pictures as an ImageFolder split: ``root/split/<class>/NNN.png``."""
+    for i in range(len(data)):
+        folder = root / split / data.classes[data.targets[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        data.load_image(i).save(folder / f"{i:03d}.png")
+
+
 def tiny_model(num_classes: int = 3, prototypes_per_class: int = 2, prototype_dim: int = 8, prototype_size=(1, 1), seed: int = 0, **kwargs):
     from protopnet import ProtoPNet
 
@@ -114,3 +122,114 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- a tiny run: config and data (test_train, test_model_card) -------------------------------------
+
+def tiny_config(tmp_path, optim=None, **schedule):
+    """A four-epoch run of a tiny_cnn on 32-px pictures (warm-up, joint, push, last layer)."""
+    from protopnet.config import Config
+
+    config = Config.from_dict(
+        {
+            "model": {"backbone": "tiny_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8},
+            "data": {"image_size": 32, "batch_size": 6, "test_batch_size": 8, "push_batch_size": 5, "augment": False},
+            "schedule": {"epochs": 4, "warm_epochs": 1, "push_start": 1, "push_every": 2, "last_layer_iterations": 3, **schedule},
+            "optim": {"warm_add_on_lr": 1e-2, "warm_prototypes_lr": 1e-2, "add_on_lr": 1e-2, "prototypes_lr": 1e-2, "backbone_lr": 1e-3, "last_layer_lr": 1e-2, **(optim or {})},
+            "run": {"seed": 3, "device": "cpu"},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+    return config
+
+
+def tiny_data():
+    """The RunData of :func:`tiny_config`: 24 coloured training pictures (3 for validation), 12 test."""
+    from protopnet.train import RunData
+
+    train = ColourDataset(num_classes=3, per_class=8, seed=0)
+    test = ColourDataset(num_classes=3, per_class=4, seed=1)
+    val = [0, 8, 16]
+    return RunData(train, train, test, [i for i in range(len(train)) if i not in val], val)
+
+
+# -- tiny CUB-200-2011 trees on disk --------------------------------------------------------------
+
+CUB_CLASSES = {9: "009.Brewer_Blackbird", 2: "002.Laysan_Albatross", 5: "005.Crested_Auklet"}  # listed out of order
+
+
+def make_cub(root: Path, per_class_train: int = 2, per_class_test: int = 1, size: tuple[int, int] = (48, 40)) -> Path:
+    """A CUB-200-2011 tree: every picture is blue noise with a red-noise box (the bird's box)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = {name: [] for name in ("images", "labels", "split", "boxes")}
+    image_id = 10
+    for class_id, name in CUB_CLASSES.items():
+        (root / "images" / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class_train + per_class_test):
+            image_id += 3  # ids neither from 1 nor contiguous
+            w, h = size
+            x0, y0 = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
+            bw, bh = int(rng.integers(w // 3, w - x0)), int(rng.integers(h // 3, h - y0))
+            array = np.zeros((h, w, 3), np.uint8)
+            array[..., 2] = rng.integers(180, 256, size=(h, w))
+            array[..., :2] = rng.integers(0, 60, size=(h, w, 2))
+            box = array[y0 : y0 + bh, x0 : x0 + bw]
+            box[..., 0] = rng.integers(180, 256, size=box.shape[:2])
+            box[..., 1:] = rng.integers(0, 60, size=box.shape[:2] + (2,))
+            rel = f"{name}/{name.split('.')[1]}_{image_id:04d}.png"
+            Image.fromarray(array).save(root / "images" / rel)
+            lines["images"].append(f"{image_id} {rel}")
+            lines["labels"].append(f"{image_id} {class_id}")
+            lines["split"].append(f"{image_id} {int(k < per_class_train)}")
+            lines["boxes"].append(f"{image_id} {x0}.0 {y0}.0 {bw}.0 {bh}.0")
+    (root / "classes.txt").write_text("".join(f"{cid} {name}\n" for cid, name in CUB_CLASSES.items()))
+    for name, file in (("images", "images.txt"), ("labels", "image_class_labels.txt"),
+                       ("split", "train_test_split.txt"), ("boxes", "bounding_boxes.txt")):
+        (root / file).write_text("\n".join(lines[name]) + "\n")
+    return root
+
+
+BLUE, RED, GREEN = (0, 0, 255), (255, 0, 0), (0, 255, 0)
+
+# A tiny CUB tree: class ids 3, 7, 12 (listed out of order), image ids 7, 20, 33, 105.
+FILES = {
+    "classes.txt": "7 007.Parakeet_Auklet\n3 003.Sooty_Albatross\n12 012.Yellow_headed_Blackbird\n",
+    "images.txt": (
+        "105 012.Yellow_headed_Blackbird/c.png\n20 003.Sooty_Albatross/b.png\n"
+        "33 007.Parakeet_Auklet/d.png\n7 003.Sooty_Albatross/a.png\n"
+    ),
+    "image_class_labels.txt": "20 3\n105 12\n33 7\n7 3\n999 7\n",  # 999: not in images.txt, ignored
+    "train_test_split.txt": "7 1\n20 1\n33 0\n105 1\n",
+    "bounding_boxes.txt": "7 -5.0 10.0 50.0 100.0\n20 10.0 20.0 40.0 30.0\n33 0 0 30 30\n105 1.5 1.25 7.0 7.5\n",
+    "parts/parts.txt": "1 back\n2 left eye\n3 tail\n",
+    "parts/part_locs.txt": (
+        "20 1 30.0 35.0 1\n20 2 12.0 21.0 1\n20 3 80.0 70.0 1\n"  # part 3 lies outside the box
+        "7 1 9.0 25.0 1\n7 2 0.0 0.0 0\n7 3 0.0 0.0 0\n"
+        "33 1 5 5 1\n33 2 0 0 0\n33 3 0 0 0\n105 1 0 0 0\n105 2 0 0 0\n105 3 0 0 0\n"
+    ),
+}
+
+
+def write_tree(root: Path, files: dict[str, str | bytes] = FILES, images: bool = True) -> Path:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    (root / "images").mkdir(exist_ok=True)
+    if images:
+        for folder in ("003.Sooty_Albatross", "007.Parakeet_Auklet", "012.Yellow_headed_Blackbird"):
+            (root / "images" / folder).mkdir(exist_ok=True)
+        # b.png (id 20): 100 x 80, blue, red exactly inside its box, a green 3x3 mark around part 1 (30, 35)
+        b = np.zeros((80, 100, 3), np.uint8)
+        b[:] = BLUE
+        b[20:50, 10:50] = RED
+        b[34:37, 29:32] = GREEN
+        Image.fromarray(b).save(root / "images/003.Sooty_Albatross/b.png")
+        Image.new("RGB", (60, 40), RED).save(root / "images/003.Sooty_Albatross/a.png")
+        Image.new("RGB", (40, 40), BLUE).save(root / "images/007.Parakeet_Auklet/d.png")
+        Image.new("RGB", (10, 10), GREEN).save(root / "images/012.Yellow_headed_Blackbird/c.png")
+    return root

@@ -14,53 +14,10 @@ from PIL import Image
 
 from protopnet.data import CUB200, BadImageError, build_dataset, is_cub_root, pretty_class_name, read_cub_metadata
 
+from conftest import FILES, write_tree  # noqa: F401 (FILES: the tree's files, for the tests that alter them)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_CUB = SHARED / "data" / "CUB_200_2011"
-
-BLUE, RED, GREEN = (0, 0, 255), (255, 0, 0), (0, 255, 0)
-
-# A tiny CUB tree: class ids 3, 7, 12 (listed out of order), image ids 7, 20, 33, 105.
-FILES = {
-    "classes.txt": "7 007.Parakeet_Auklet\n3 003.Sooty_Albatross\n12 012.Yellow_headed_Blackbird\n",
-    "images.txt": (
-        "105 012.Yellow_headed_Blackbird/c.png\n20 003.Sooty_Albatross/b.png\n"
-        "33 007.Parakeet_Auklet/d.png\n7 003.Sooty_Albatross/a.png\n"
-    ),
-    "image_class_labels.txt": "20 3\n105 12\n33 7\n7 3\n999 7\n",  # 999: not in images.txt, ignored
-    "train_test_split.txt": "7 1\n20 1\n33 0\n105 1\n",
-    "bounding_boxes.txt": "7 -5.0 10.0 50.0 100.0\n20 10.0 20.0 40.0 30.0\n33 0 0 30 30\n105 1.5 1.25 7.0 7.5\n",
-    "parts/parts.txt": "1 back\n2 left eye\n3 tail\n",
-    "parts/part_locs.txt": (
-        "20 1 30.0 35.0 1\n20 2 12.0 21.0 1\n20 3 80.0 70.0 1\n"  # part 3 lies outside the box
-        "7 1 9.0 25.0 1\n7 2 0.0 0.0 0\n7 3 0.0 0.0 0\n"
-        "33 1 5 5 1\n33 2 0 0 0\n33 3 0 0 0\n105 1 0 0 0\n105 2 0 0 0\n105 3 0 0 0\n"
-    ),
-}
-
-
-def write_tree(root: Path, files: dict[str, str | bytes] = FILES, images: bool = True) -> Path:
-    for name, content in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    (root / "images").mkdir(exist_ok=True)
-    if images:
-        for folder in ("003.Sooty_Albatross", "007.Parakeet_Auklet", "012.Yellow_headed_Blackbird"):
-            (root / "images" / folder).mkdir(exist_ok=True)
-        # b.png (id 20): 100 x 80, blue, red exactly inside its box, a green 3x3 mark around part 1 (30, 35)
-        b = np.zeros((80, 100, 3), np.uint8)
-        b[:] = BLUE
-        b[20:50, 10:50] = RED
-        b[34:37, 29:32] = GREEN
-        Image.fromarray(b).save(root / "images/003.Sooty_Albatross/b.png")
-        Image.new("RGB", (60, 40), RED).save(root / "images/003.Sooty_Albatross/a.png")
-        Image.new("RGB", (40, 40), BLUE).save(root / "images/007.Parakeet_Auklet/d.png")
-        Image.new("RGB", (10, 10), GREEN).save(root / "images/012.Yellow_headed_Blackbird/c.png")
-    return root
-
 
 @pytest.fixture()
 def tree(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MarkedNoiseDataset
+from conftest import MarkedNoiseDataset, tiny_model, write_folder
 from protopnet import ProtoPNet, load_model, save_model
 from protopnet.data.base import ProtoDataset
 from protopnet.edit import (
@@ -28,13 +28,6 @@ from protopnet.train.evaluate import evaluate
 from protopnet.train.push import push_prototypes
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def tiny_model(per_class: int = 2, size=(1, 1), seed: int = 0) -> ProtoPNet:
-    torch.manual_seed(seed)
-    model = ProtoPNet(backbone="tiny_cnn", pretrained=False, num_classes=3, prototypes_per_class=per_class, prototype_dim=8, prototype_size=size)
-    model.image_size = 32
-    return model.eval()
 
 
 def normalise(picture: Image.Image) -> torch.Tensor:
@@ -58,7 +51,7 @@ def test_patch_for_box_picks_cell_under_box_and_best_overlap():
 
 
 def test_replacement_vector_is_the_latent_patch_under_the_box(tmp_path):
-    model = tiny_model(size=(2, 2))
+    model = tiny_model(prototype_size=(2, 2)).eval()
     picture = MarkedNoiseDataset().load_image(1)
     with torch.no_grad():
         z = model.latent(normalise(picture))  # (1, 8, 4, 4)
@@ -84,7 +77,7 @@ def test_replacement_vector_is_the_latent_patch_under_the_box(tmp_path):
 # -- indices ---------------------------------------------------------------------------------------
 
 def test_bad_indices_name_the_index_and_the_range():
-    model = tiny_model()
+    model = tiny_model().eval()
     with pytest.raises(PrototypeIndexError, match=r"remove index 17 is out of range: this model has 6 prototypes \(valid indices 0\.\.5\)"):
         edit_model(model, remove=[3, 17], refit=False)
     with pytest.raises(PrototypeIndexError, match=r"relabel index -1 is out of range"):
@@ -104,7 +97,7 @@ def test_bad_indices_name_the_index_and_the_range():
 
 def test_edit_applies_all_changes_refits_and_measures(tmp_path):
     train, test = MarkedNoiseDataset(n=15, seed=1), MarkedNoiseDataset(n=9, seed=2)
-    model = tiny_model(per_class=2, seed=3)
+    model = tiny_model(prototypes_per_class=2, seed=3).eval()
     push_prototypes(model, train)
     old_protos = model.prototypes.detach().clone()
     old_classes = model.prototype_classes.clone()
@@ -151,7 +144,7 @@ def test_edit_applies_all_changes_refits_and_measures(tmp_path):
 
 
 def test_relabel_resets_column_and_no_refit_keeps_other_weights():
-    model = tiny_model()
+    model = tiny_model().eval()
     weight = model.last_layer.weight.detach().clone()
     report = edit_model(model, relabel={1: 2}, refit=False)
     assert model.prototype_classes[1] == 2
@@ -163,7 +156,7 @@ def test_relabel_resets_column_and_no_refit_keeps_other_weights():
 
 def test_saved_edited_model_keeps_history_provenance_and_pictures(tmp_path):
     train = MarkedNoiseDataset(n=9, seed=3)
-    model = tiny_model(seed=4)
+    model = tiny_model(seed=4).eval()
     push_prototypes(model, train)
     source = save_model(model, tmp_path / "model", dataset=train)
     loaded = load_model(source)
@@ -183,20 +176,13 @@ def test_saved_edited_model_keeps_history_provenance_and_pictures(tmp_path):
 
 # -- CLI --------------------------------------------------------------------------------------------
 
-def write_folder(root: Path, data: ProtoDataset, split: str) -> None:
-    for i in range(len(data)):
-        folder = root / split / data.classes[data.targets[i]]
-        folder.mkdir(parents=True, exist_ok=True)
-        data.load_image(i).save(folder / f"{i:03d}.png")
-
-
 def test_cli_edit(tmp_path, capsys):
     from protopnet.cli import main
 
     train, test = MarkedNoiseDataset(n=9, seed=5), MarkedNoiseDataset(n=6, seed=6)
     write_folder(tmp_path / "data", train, "train")
     write_folder(tmp_path / "data", test, "test")
-    model = tiny_model(seed=6)
+    model = tiny_model(seed=6).eval()
     model.class_names = list(train.classes)
     source = save_model(model, tmp_path / "model")
     image = tmp_path / "photo.png"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from protopnet.data import CUB200, BadImageError
 
-from test_data_cub import FILES, write_tree
+from conftest import FILES, write_tree
 
 _BASE = Path(tempfile.mkdtemp(prefix="fuzz-cub-"))
 atexit.register(shutil.rmtree, _BASE, True)

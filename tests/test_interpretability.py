@@ -20,7 +20,7 @@ from torch import nn
 from protopnet import ProtoPNet
 from protopnet.data.base import Annotation, ProtoDataset
 from protopnet.explain.nearest import nearest_patches
-from protopnet.explain.report import Report
+from protopnet.explain.html import Report
 from protopnet.interpretability import (
     METRICS,
     SCALARS,
@@ -107,13 +107,9 @@ def colour_model(colours, classes, num_classes: int = 3) -> ProtoPNet:
 def random_model(seed: int = 0, prototypes_per_class: int = 2, dim: int = 6, prototype_size=(1, 1)) -> ProtoPNet:
     """A random network (one stride-4 convolution and a sigmoid, cheap on a busy CPU) with random
     prototypes: activation maps with no structure planted."""
-    torch.manual_seed(seed)
-    model = ProtoPNet(
-        backbone="tiny_cnn", num_classes=3, prototypes_per_class=prototypes_per_class, prototype_dim=dim, prototype_size=prototype_size, pretrained=False
-    )
+    model = tiny_model(num_classes=3, prototypes_per_class=prototypes_per_class, prototype_dim=dim, prototype_size=prototype_size, seed=seed)
     model.features = nn.Sequential(nn.Conv2d(3, dim, 4, stride=4), nn.Sigmoid())
     model.add_on = nn.Identity()
-    model.image_size = 32
     return model.eval()
 
 

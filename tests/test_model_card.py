@@ -18,8 +18,7 @@ from protopnet.model_card import front_matter, record_evaluation
 from protopnet.train import Trainer
 from protopnet.train.push import push_prototypes
 
-from conftest import ColourDataset, tiny_model
-from test_train import tiny_config, tiny_data
+from conftest import ColourDataset, tiny_config, tiny_data, tiny_model
 
 
 def split_card(path):

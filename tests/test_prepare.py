@@ -29,43 +29,10 @@ from protopnet.data.prepare import (
     read_manifest,
 )
 
+from conftest import CUB_CLASSES, make_cub
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_CUB = SHARED / "data" / "CUB_200_2011"
-
-CLASSES = {9: "009.Brewer_Blackbird", 2: "002.Laysan_Albatross", 5: "005.Crested_Auklet"}  # listed out of order
-
-
-def make_cub(root: Path, per_class_train: int = 2, per_class_test: int = 1, size: tuple[int, int] = (48, 40)) -> Path:
-    """A CUB-200-2011 tree: every picture is blue noise with a red-noise box (the bird's box)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = {name: [] for name in ("images", "labels", "split", "boxes")}
-    image_id = 10
-    for class_id, name in CLASSES.items():
-        (root / "images" / name).mkdir(parents=True, exist_ok=True)
-        for k in range(per_class_train + per_class_test):
-            image_id += 3  # ids neither from 1 nor contiguous
-            w, h = size
-            x0, y0 = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
-            bw, bh = int(rng.integers(w // 3, w - x0)), int(rng.integers(h // 3, h - y0))
-            array = np.zeros((h, w, 3), np.uint8)
-            array[..., 2] = rng.integers(180, 256, size=(h, w))
-            array[..., :2] = rng.integers(0, 60, size=(h, w, 2))
-            box = array[y0 : y0 + bh, x0 : x0 + bw]
-            box[..., 0] = rng.integers(180, 256, size=box.shape[:2])
-            box[..., 1:] = rng.integers(0, 60, size=box.shape[:2] + (2,))
-            rel = f"{name}/{name.split('.')[1]}_{image_id:04d}.png"
-            Image.fromarray(array).save(root / "images" / rel)
-            lines["images"].append(f"{image_id} {rel}")
-            lines["labels"].append(f"{image_id} {class_id}")
-            lines["split"].append(f"{image_id} {int(k < per_class_train)}")
-            lines["boxes"].append(f"{image_id} {x0}.0 {y0}.0 {bw}.0 {bh}.0")
-    (root / "classes.txt").write_text("".join(f"{cid} {name}\n" for cid, name in CLASSES.items()))
-    for name, file in (("images", "images.txt"), ("labels", "image_class_labels.txt"),
-                       ("split", "train_test_split.txt"), ("boxes", "bounding_boxes.txt")):
-        (root / file).write_text("\n".join(lines[name]) + "\n")
-    return root
-
 
 @pytest.fixture(scope="module")
 def cub(tmp_path_factory):
@@ -85,7 +52,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 def test_layout_counts_and_manifest(prepared):
     out, manifest = prepared
-    names = sorted(CLASSES.values())
+    names = sorted(CUB_CLASSES.values())
     assert read_manifest(out) == manifest
     assert manifest["classes"] == names and manifest["folders"] == names
     assert {k: v["pictures"] for k, v in manifest["splits"].items()} == {"train": 6, "test": 3, "train_augmented": 18}

@@ -26,7 +26,7 @@ from protopnet.data.download import (
     fetch_dataset,
     with_base_url,
 )
-from test_prepare import make_cub
+from conftest import make_cub
 
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB, not a multiple of the chunk size
 MD5 = hashlib.md5(PAYLOAD).hexdigest()

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import MarkedNoiseDataset
+from conftest import MarkedNoiseDataset, tiny_model, write_folder
 from protopnet import ProtoPNet, load_model
 from protopnet.data.base import ProtoDataset
-from protopnet.prune import find_nearest_patches, prune, save_pruned
+from protopnet.edit import save_pruned
+from protopnet.prune import find_nearest_patches, prune
 from protopnet.train.evaluate import evaluate
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -41,13 +42,6 @@ class GridDataset(ProtoDataset):
 
 
 NoiseDataset = functools.partial(MarkedNoiseDataset, mark_row=4)  # the class mark in rows 4-12
-
-
-def tiny_model(num_classes: int = 3, per_class: int = 2, dim: int = 8, size=(1, 1), seed: int = 0, **kw) -> ProtoPNet:
-    torch.manual_seed(seed)
-    model = ProtoPNet(backbone="tiny_cnn", pretrained=False, num_classes=num_classes, prototypes_per_class=per_class, prototype_dim=dim, prototype_size=size, **kw)
-    model.image_size = 32
-    return model.eval()
 
 
 def colour_model(classes: list[int]) -> ProtoPNet:
@@ -179,14 +173,14 @@ def brute_force(model: ProtoPNet, data: ProtoDataset, k: int, per_image: bool):
 @pytest.mark.parametrize("per_image", [True, False])
 def test_nearest_patches_match_brute_force(per_image):
     data = NoiseDataset(n=13)
-    model = tiny_model(per_class=3, size=(2, 1), seed=3)
+    model = tiny_model(prototypes_per_class=3, prototype_size=(2, 1), seed=3).eval()
     dist, idx, lab, pos = brute_force(model, data, k=5, per_image=per_image)
     for batch_size in (4, 13):  # the answer does not depend on the batching
         nearest, mins, labels, indices = find_nearest_patches(model, data, k=5, per_image=per_image, batch_size=batch_size)
-        assert torch.equal(nearest.index, idx)
-        assert torch.equal(nearest.label, lab)
-        assert torch.allclose(nearest.distance, dist, atol=1e-5)
-        assert [[tuple(p) for p in row] for row in nearest.position.tolist()] == pos
+        assert torch.equal(nearest.indices, idx)
+        assert torch.equal(nearest.labels, lab)
+        assert torch.allclose(nearest.distances, dist, atol=1e-5)
+        assert [[tuple(p) for p in row] for row in nearest.positions.tolist()] == pos
         assert nearest.latent_size == (4, 4)
     assert indices.tolist() == list(range(13)) and labels.tolist() == data.targets
     with torch.no_grad():
@@ -196,10 +190,10 @@ def test_nearest_patches_match_brute_force(per_image):
 
 def test_fewer_candidates_than_k_are_padded():
     data = NoiseDataset(n=3)
-    model = tiny_model(per_class=1)
+    model = tiny_model(prototypes_per_class=1).eval()
     nearest, *_ = find_nearest_patches(model, data, k=5)
-    assert (nearest.index[:, :3] >= 0).all() and (nearest.index[:, 3:] == -1).all()
-    assert torch.isinf(nearest.distance[:, 3:]).all()
+    assert (nearest.indices[:, :3] >= 0).all() and (nearest.indices[:, 3:] == -1).all()
+    assert torch.isinf(nearest.distances[:, 3:]).all()
 
 
 # -- re-fit, accuracy, saving and the report ------------------------------------------------------
@@ -207,7 +201,7 @@ def test_fewer_candidates_than_k_are_padded():
 def pushed_model(train: ProtoDataset, seed: int) -> ProtoPNet:
     from protopnet.train.push import push_prototypes
 
-    model = tiny_model(per_class=3, seed=seed)
+    model = tiny_model(prototypes_per_class=3, seed=seed).eval()
     push_prototypes(model, train)
     return model
 
@@ -248,7 +242,7 @@ def pushed_model_dir(tmp_path: Path, train: ProtoDataset) -> Path:
     from protopnet import save_model
     from protopnet.train.push import push_prototypes
 
-    model = tiny_model(per_class=3, seed=5, class_names=train.classes)
+    model = tiny_model(prototypes_per_class=3, seed=5, class_names=train.classes).eval()
     push_prototypes(model, train)
     return save_model(model, tmp_path / "model", dataset=train, extra={"test_accuracy": 0.5})
 
@@ -294,13 +288,6 @@ def test_refuses_to_prune_everything():
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-
-def write_folder(root: Path, data: ProtoDataset, split: str) -> None:
-    for i in range(len(data)):
-        folder = root / split / data.classes[data.targets[i]]
-        folder.mkdir(parents=True, exist_ok=True)
-        data.load_image(i).save(folder / f"{i:03d}.png")
-
 
 def test_cli_prune(tmp_path, capsys):
     from protopnet.cli import main

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import protopnet
-from protopnet.explain import Html, Report, Section, analyze, explain, write_analysis_report, write_demo_report, write_explanation_report
+from protopnet.demo import write_demo_report
+from protopnet.explain import Html, Report, Section, analyze, explain, write_analysis_report, write_explanation_report
 from protopnet.regions import UPSAMPLING_DESCRIPTION
 
 from conftest import ColourDataset, tiny_model
@@ -255,3 +256,19 @@ def test_analysis_report_in_a_browser(browser, setup, tmp_path):
     assert browser.find_element(By.CSS_SELECTOR, "section.extra td").text == XSS
     browser.execute_script("window.scrollTo(0, 0)")
     screenshot(browser, tmp_path, "analysis")
+
+
+def test_explanation_html_is_a_fragment_for_other_pages(setup):
+    from protopnet.explain import explanation_html, stylesheet
+
+    model, data = setup
+    e = explain(model, data.load_image(1), top_classes=2)
+    fragment = explanation_html(e, picture_rows=2, classes=[e.predicted], summary=False, top_prototypes=False)
+    page = Page(fragment)
+    assert "<html" not in fragment and "<style" not in fragment and not page.find("script")
+    assert [t["data-class-index"] for t in page.find("table", "score-sheet")] == [str(e.predicted)] * 2  # pictured + "more"
+    assert len(page.find("tr", "score-row")) == len(e.sheet(e.predicted).rows) and XSS not in fragment
+    assert all(a["src"].startswith("data:image/png;base64,") for a in page.find("img"))
+    whole = explanation_html(e)
+    assert 'class="predicted-class"' in whole and 'id="top-prototypes"' in whole
+    assert ".score-row" not in stylesheet() and "td.points" in stylesheet()

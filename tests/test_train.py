@@ -14,28 +14,7 @@ from protopnet.config import Config
 from protopnet.train import RunData, Trainer, plan_schedule
 from protopnet.train.loop import Trainer as TrainerClass
 
-from conftest import ColourDataset
-
-
-def tiny_config(tmp_path, optim=None, **schedule):
-    config = Config.from_dict(
-        {
-            "model": {"backbone": "tiny_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8},
-            "data": {"image_size": 32, "batch_size": 6, "test_batch_size": 8, "push_batch_size": 5, "augment": False},
-            "schedule": {"epochs": 4, "warm_epochs": 1, "push_start": 1, "push_every": 2, "last_layer_iterations": 3, **schedule},
-            "optim": {"warm_add_on_lr": 1e-2, "warm_prototypes_lr": 1e-2, "add_on_lr": 1e-2, "prototypes_lr": 1e-2, "backbone_lr": 1e-3, "last_layer_lr": 1e-2, **(optim or {})},
-            "run": {"seed": 3, "device": "cpu"},
-            "output": {"dir": str(tmp_path / "run")},
-        }
-    )
-    return config
-
-
-def tiny_data():
-    train = ColourDataset(num_classes=3, per_class=8, seed=0)
-    test = ColourDataset(num_classes=3, per_class=4, seed=1)
-    val = [0, 8, 16]
-    return RunData(train, train, test, [i for i in range(len(train)) if i not in val], val)
+from conftest import ColourDataset, tiny_config, tiny_data
 
 
 def test_plan_follows_the_reference_schedule():

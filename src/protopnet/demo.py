@@ -11,10 +11,14 @@ import logging
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .checkpoint import atomic_write_json, load_model
 from .config import Config, load_config
+from .explain.html import percent
+
+if TYPE_CHECKING:
+    from .model import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +87,9 @@ def run_demo(
     return figures
 
 
-def _write_report(model: Any, trainer: Any, out_dir: Path, count: int, figures: dict[str, Any]) -> Path | None:
+def _write_report(model: ProtoPNet, trainer: Any, out_dir: Path, count: int, figures: dict[str, Any]) -> Path | None:
     """Explain ``count`` test images (of different classes) and write ``index.html``; the
     pictures are also saved as ``samples/<class>.png`` to try ``protopnet explain`` on."""
-    from .explain import write_demo_report
-
     test = trainer.data.test
     chosen: list[int] = []
     seen: set[int] = set()
@@ -102,3 +104,55 @@ def _write_report(model: Any, trainer: Any, out_dir: Path, count: int, figures: 
     for i in chosen:
         test.load_image(i).save(samples / f"{test.classes[test.targets[i]]}.png")
     return write_demo_report(model, test, chosen, out_dir, figures)
+
+
+# -- the demo's page ------------------------------------------------------------------------------
+
+_DEMO_FIGURES: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("test_accuracy", "Test accuracy", percent),
+    ("top5", "Top-5 test accuracy", percent),
+    ("validation_accuracy", "Validation accuracy", percent),
+    ("localization", "Prototypes on the class-defining part", percent),
+    ("localization_chance", "… the same for boxes placed at random", percent),
+    ("prototypes", "Prototypes", str),
+    ("classes", "Classes", str),
+    ("train_seconds", "Training time (seconds)", lambda v: f"{float(v):.1f}"),
+)
+
+
+def write_demo_report(
+    model: ProtoPNet,
+    dataset: Any,
+    indices: Sequence[int],
+    directory: str | Path,
+    figures: dict[str, Any] | None = None,
+    picture_rows: int = 5,
+) -> Path:
+    """The demo's page, ``directory/index.html``: the run's figures, then the explanation (score
+    sheets of the two most probable classes) of each test image ``dataset[i]`` for i in
+    ``indices``, with its true class. Each explanation's JSON goes to
+    ``directory/explanations/NN.json``. Returns the HTML path."""
+    from .explain import explain, explanation_html
+    from .explain.html import FileImages, Report, Section, render
+    from .explain.reports import how_to_read
+
+    directory = Path(directory)
+    images = FileImages(directory)
+    report = Report("ProtoPNet demo: this looks like that", subtitle="A model trained on the built-in synthetic dataset, explained")
+    rows = []
+    for key, label, show in _DEMO_FIGURES:
+        value = (figures or {}).get(key)
+        if value is not None:
+            rows.append([label, show(value)])
+    if rows:
+        report.add(Section("How well it works", rows=rows, header=["", "value"], anchor="figures"))
+    names = list(model.class_names)
+    for n, index in enumerate(indices, start=1):
+        explanation = explain(model, dataset.load_image(int(index)), top_classes=min(2, len(names)), top_prototypes=4)
+        explanation.save_json(directory / "explanations" / f"{n:02d}.json")
+        target = int(dataset.targets[int(index)])
+        fragment = explanation_html(explanation, images, picture_rows, prefix=f"image{n}-")
+        report.add(render("demo_image.html", n=n, truth=names[target], verdict="right" if explanation.predicted == target else "wrong", explanation=fragment))
+    report.add(how_to_read())
+    report.add(render("demo_note.html"))
+    return report.write(directory / "index.html")

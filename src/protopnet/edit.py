@@ -38,7 +38,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -56,6 +57,11 @@ from .model.surgery import (
 )
 from .regions import activation_box
 from .train.refit import BatchHook, accuracy_from_similarities, refit_last_layer, scan_similarities
+from .visualize import prototype_pictures
+
+if TYPE_CHECKING:
+    from .model import ProtoPNet
+    from .prune import PruneReport
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +147,7 @@ class _Prepared:
     selected_box: list[float] | None  # the person's box in the model-size picture's pixels
 
 
-def _picture_for(model: Any, request: Replacement, dataset: Any) -> tuple[Any, str, int | None, float]:
+def _picture_for(model: ProtoPNet, request: Replacement, dataset: Any) -> tuple[Any, str, int | None, float]:
     """(model-size PIL picture, path, dataset index, scale from the given pixels to model pixels)."""
     from PIL import Image
 
@@ -167,7 +173,7 @@ def _picture_for(model: Any, request: Replacement, dataset: Any) -> tuple[Any, s
 
 
 @torch.no_grad()
-def prepare_replacement(model: Any, request: Replacement, dataset: Any = None) -> _Prepared:
+def prepare_replacement(model: ProtoPNet, request: Replacement, dataset: Any = None) -> _Prepared:
     """Run the model on the pointed-at picture and cut out the latent patch (no change to the model)."""
     (j,) = check_prototype_indices(model, [request.index], "replace")
     if (request.box is None) == (request.position is None):
@@ -258,7 +264,7 @@ def _accuracy(weight: torch.Tensor, sims: torch.Tensor | None, labels: torch.Ten
 
 @torch.no_grad()
 def edit_model(
-    model: Any,
+    model: ProtoPNet,
     train_dataset: Any = None,
     *,
     remove: Sequence[int] = (),
@@ -351,7 +357,7 @@ def edit_model(
         moved = float(((old_vector - p.vector.to(old_vector)) ** 2).sum())
         entry = _replacement_provenance(model, j, p, moved, percentile)
         report.replaced.append({k: entry[k] for k in ("prototype", "path", "dataset_index", "position", "box", "selected_box")})
-        report.pictures[j] = _pictures(p.picture, p.activation, entry["box"])
+        report.pictures[j] = prototype_pictures(p.picture, p.activation.numpy(), entry["box"])
         if model.provenance is not None:
             model.provenance[j] = entry
         else:
@@ -393,7 +399,7 @@ def edit_model(
     return report
 
 
-def _replacement_provenance(model: Any, j: int, p: _Prepared, moved: float, percentile: float) -> dict[str, Any]:
+def _replacement_provenance(model: ProtoPNet, j: int, p: _Prepared, moved: float, percentile: float) -> dict[str, Any]:
     size = int(model.image_size)
     box, _ = activation_box(p.activation, (size, size), percentile)
     k = int(model.prototype_classes[j])
@@ -414,7 +420,28 @@ def _replacement_provenance(model: Any, j: int, p: _Prepared, moved: float, perc
     }
 
 
-def _pictures(picture: Any, activation: torch.Tensor, box: Sequence[float]) -> dict[str, Any]:
-    from .visualize import prototype_pictures
+def save_pruned(model: ProtoPNet, report: PruneReport, out: str | os.PathLike[str], *, dataset: Any = None,
+                source_directory: str | os.PathLike[str] | None = None) -> Path:
+    """Save a model pruned by :func:`protopnet.prune.prune` to ``out`` with ``pruning.json``
+    and ``pruning.html`` beside it.
 
-    return prototype_pictures(picture, activation.numpy(), box)
+    Args:
+        dataset: the training images; when given, the HTML shows each pruned prototype's nearest
+            patches as pictures (embedded, so the page is one self-contained file).
+        source_directory: the model directory before pruning; the pruned prototypes' own
+            pictures are taken from it when present.
+    """
+    from .explain.reports import write_pruning_report
+
+    summary = {
+        "pruning": {
+            "k": report.k,
+            "threshold": report.threshold,
+            "per_image": report.per_image,
+            "removed": report.removed,
+            "accuracy": report.accuracy,
+        }
+    }
+    path = save_edited_model(model, out, extra=summary)
+    write_pruning_report(report, path, dataset=dataset, source_directory=source_directory)
+    return path

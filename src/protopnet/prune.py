@@ -7,10 +7,14 @@ nearest training patches (reference ``k = 6``), and removes the prototypes for w
 last layer is then re-optimised (the convex stage of Section 2.2) on similarities that were cached
 during the same pass over the training images — the network runs over the training set once.
 
-    >>> from protopnet.prune import prune, save_pruned
+    >>> from protopnet.prune import prune
     >>> report = prune(model, train_data, k=6, threshold=3, test_dataset=test_data)
     >>> report.removed, report.accuracy["test"]          # {"before", "after_removal", "after"}
-    >>> save_pruned(model, report, "runs/cub/pruned", dataset=train_data)   # + pruning.json/.html
+    >>> from protopnet.edit import save_pruned          # the model + pruning.json/.html
+    >>> save_pruned(model, report, "runs/cub/pruned", dataset=train_data)
+
+The readable report (``pruning.html``) is drawn by :func:`protopnet.explain.write_pruning_report`;
+this module decides and records, it does not draw.
 
 What counts as "the k nearest patches"
     ``per_image=True`` (default): each training image contributes one candidate, its patch
@@ -33,19 +37,19 @@ K classes, N training images.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .checkpoint import now_utc, save_edited_model
+from .checkpoint import now_utc
 from .model.surgery import remove_prototypes
+from .train.nearest import NearestPatches, TopK
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
+
+if TYPE_CHECKING:
+    from .model import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -53,80 +57,9 @@ REFERENCE_K = 6
 REFERENCE_THRESHOLD = 3
 
 
-@dataclass
-class NearestPatches:
-    """The k nearest training patches of each of M prototypes, nearest first.
-
-    Attributes:
-        distance: (M, k) squared latent distances (``inf`` where fewer than k candidates exist).
-        index: (M, k) dataset index of each patch's image (-1: none).
-        label: (M, k) class of that image (-1: none).
-        position: (M, k, 2) (row, col) of the patch's top-left latent cell.
-        latent_size: (H, W) of the latent map (for turning positions into pixel boxes).
-    """
-
-    distance: torch.Tensor
-    index: torch.Tensor
-    label: torch.Tensor
-    position: torch.Tensor
-    latent_size: tuple[int, int] = (0, 0)
-
-    def same_class_counts(self, prototype_classes: torch.Tensor) -> torch.Tensor:
-        """(M,) how many of each prototype's k nearest patches come from its own class."""
-        return (self.label == prototype_classes.view(-1, 1).to(self.label)).sum(dim=1)
-
-
-class _RunningTopK:
-    """Running k smallest (distance, dataset index, cell) triples per prototype."""
-
-    def __init__(self, m: int, k: int, device: torch.device) -> None:
-        self.k = k
-        self.distance = torch.full((m, k), float("inf"), device=device)
-        self.index = torch.full((m, k), -1, dtype=torch.long, device=device)
-        self.label = torch.full((m, k), -1, dtype=torch.long, device=device)
-        self.cell = torch.zeros((m, k), dtype=torch.long, device=device)
-        self.patch_grid: tuple[int, int] = (0, 0)
-
-    def update(self, distances: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, per_image: bool) -> None:
-        """Fold in one batch: distances (B, M, H', W'), labels (B,), dataset indices (B,)."""
-        b, m, hp, wp = distances.shape
-        self.patch_grid = (hp, wp)
-        flat = distances.flatten(2)  # (B, M, P)
-        if per_image:
-            d, cell = flat.min(dim=2)  # (B, M): each image's nearest patch (first cell on ties)
-            cand_d, cand_cell = d.t(), cell.t()  # (M, B)
-            cand_img = indices.view(1, b).expand(m, b)
-            cand_lab = labels.view(1, b).expand(m, b)
-        else:
-            p = hp * wp
-            cand_d = flat.permute(1, 0, 2).reshape(m, b * p)  # (M, B*P)
-            cand_cell = torch.arange(p, device=flat.device).repeat(b).view(1, -1).expand(m, -1)
-            cand_img = indices.repeat_interleave(p).view(1, -1).expand(m, -1)
-            cand_lab = labels.repeat_interleave(p).view(1, -1).expand(m, -1)
-        d = torch.cat([self.distance, cand_d.float()], dim=1)  # (M, k + C)
-        img = torch.cat([self.index, cand_img], dim=1)
-        lab = torch.cat([self.label, cand_lab], dim=1)
-        cell = torch.cat([self.cell, cand_cell], dim=1)
-        # Lexicographic order (distance, dataset index, cell): stable sorts, least significant first.
-        tie = img * (hp * wp) + cell  # (M, k + C); -1 rows are inf-distance padding
-        order = torch.argsort(tie, dim=1, stable=True)
-        d, img, lab, cell = (t.gather(1, order) for t in (d, img, lab, cell))
-        order = torch.argsort(d, dim=1, stable=True)[:, : self.k]
-        self.distance, self.index, self.label, self.cell = (t.gather(1, order) for t in (d, img, lab, cell))
-
-    def result(self, prototype_size: tuple[int, int]) -> NearestPatches:
-        hp, wp = self.patch_grid
-        wp = max(wp, 1)
-        position = torch.stack([self.cell // wp, self.cell % wp], dim=2)  # (M, k, 2)
-        position[self.index < 0] = -1
-        h, w = prototype_size
-        latent = (hp + h - 1, wp + w - 1) if hp else (0, 0)
-        return NearestPatches(self.distance.cpu(), self.index.cpu(), self.label.cpu(), position.cpu(), latent)
-
-
 @torch.no_grad()
 def find_nearest_patches(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     *,
     k: int = REFERENCE_K,
@@ -153,15 +86,13 @@ def find_nearest_patches(
     from .runtime import resolve_device
 
     dev = resolve_device(device if device is not None else next(model.parameters()).device)
-    top = _RunningTopK(model.num_prototypes, int(k), dev)
-
-    def on_batch(distances: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> None:
-        top.update(distances, labels, idx, per_image)
-
+    top = TopK(model.num_prototypes, int(k), keep_activations=False, per_image=per_image)
     mins, labels, idx = scan_similarities(
-        model, dataset, indices=indices, batch_size=batch_size, device=dev, num_workers=num_workers, on_batch=on_batch, progress=progress
+        model, dataset, indices=indices, batch_size=batch_size, device=dev, num_workers=num_workers, on_batch=top.update, progress=progress
     )
-    return top.result(tuple(model.prototype_size)), mins, labels, idx
+    size = int(getattr(dataset, "image_size", getattr(model, "image_size", 224)))
+    nearest = top.result(model.prototype_classes, size, len(idx), prototype_size=tuple(model.prototype_size))
+    return nearest, mins, labels, idx
 
 
 @dataclass
@@ -224,7 +155,7 @@ class PruneReport:
 
 @torch.no_grad()
 def prune(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     k: int = REFERENCE_K,
     threshold: int = REFERENCE_THRESHOLD,
@@ -268,10 +199,10 @@ def prune(
     nearest, min_d, train_y, _ = find_nearest_patches(
         model, dataset, k=k, per_image=per_image, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
     )
-    if int((nearest.index >= 0).sum(dim=1).min()) < k:
+    if int((nearest.indices >= 0).sum(dim=1).min()) < k:
         logger.warning("fewer than k=%d candidate patches for some prototypes (the dataset is small): missing places count as other classes", k)
     classes = model.prototype_classes.cpu()
-    counts = nearest.same_class_counts(classes)  # (M,)
+    counts = nearest.same_class_count()  # (M,)
     removed = [int(j) for j in torch.nonzero(counts < threshold).flatten()]
     m = model.num_prototypes
     if len(removed) == m and not dry_run:
@@ -329,7 +260,7 @@ def prune(
     return report
 
 
-def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed: set[int], dataset: Any) -> list[dict[str, Any]]:
+def _describe(model: ProtoPNet, nearest: NearestPatches, counts: torch.Tensor, removed: set[int], dataset: Any) -> list[dict[str, Any]]:
     names = list(model.class_names)
     size = int(getattr(model, "image_size", 224))
     big_h, big_w = nearest.latent_size
@@ -338,12 +269,12 @@ def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed
     for j in range(model.num_prototypes):
         c = int(model.prototype_classes[j])
         rows = []
-        for n in range(nearest.index.shape[1]):
-            index = int(nearest.index[j, n])
+        for n in range(nearest.indices.shape[1]):
+            index = int(nearest.indices[j, n])
             if index < 0:
                 continue
-            r, col = int(nearest.position[j, n, 0]), int(nearest.position[j, n, 1])
-            label = int(nearest.label[j, n])
+            r, col = int(nearest.positions[j, n, 0]), int(nearest.positions[j, n, 1])
+            label = int(nearest.labels[j, n])
             box = [round(col * size / big_w, 2), round(r * size / big_h, 2), round((col + w) * size / big_w, 2), round((r + h) * size / big_h, 2)] if big_h else None
             rows.append(
                 {
@@ -351,144 +282,10 @@ def _describe(model: Any, nearest: NearestPatches, counts: torch.Tensor, removed
                     "path": dataset.path(index) if hasattr(dataset, "path") else f"item://{index}",
                     "class_index": label,
                     "class_name": names[label] if 0 <= label < len(names) else str(label),
-                    "distance": float(nearest.distance[j, n]),
+                    "distance": float(nearest.distances[j, n]),
                     "position": [r, col],
                     "box": box,
                 }
             )
         out.append({"prototype": j, "class_index": c, "class_name": names[c], "same_class": int(counts[j]), "pruned": j in removed, "nearest": rows})
     return out
-
-
-# -- report --------------------------------------------------------------------------------------
-
-def write_report(report: PruneReport, directory: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``pruning.json`` and a readable ``pruning.html`` into ``directory`` (each atomically).
-
-    Args:
-        dataset: the training images; when given, the HTML shows each pruned prototype's nearest
-            patches as pictures (embedded, so the page is one self-contained file).
-        source_directory: the model directory before pruning; the pruned prototypes' own
-            pictures are taken from it when present.
-
-    Every string from the model or data (class names, paths) is HTML-escaped.
-    """
-    from .checkpoint import atomic_write_json, atomic_write_text
-
-    directory = Path(directory)
-    json_path, html_path = directory / "pruning.json", directory / "pruning.html"
-    atomic_write_json(json_path, report.to_json())
-    atomic_write_text(html_path, render_html(report, dataset=dataset, source_directory=source_directory))
-    return json_path, html_path
-
-
-def _png_data_uri(picture: Any) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}%"
-
-
-def render_html(report: PruneReport, *, dataset: Any = None, source_directory: str | Path | None = None) -> str:
-    """The pruning report as one self-contained HTML page (all strings escaped)."""
-    from PIL import Image
-
-    from .visualize import crop_box
-
-    e = html.escape
-    cache: dict[int, Any] = {}
-
-    def patch_picture(row: dict[str, Any]) -> str:
-        if dataset is None or row.get("box") is None:
-            return ""
-        index = row["dataset_index"]
-        try:
-            if index not in cache:
-                cache[index] = dataset.load_image(index).convert("RGB")
-            crop = crop_box(cache[index], row["box"]).resize((64, 64), Image.Resampling.NEAREST)
-        except (OSError, ValueError) as error:
-            logger.warning("pruning report: cannot read %s (%s)", row["path"], error)
-            return ""
-        return f'<img src="{_png_data_uri(crop)}" width="64" height="64" alt="patch">'
-
-    def own_picture(j: int) -> str:
-        if source_directory is None:
-            return ""
-        from .checkpoint import CheckpointError, read_metadata, safe_relative_path
-
-        try:
-            meta = read_metadata(source_directory)
-            entry = (meta.get("provenance") or [])[j]
-            relative = (entry.get("images") or {}).get("patch")
-            if not relative:
-                return ""
-            path = safe_relative_path(Path(source_directory), relative)
-            with Image.open(path) as picture:
-                return f'<img src="{_png_data_uri(picture.convert("RGB"))}" height="64" alt="prototype {j}">'
-        except (CheckpointError, OSError, IndexError, ValueError):
-            return ""
-
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Prototype pruning report</title>',
-        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
-        "td,th{border:1px solid #bbb;padding:0.25em 0.5em;text-align:left;vertical-align:middle}"
-        ".same{background:#e6f4e6}.other{background:#fbe9e9}code{font-size:0.9em}</style></head><body>",
-        "<h1>Prototype pruning</h1>",
-        f"<p>{e(_sentence(report.to_json()['rule']['description']))} (paper Section 2.6; reference k = {REFERENCE_K}, threshold = {REFERENCE_THRESHOLD}).</p>",
-        f"<p>Run at {e(report.when)}. Prototypes: {len(report.prototypes)} before, {len(report.kept)} after; "
-        f"<strong>{len(report.removed)} pruned</strong>.</p>",
-        "<h2>Accuracy</h2><table><tr><th>data</th><th>before</th><th>after removal</th><th>after last-layer re-fit</th></tr>",
-    ]
-    for split, values in report.accuracy.items():
-        parts.append(f"<tr><td>{e(split)}</td><td>{_fmt(values['before'])}</td><td>{_fmt(values['after_removal'])}</td><td>{_fmt(values['after'])}</td></tr>")
-    parts.append("</table>")
-    if report.classes_without_prototypes:
-        parts.append(f"<p><strong>Classes left without prototypes:</strong> {e(', '.join(report.classes_without_prototypes))}</p>")
-    parts.append("<h2>Pruned prototypes and why</h2>")
-    if not report.pruned:
-        parts.append("<p>None: every prototype has enough nearest patches from its own class.</p>")
-    for p in report.pruned:
-        parts.append(
-            f"<h3>Prototype {p['prototype']} (class {e(p['class_name'])}) {own_picture(p['prototype'])}</h3>"
-            f"<p>{p['same_class']} of its {len(p['nearest'])} nearest training patches come from its class "
-            f"(needs {report.threshold}).</p>"
-            "<table><tr><th>#</th><th>patch</th><th>class</th><th>image</th><th>position</th><th>distance</th></tr>"
-        )
-        for n, row in enumerate(p["nearest"], 1):
-            css = "same" if row["class_index"] == p["class_index"] else "other"
-            parts.append(
-                f'<tr class="{css}"><td>{n}</td><td>{patch_picture(row)}</td><td>{e(row["class_name"])}</td>'
-                f"<td><code>{e(str(row['path']))}</code> (item {row['dataset_index']})</td>"
-                f"<td>{row['position']}</td><td>{row['distance']:.4f}</td></tr>"
-            )
-        parts.append("</table>")
-    parts.append("<h2>Kept prototypes</h2><table><tr><th>prototype (before)</th><th>now</th><th>class</th><th>same-class nearest</th></tr>")
-    for new, j in enumerate(report.kept):
-        p = report.prototypes[j]
-        parts.append(f"<tr><td>{j}</td><td>{new}</td><td>{e(p['class_name'])}</td><td>{p['same_class']} / {len(p['nearest'])}</td></tr>")
-    parts.append("</table></body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def save_pruned(model: Any, report: PruneReport, out: str | Path, *, dataset: Any = None, source_directory: str | Path | None = None) -> Path:
-    """Save a pruned model to ``out`` with ``pruning.json`` and ``pruning.html`` beside it."""
-    summary = {
-        "pruning": {
-            "k": report.k,
-            "threshold": report.threshold,
-            "per_image": report.per_image,
-            "removed": report.removed,
-            "accuracy": report.accuracy,
-        }
-    }
-    path = save_edited_model(model, out, extra=summary)
-    write_report(report, path, dataset=dataset, source_directory=source_directory)
-    return path

@@ -47,7 +47,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def execute(args: argparse.Namespace) -> int:
     from ..explain.analysis import analyze
-    from ..explain.report import write_analysis_report
+    from ..explain.reports import write_analysis_report
 
     if args.k < 1:
         raise CommandError(f"--k must be >= 1, got {args.k}")

@@ -42,8 +42,9 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from ..explain.local import explain, prepare_input
-    from ..explain.report import write_explanation_report
+    from ..explain.inputs import prepare_input
+    from ..explain.local import explain
+    from ..explain.reports import write_explanation_report
 
     if args.top_classes < 1:
         raise CommandError(f"--top-classes must be >= 1, got {args.top_classes}")

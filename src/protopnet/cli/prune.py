@@ -36,7 +36,9 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from ..prune import prune, save_pruned, write_report
+    from ..edit import save_pruned
+    from ..explain.reports import write_pruning_report
+    from ..prune import prune
 
     if args.k < 1:
         raise CommandError(f"--k must be >= 1, got {args.k}")
@@ -57,7 +59,7 @@ def execute(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_report(report, args.out, dataset=train, source_directory=source)
+        write_pruning_report(report, args.out, dataset=train, source_directory=source)
         logger.info("dry run: %d of %d prototypes would be pruned; report in %s", len(report.removed), len(report.prototypes), args.out)
     else:
         save_pruned(model, report, args.out, dataset=train, source_directory=source)

@@ -1,7 +1,7 @@
 """The one image normalisation: RGB picture <-> the float tensor a model takes.
 
 Every path into a model — a dataset item (:meth:`ProtoDataset.to_tensor`), an image to explain
-(:func:`protopnet.explain.local.prepare_input`), a picture a person points at to replace a
+(:func:`protopnet.explain.inputs.prepare_input`), a picture a person points at to replace a
 prototype (:mod:`protopnet.edit`) — goes through :func:`normalise`, so they give the same numbers.
 
     >>> x = normalise(picture, model.mean, model.std)   # (3, S, S) float32

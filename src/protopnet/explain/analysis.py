@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..regions import UPSAMPLING_DESCRIPTION
 from .nearest import NearestPatches, nearest_patches
+
+if TYPE_CHECKING:
+    from ..model import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ class Analysis:
         k: patches per prototype.
     """
 
-    model: Any
+    model: ProtoPNet
     splits: dict[str, NearestPatches]
     datasets: dict[str, Any]
     k: int
@@ -78,7 +81,7 @@ def _none_if_nan(value: float) -> float | None:
 
 
 def analyze(
-    model: Any,
+    model: ProtoPNet,
     datasets: Mapping[str, Any],
     k: int = 5,
     *,

@@ -29,121 +29,27 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..data.transforms import denormalise, normalise
 from ..regions import UPSAMPLING_DESCRIPTION
+from ..visualize import draw_box
 from .boxes import activation_boxes, scale_box
+from .inputs import InputImage, model_input, prepare_input
+from .members import member_inputs
+from .pictures import activation_overlay, draw_from_provenance, prototype_image_files, read_picture
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "protopnet-explanation"
 FORMAT_VERSION = 1
-
-
-# -- the input ----------------------------------------------------------------------------------
-
-@dataclass
-class InputImage:
-    """The image to explain, as the model sees it.
-
-    Attributes:
-        picture: RGB picture of ``size x size`` pixels (the frame every box is given in).
-        tensor: the normalised (3, size, size) tensor when the caller gave one, else None.
-        path: the file it was read from, or None.
-        original_size: (width, height) of the file / PIL picture before resizing, or None.
-    """
-
-    picture: Image.Image
-    tensor: torch.Tensor | None = None
-    path: str | None = None
-    original_size: tuple[int, int] | None = None
-
-    @property
-    def size(self) -> int:
-        return self.picture.width
-
-
-def _fit_square(picture: Image.Image, size: int) -> Image.Image:
-    try:
-        from ..data.images import fit_square
-    except ImportError:  # pragma: no cover - data package absent
-        return picture if picture.size == (size, size) else picture.resize((size, size), Image.Resampling.BILINEAR)
-    return fit_square(picture, size)
-
-
-def _open_image(path: str) -> Image.Image:
-    """The file's RGB picture; raises BadImageError ("<path>: <reason>") when unreadable."""
-    try:
-        from ..data.images import open_image
-    except ImportError:  # pragma: no cover - data package absent
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from None
-    return open_image(path)
-
-
-def prepare_input(image: Any, image_size: int, mean: Sequence[float], std: Sequence[float]) -> InputImage:
-    """A path, a PIL picture or a normalised tensor (3, S, S) / (1, 3, S, S) -> :class:`InputImage`
-    (an :class:`InputImage` is returned as it is).
-
-    Paths and pictures are resized to ``image_size`` squared (aspect ratio not kept, as the
-    datasets do); a tensor is taken as it is (its S is the frame of the boxes).
-
-    Raises:
-        protopnet.data.BadImageError: an unreadable file (message ``"<path>: <reason>"``).
-        TypeError / ValueError: anything else that is not an image.
-    """
-    if isinstance(image, InputImage):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        original = _open_image(path)
-        return InputImage(_fit_square(original, image_size), path=path, original_size=original.size)
-    if isinstance(image, Image.Image):
-        original = image.convert("RGB")
-        return InputImage(_fit_square(original, image_size), original_size=original.size)
-    if isinstance(image, torch.Tensor):
-        tensor = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
-        if tensor.dim() != 3 or tensor.shape[0] != 3 or tensor.shape[1] != tensor.shape[2]:
-            raise ValueError(f"expected a normalised image tensor (3, S, S) or (1, 3, S, S), got shape {tuple(image.shape)}")
-        return InputImage(denormalise(tensor, mean, std), tensor=tensor.detach())
-    raise TypeError(f"cannot explain a {type(image).__name__}: give a file path, a PIL image or a normalised tensor (3, S, S)")
-
-
-def model_members(model: Any) -> list[tuple[int | None, Any]]:
-    """``[(None, model)]`` for a ProtoPNet; ``[(i, member_i), ...]`` for an ensemble exposing
-    ``members`` (ProtoPNets whose logits it sums)."""
-    members = getattr(model, "members", None)
-    if members is not None and not hasattr(model, "prototypes"):
-        return [(i, member) for i, member in enumerate(members)]
-    return [(None, model)]
-
-
-def model_input(model: Any, inp: InputImage, device: torch.device) -> torch.Tensor:
-    """The (1, 3, S, S) tensor ``model`` takes: the caller's tensor when one was given, else the
-    picture normalised with ``model.mean`` / ``model.std``."""
-    x = inp.tensor if inp.tensor is not None else normalise(inp.picture, model.mean, model.std)  # (3, S, S)
-    return x.unsqueeze(0).to(device, torch.float32)
-
-
-def member_inputs(model: Any, x: torch.Tensor) -> list[tuple[int | None, Any, torch.Tensor]]:
-    """``(member id, network, its input)`` for every network whose logits make ``model``'s:
-    the model itself for a ProtoPNet; for an ensemble, each member with the ensemble's input
-    converted as the ensemble's own forward converts it (``model.member_input``), so the score
-    sheet adds up to the ensemble's logits."""
-    members = model_members(model)
-    if members[0][0] is None:
-        return [(None, model, x)]
-    convert = getattr(model, "member_input", None)
-    return [(i, net, convert(x, i) if convert is not None else x) for i, net in members]
 
 
 # -- prototypes and their evidence ----------------------------------------------------------------
@@ -449,28 +355,20 @@ class Explanation:
         """
         path = match.images.get(kind)
         if path is not None:
-            try:
-                with Image.open(path) as image:
-                    return image.convert("RGB")
-            except OSError as error:
-                logger.warning("cannot read prototype picture %s: %s", path, error)
+            picture = read_picture(path)
+            if picture is not None:
+                return picture
         if match.key not in self._pictures:
-            self._pictures[match.key] = _draw_from_provenance(match.provenance)
+            self._pictures[match.key] = draw_from_provenance(match.provenance)
         return self._pictures[match.key].get(kind)
 
     def input_with_box(self, match: PrototypeMatch) -> Image.Image:
         """The input picture with ``match``'s most activated region boxed."""
-        from ..visualize import draw_box
-
         return draw_box(self.input.picture, match.box)
 
     def activation_overlay(self, match: PrototypeMatch) -> Image.Image:
         """``match``'s activation map on the input, upsampled and blended over it, with its box."""
-        from ..visualize import draw_box, overlay
-        from .boxes import upsample_activations
-
-        up = upsample_activations(match.activation[None], (self.image_size, self.image_size))[0].numpy()
-        return draw_box(overlay(self.input.picture, up), match.box)
+        return activation_overlay(self.input.picture, match.activation, match.box)
 
     # -- serialisation -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -520,50 +418,14 @@ class Explanation:
 
     def save_html(self, path: str | os.PathLike[str], picture_rows: int = 10) -> Path:
         """Write a self-contained HTML page (pictures embedded as data URIs, CSS inline)."""
-        from .report import write_explanation_html
+        from .reports import write_explanation_html
 
         return write_explanation_html(self, path, picture_rows=picture_rows)
 
 
-def _draw_from_provenance(provenance: dict[str, Any] | None) -> dict[str, Image.Image]:
-    """Redraw a prototype's pictures from its source file, when it still exists."""
-    if not provenance or not provenance.get("path") or "activation" not in provenance:
-        return {}
-    path = str(provenance["path"])
-    if "://" in path or not os.path.isfile(path):
-        return {}
-    from ..visualize import prototype_pictures
-
-    try:
-        size = provenance.get("image_size") or [224, 224]
-        picture = _fit_square(_open_image(path), int(size[0]))
-        return prototype_pictures(picture, provenance["activation"], provenance["box"])
-    except (OSError, ValueError) as error:
-        logger.warning("cannot redraw prototype from %s: %s", path, error)
-        return {}
-
-
-def prototype_image_files(provenance: dict[str, Any] | None, directory: str | os.PathLike[str] | None) -> dict[str, Path]:
-    """Existing picture files of a prototype (its provenance entry's ``images``) in ``directory``,
-    the model directory it was loaded from; paths outside the directory are refused."""
-    if not provenance or not directory:
-        return {}
-    from ..checkpoint import CheckpointError, safe_relative_path
-
-    found = {}
-    for kind, relative in dict(provenance.get("images") or {}).items():
-        try:
-            path = safe_relative_path(Path(directory), relative)
-        except CheckpointError:
-            continue
-        if path.is_file():
-            found[kind] = path
-    return found
-
-
 @torch.no_grad()
 def explain(
-    model: Any,
+    model: ProtoPNet | Ensemble,
     image: Any,
     top_classes: int = 3,
     top_prototypes: int = 10,
@@ -670,7 +532,7 @@ def explain(
     )
 
 
-def nearest_prototypes(model: Any, image: Any, k: int = 3, **kwargs: Any) -> list[PrototypeMatch]:
+def nearest_prototypes(model: ProtoPNet | Ensemble, image: Any, k: int = 3, **kwargs: Any) -> list[PrototypeMatch]:
     """The ``k`` prototypes most similar to any patch of ``image`` (paper Figure 5a), each with
     its box on the image."""
     return explain(model, image, top_classes=1, top_prototypes=k, **kwargs).top_prototypes

@@ -1,18 +1,18 @@
 """The interpretability figures as HTML report sections.
 
 :func:`interpretability_sections` turns the dict :func:`evaluate_interpretability` returns into
-:class:`protopnet.explain.report.Section` objects — the API the reports use for extra sections
+:class:`protopnet.explain.html.Section` objects — the API the reports use for extra sections
 (``Report.add(section)``, or ``write_analysis_report(..., extra_sections=sections)``). Sections
 escape every title, header and cell with ``html.escape`` when rendered, so part names, class
-names and reasons from the data cannot inject markup. :func:`interpretability_html` renders
-them to one HTML fragment.
+names and reasons from the data cannot inject markup (the Jinja2 template ``section.html`` of
+:mod:`protopnet.explain.html`). :func:`interpretability_html` renders them to one HTML fragment.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..explain.report import Section
+from ..explain.html import Section
 
 _LABELS = {
     "consistency": "Part consistency",
