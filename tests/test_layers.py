@@ -29,8 +29,8 @@ LAYERS: list[set[str]] = [
     {"train", "prune"},
     # what is done with a trained model
     {"explain", "interpretability", "edit", "export"},
-    # the demo runs all of the above
-    {"demo"},
+    # the demo runs all of the above; the web app serves explanations and edits
+    {"demo", "serve"},
     # entry points
     {"cli", "__main__", "protopnet"},
 ]

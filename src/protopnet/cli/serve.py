@@ -58,7 +58,12 @@ def execute(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     token = args.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
-    session = session_for(args.model, args.data, device=args.device, out=args.out)
+    from ..checkpoint import CheckpointError
+
+    try:
+        session = session_for(args.model, args.data, device=args.device, out=args.out)
+    except (CheckpointError, ValueError) as error:
+        raise CommandError(str(error)) from None
     limits = UploadLimits(max_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels)
     app = create_app(session, token=token, limits=limits)
     if not _is_loopback(args.host):

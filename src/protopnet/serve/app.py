@@ -458,15 +458,28 @@ def create_app(session: ModelSession, **kwargs: Any) -> ServeApp:
 def session_for(model_dir: str | Path, data: str | None = None, *, device: str = "cpu", out: str | Path | None = None,
                 gallery_k: int = 5, batch_size: int = 64) -> ModelSession:
     """Load a model directory (and its ``--data``, prepared as ``protopnet edit`` does) into a session."""
-    from ..cli.common import dataset_for_model, load_model_or_fail
+    from ..checkpoint import load_model
+    from ..data import build_dataset
+    from ..runtime import resolve_device
 
-    model = load_model_or_fail(str(model_dir), device)
+    model = load_model(str(model_dir), device=resolve_device(device))
     directory = Path(getattr(model, "source_directory", None) or model_dir)
+
+    def dataset(split: str) -> Any:
+        """``data`` prepared the way the model expects (its size and normalisation), unaugmented."""
+        extra = {"num_classes": model.num_classes} if data == "synthetic" else {}
+        if data != "synthetic" and not Path(str(data)).exists():
+            raise ValueError(f"--data {data!r}: no such directory (a dataset directory or 'synthetic')")
+        found = build_dataset(str(data), split=split, image_size=int(getattr(model, "image_size", 224)), augment=None, mean=model.mean, std=model.std, **extra)
+        if len(found.classes) != model.num_classes:
+            raise ValueError(f"--data {data!r} has {len(found.classes)} classes but the model has {model.num_classes}")
+        return found
+
     train = test = None
     if data is not None:
-        train = dataset_for_model(model, data, "train")
+        train = dataset("train")
         try:
-            test = dataset_for_model(model, data, "test")
+            test = dataset("test")
         except (ValueError, OSError) as error:
             logger.warning("no test split in %s (%s): accuracy is measured on the training data only", data, error)
     return ModelSession(model, directory, train=train, test=test, save_root=out, gallery_k=gallery_k, batch_size=batch_size)
