@@ -84,6 +84,11 @@ CASES = [
     (["push-to-hub", MISSING, "me/model", "--dry-run"], f"{MISSING}: no such model directory"),
     (["push-to-hub", "{model}", "not a repo", "--dry-run"], "'not a repo' is not a Hub repository id: expected OWNER/NAME"),
     (["evaluate", "hf://just-a-name", "--data", "synthetic"], "'hf://just-a-name' is not a Hub model: expected hf://OWNER/NAME[@REVISION]"),
+    # serve (refused before anything listens)
+    (["serve", MISSING], f"{MISSING}: no such model directory"),
+    (["serve", "{model}", "--port", "70000"], "--port 70000: expected 0..65535"),
+    (["serve", "{model}", "--root-path", "pp"], "--root-path 'pp': expected a path starting with '/'"),
+    (["serve", "{model}", "--data", "/nonexistent/images"], "--data '/nonexistent/images': no such directory"),
     # data
     (["data", "cub200", "/nonexistent/CUB", "--out", "{base}/prepared"], "/nonexistent/CUB"),
     (["data", "cars", "{base}/empty_dir", "--out", "{base}/prepared"], "empty_dir"),
