@@ -36,6 +36,34 @@ def test_round_trip_rebuilds_the_same_model(tmp_path):
     assert not any(name.endswith((".pt", ".pth", ".pkl")) for name in files)
 
 
+def test_a_cosine_model_pushes_onto_real_patches_and_round_trips(tmp_path):
+    """With the cosine distance, push still snaps every prototype onto a training patch (distance 0
+    at its source); the saved model measures the angle again, and a model.json written before the
+    option existed (no ``distance`` key) loads with the paper's L2 distance."""
+    data = ColourDataset()
+    model = tiny_model(class_names=["a", "b", "c"], distance="cosine").eval()
+    push_prototypes(model, data)
+    with torch.no_grad():
+        for j, entry in enumerate(model.provenance):
+            image = data[entry["dataset_index"]][0][None]
+            d = model.distances(model.latent(image))[0, j]  # (H', W')
+            assert float(d.min()) == pytest.approx(0.0, abs=1e-5)
+    save_model(model, tmp_path / "m", dataset=data)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.distance == "cosine"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, loaded(x).logits)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["architecture"].pop("distance")
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "m").distance == "l2"
+    meta["architecture"]["distance"] = "manhattan"
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="distance"):
+        load_model(tmp_path / "m")
+
+
 def test_truncated_tensors_are_detected(tmp_path):
     save_model(tiny_model(), tmp_path / "m")
     path = tmp_path / "m" / "model.safetensors"

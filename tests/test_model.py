@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from protopnet import ProtoPNet
-from protopnet.model import available_backbones, l2_distance_maps, similarity
+from protopnet.model import available_backbones, cosine_distance_maps, l2_distance_maps, similarity
 from protopnet.model.backbones import build_backbone
-from protopnet.model.distances import paired_l2_distance_maps
+from protopnet.model.distances import paired_cosine_distance_maps, paired_l2_distance_maps
 
 from conftest import tiny_model
 
@@ -51,6 +51,63 @@ def test_paired_distances_are_the_diagonal_of_brute_force(size):
     torch.testing.assert_close(paired.double(), torch.stack([full[j, j] for j in range(4)]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="expected z"):
         paired_l2_distance_maps(z, prototypes[:3])
+
+
+def brute_force_cosine(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """1 - cos(patch, p) for every prototype and patch position, by explicit loops."""
+    b, d, H, W = z.shape
+    m, _, h, w = prototypes.shape
+    out = torch.empty(b, m, H - h + 1, W - w + 1, dtype=torch.float64)
+    for i in range(b):
+        for j in range(m):
+            for y in range(H - h + 1):
+                for x in range(W - w + 1):
+                    patch = z[i, :, y : y + h, x : x + w].double().flatten()
+                    out[i, j, y, x] = 1 - torch.nn.functional.cosine_similarity(patch, prototypes[j].double().flatten(), dim=0)
+    return out
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (3, 2)])
+def test_cosine_distances_match_brute_force(size):
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 5, 6, 7, generator=g)  # signed, so distances span [0, 2]
+    prototypes = torch.randn(4, 5, *size, generator=g)
+    fast = cosine_distance_maps(z, prototypes)
+    assert fast.shape == (2, 4, 6 - size[0] + 1, 7 - size[1] + 1) and fast.dtype == torch.float32
+    full = brute_force_cosine(z, prototypes)
+    torch.testing.assert_close(fast.double(), full, atol=1e-5, rtol=1e-5)
+    paired = paired_cosine_distance_maps(z[[0, 1, 0, 1]], prototypes)
+    torch.testing.assert_close(paired.double(), torch.stack([full[j % 2, j] for j in range(4)]), atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_distance_ignores_the_patch_norm_and_is_zero_on_a_copied_patch():
+    """Scaling a patch changes its L2 distance to a prototype but not its cosine distance; the
+    prototype copied from a patch is at distance 0 there, and an all-zero patch is at 1."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.rand(1, 6, 4, 4, generator=g)
+    z[0, :, 3, 3] = 0
+    prototypes = z[:, :, 1:2, 2:3].clone()
+    scaled = z.clone()
+    scaled[0, :, 0, 0] *= 7.0
+    d, d_scaled = cosine_distance_maps(z, prototypes), cosine_distance_maps(scaled, prototypes)
+    assert d[0, 0, 1, 2] == pytest.approx(0.0, abs=1e-6)
+    assert d_scaled[0, 0, 0, 0] == pytest.approx(float(d[0, 0, 0, 0]), abs=1e-6)
+    assert l2_distance_maps(scaled, prototypes)[0, 0, 0, 0] != pytest.approx(float(l2_distance_maps(z, prototypes)[0, 0, 0, 0]))
+    assert d[0, 0, 3, 3] == pytest.approx(1.0) and torch.isfinite(d).all()
+
+
+def test_a_cosine_model_uses_cosine_distances_everywhere():
+    """forward, distances to given prototypes and the paired maps push draws all measure the angle."""
+    model = tiny_model(num_classes=2, prototypes_per_class=2, distance="cosine").eval()
+    x = torch.randn(2, 3, 32, 32)
+    z = model.latent(x)
+    out = model(x)
+    torch.testing.assert_close(out.distances, cosine_distance_maps(z, model.prototypes))
+    torch.testing.assert_close(model.distances(z, model.prototypes[:1]), cosine_distance_maps(z, model.prototypes[:1]))
+    torch.testing.assert_close(model.paired_distances(z[[0, 1, 0, 1]], model.prototypes), paired_cosine_distance_maps(z[[0, 1, 0, 1]], model.prototypes))
+    assert model.config()["distance"] == "cosine" and "distance='cosine'" in repr(model)
+    with pytest.raises(ValueError, match="unknown distance 'dot'"):
+        tiny_model(distance="dot")
 
 
 def test_distances_are_clamped_at_zero_and_exact_on_a_copied_patch():

@@ -425,7 +425,7 @@ def _check_architecture(directory: Path, arch: Any, tensors: dict[str, torch.Ten
             raise CheckpointError(f"{where}: architecture.prototypes_per_class is {_brief(per_class)}, but the tensors hold {m} prototypes")
     names = arch.get("class_names")
     check("class_names", isinstance(names, list) and len(names) == weight.shape[0] and all(isinstance(n, str) for n in names), f"a list of {weight.shape[0]} strings")
-    for key in ("backbone", "add_on", "activation"):
+    for key in ("backbone", "add_on", "activation", "distance"):
         check(key, isinstance(arch.get(key), str), "a string")
     check("epsilon", isinstance(arch.get("epsilon"), (int, float)) and not isinstance(arch.get("epsilon"), bool), "a number")
 

@@ -40,6 +40,12 @@ class ModelConfig:
     patches in other training pictures are mostly of the same class; see
     :mod:`protopnet.train.prototype_init`), on different pictures, instead of a random place that
     is most often background.
+
+    ``distance``: ``l2`` (the paper: squared L2 distance between a prototype and a latent patch)
+    or ``cosine`` (one minus the cosine of the angle between them, in [0, 2]; Huang et al., ICCV
+    2023, beyond the paper): a patch's direction decides, not its length. With L2 the nearest
+    patch to a prototype is often the one whose length matches, not the one that shows the same
+    thing; see docs/cub-experiments.md. The similarity (``activation``) applies to either.
     """
 
     backbone: str = "resnet34"
@@ -48,6 +54,7 @@ class ModelConfig:
     prototype_size: tuple[int, int] = (1, 1)
     add_on: Literal["regular", "bottleneck"] = "regular"
     activation: Literal["log", "linear"] = "log"
+    distance: Literal["l2", "cosine"] = "l2"
     prototype_init: Literal["uniform", "patches", "distinctive"] = "uniform"
     pretrained: bool = True
     epsilon: float = 1e-4

@@ -47,7 +47,6 @@ import torch
 # ``from protopnet.edit import remove_prototypes`` (and the like) keeps working.
 from .checkpoint import now_utc, save_edited_model
 from .data.transforms import normalise
-from .model.distances import l2_distance_maps
 from .model.surgery import (
     PrototypeIndexError,
     check_class as _check_class,
@@ -203,7 +202,7 @@ def prepare_replacement(model: ProtoPNet, request: Replacement, dataset: Any = N
                 f"rows 0..{big_h - h}, cols 0..{big_w - w} of this model's {big_h}x{big_w} latent map"
             )
     vector = z[0, :, r : r + h, c : c + w].detach().clone()  # (D, h, w)
-    activation = model.similarity(l2_distance_maps(z, vector.unsqueeze(0))[0, 0]).cpu()  # (H', W')
+    activation = model.similarity(model.distances(z, vector.unsqueeze(0))[0, 0]).cpu()  # (H', W')
     return _Prepared(request, vector, (r, c), activation, picture, path, index, selected_box)
 
 

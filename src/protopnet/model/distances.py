@@ -10,6 +10,19 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("log", "linear")
+#: How a prototype's distance to a patch is measured: the paper's squared L2 distance, or one
+#: minus the cosine of the angle between them (Huang et al., ICCV 2023; beyond the paper).
+DISTANCES = ("l2", "cosine")
+
+
+def _check_shapes(z: torch.Tensor, prototypes: torch.Tensor) -> None:
+    if z.dim() != 4 or prototypes.dim() != 4:
+        raise ValueError(f"expected z (B, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
+    if z.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"latent channels {z.shape[1]} != prototype channels {prototypes.shape[1]}")
+    h, w = prototypes.shape[2], prototypes.shape[3]
+    if h > z.shape[2] or w > z.shape[3]:
+        raise ValueError(f"prototype size {h}x{w} is larger than the latent map {z.shape[2]}x{z.shape[3]}")
 
 
 def l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -27,13 +40,8 @@ def l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     Returns:
         distances (B, M, H', W').
     """
-    if z.dim() != 4 or prototypes.dim() != 4:
-        raise ValueError(f"expected z (B, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
-    if z.shape[1] != prototypes.shape[1]:
-        raise ValueError(f"latent channels {z.shape[1]} != prototype channels {prototypes.shape[1]}")
+    _check_shapes(z, prototypes)
     h, w = prototypes.shape[2], prototypes.shape[3]
-    if h > z.shape[2] or w > z.shape[3]:
-        raise ValueError(f"prototype size {h}x{w} is larger than the latent map {z.shape[2]}x{z.shape[3]}")
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
         prototypes = prototypes.float()
@@ -73,6 +81,79 @@ def paired_l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.
         cross = F.conv2d(z.reshape(1, m * d, *z.shape[2:]), prototypes, groups=m)[0]  # (M, H', W')
         p_sq = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(-1, 1, 1)  # (M, 1, 1)
         return F.relu(z_sq - 2 * cross + p_sq)
+
+
+def _patch_norms(z_sq: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, 1, H, W) or (N, H, W) squared norms per cell -> the L2 norm of every h x w patch."""
+    if h != 1 or w != 1:
+        squeeze = z_sq.dim() == 3
+        pooled = F.avg_pool2d(z_sq[:, None] if squeeze else z_sq, (h, w), stride=1) * (h * w)
+        z_sq = pooled[:, 0] if squeeze else pooled
+    return z_sq.clamp_min(0).sqrt()
+
+
+def cosine_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """One minus the cosine between every prototype and every patch of the latent map.
+
+    A patch is its ``h x w x D`` values flattened, as for :func:`l2_distance_maps`; the distance
+    is ``1 - z.p / (||z|| ||p||)`` in ``[0, 2]`` (0: same direction), computed in float32 with
+    the norms clamped at 1e-12 (an all-zero patch is at distance 1 from everything).
+
+    Args:
+        z: latent map (B, D, H, W).
+        prototypes: (M, D, h, w) with h <= H and w <= W.
+
+    Returns:
+        distances (B, M, H', W').
+    """
+    _check_shapes(z, prototypes)
+    h, w = prototypes.shape[2], prototypes.shape[3]
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        prototypes = prototypes.float()
+        z_norm = _patch_norms((z * z).sum(dim=1, keepdim=True), h, w)  # (B, 1, H', W')
+        p_norm = prototypes.flatten(1).norm(dim=1).view(1, -1, 1, 1)  # (1, M, 1, 1)
+        cross = F.conv2d(z, prototypes)  # (B, M, H', W')
+        cosine = cross / (z_norm.clamp_min(1e-12) * p_norm.clamp_min(1e-12))
+        return (1 - cosine).clamp(0.0, 2.0)
+
+
+def paired_cosine_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """The diagonal of :func:`cosine_distance_maps` over a stack of latent maps: prototype j
+    against every patch of latent map j. z: (M, D, H, W), prototypes: (M, D, h, w) ->
+    (M, H', W')."""
+    if z.dim() != 4 or prototypes.dim() != 4 or z.shape[:2] != prototypes.shape[:2]:
+        raise ValueError(f"expected z (M, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
+    m, d, h, w = prototypes.shape
+    if m == 0:
+        return z.new_zeros(0, z.shape[2] - h + 1, z.shape[3] - w + 1, dtype=torch.float32)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        prototypes = prototypes.float()
+        z_norm = _patch_norms((z * z).sum(dim=1), h, w)  # (M, H', W')
+        p_norm = prototypes.flatten(1).norm(dim=1).view(-1, 1, 1)  # (M, 1, 1)
+        cross = F.conv2d(z.reshape(1, m * d, *z.shape[2:]), prototypes, groups=m)[0]  # (M, H', W')
+        cosine = cross / (z_norm.clamp_min(1e-12) * p_norm.clamp_min(1e-12))
+        return (1 - cosine).clamp(0.0, 2.0)
+
+
+def distance_maps(z: torch.Tensor, prototypes: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """(B, D, H, W) latent, (M, D, h, w) prototypes -> (B, M, H', W') distances of ``kind``
+    (one of :data:`DISTANCES`), float32."""
+    if kind == "l2":
+        return l2_distance_maps(z, prototypes)
+    if kind == "cosine":
+        return cosine_distance_maps(z, prototypes)
+    raise ValueError(f"unknown distance {kind!r}; choose one of {DISTANCES}")
+
+
+def paired_distance_maps(z: torch.Tensor, prototypes: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """(M, D, H, W) latent maps, (M, D, h, w) prototypes -> (M, H', W'): prototype j on map j."""
+    if kind == "l2":
+        return paired_l2_distance_maps(z, prototypes)
+    if kind == "cosine":
+        return paired_cosine_distance_maps(z, prototypes)
+    raise ValueError(f"unknown distance {kind!r}; choose one of {DISTANCES}")
 
 
 def similarity(distances: torch.Tensor, activation: str = "log", epsilon: float = 1e-4) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backbones import build_backbone
-from .distances import ACTIVATIONS, l2_distance_maps, min_pool, similarity
+from .distances import ACTIVATIONS, DISTANCES, distance_maps, min_pool, paired_distance_maps, similarity
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class ProtoPNet(nn.Module):
         prototype_size: (h, w) of each prototype in latent cells (paper: (1, 1)).
         add_on: ``regular`` or ``bottleneck``.
         activation: ``log`` (paper) or ``linear``.
+        distance: ``l2`` (paper: squared L2 distance) or ``cosine`` (one minus the cosine between
+            prototype and patch, Huang et al. ICCV 2023): a patch's direction, not its norm, decides.
         pretrained: load the backbone's ImageNet weights through torchvision.
         epsilon: the epsilon of the log activation.
         class_names: K names (default ``class_0`` ...).
@@ -99,6 +101,7 @@ class ProtoPNet(nn.Module):
         prototype_size: Sequence[int] = (1, 1),
         add_on: str = "regular",
         activation: str = "log",
+        distance: str = "l2",
         pretrained: bool = True,
         epsilon: float = 1e-4,
         class_names: Sequence[str] | None = None,
@@ -116,6 +119,8 @@ class ProtoPNet(nn.Module):
             raise ValueError(f"prototype_size must be two positive integers (h, w), got {prototype_size}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         if class_names is not None and len(class_names) != num_classes:
@@ -127,6 +132,7 @@ class ProtoPNet(nn.Module):
         self.prototype_size = prototype_size
         self.add_on_kind = add_on
         self.activation = activation
+        self.distance = distance
         self.epsilon = float(epsilon)
         self.class_names = list(class_names) if class_names is not None else [f"class_{k}" for k in range(num_classes)]
 
@@ -195,6 +201,7 @@ class ProtoPNet(nn.Module):
             "prototype_size": list(self.prototype_size),
             "add_on": self.add_on_kind,
             "activation": self.activation,
+            "distance": self.distance,
             "epsilon": self.epsilon,
             "class_names": list(self.class_names),
             "prototype_classes": self.prototype_classes.tolist(),
@@ -237,9 +244,14 @@ class ProtoPNet(nn.Module):
         """(B, 3, S, S) images -> (B, D, H, W) latent map the prototypes live in."""
         return self.add_on(self.features(x))
 
-    def distances(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) latent -> (B, M, H', W') squared distances (float32)."""
-        return l2_distance_maps(z, self.prototypes)
+    def distances(self, z: torch.Tensor, prototypes: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, H, W) latent -> (B, M, H', W') distances (float32) of the model's kind
+        (squared L2 or cosine), to ``prototypes`` (M, D, h, w) when given, else to its own."""
+        return distance_maps(z, self.prototypes if prototypes is None else prototypes, self.distance)
+
+    def paired_distances(self, z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """(M, D, H, W) latent maps, (M, D, h, w) prototypes -> (M, H', W'): prototype j on map j."""
+        return paired_distance_maps(z, prototypes, self.distance)
 
     def similarity(self, distances: torch.Tensor) -> torch.Tensor:
         """Distances (any shape) -> similarities of the same shape."""
@@ -261,5 +273,5 @@ class ProtoPNet(nn.Module):
         return (
             f"backbone={self.backbone_name!r}, num_classes={self.num_classes}, "
             f"num_prototypes={self.num_prototypes}, prototype_shape={tuple(self.prototypes.shape[1:])}, "
-            f"activation={self.activation!r}"
+            f"distance={self.distance!r}, activation={self.activation!r}"
         )

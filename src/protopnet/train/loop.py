@@ -168,6 +168,7 @@ def build_model(config: Config, class_names: list[str]) -> ProtoPNet:
         prototype_size=m.prototype_size,
         add_on=m.add_on,
         activation=m.activation,
+        distance=m.distance,
         pretrained=m.pretrained,
         epsilon=m.epsilon,
         class_names=class_names,

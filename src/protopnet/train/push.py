@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..model.distances import paired_l2_distance_maps
 from ..model.protopnet import ProtoPNet
 from ..regions import activation_boxes
 from ..runtime import autocast, resolve_device
@@ -117,7 +116,7 @@ class PushState:
 
     def activation_maps(self, model: ProtoPNet) -> torch.Tensor:
         """(M, H', W') similarity of each (pushed) prototype on its own source image."""
-        return model.similarity(paired_l2_distance_maps(self.latent, self.patch))
+        return model.similarity(model.paired_distances(self.latent, self.patch))
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..model.distances import l2_distance_maps
 from ..runtime import resolve_device
 from .evaluate import accuracy_report
 from .last_layer import optimise_last_layer
@@ -72,7 +71,7 @@ def scan_similarities(
             if batch.images is None:
                 continue
             z = model.latent(batch.images.to(device, non_blocking=True))  # (B, D, H, W)
-            distances = l2_distance_maps(z, protos)  # (B, P, H', W')
+            distances = model.distances(z, protos)  # (B, P, H', W')
             mins.append(distances.flatten(2).amin(dim=2).cpu())  # (B, P)
             labels.append(batch.labels)
             idx.append(batch.indices)
