@@ -55,6 +55,7 @@ from .model.surgery import (
     remove_prototypes,
 )
 from .regions import activation_box
+from .runtime import RunSettings
 from .train.refit import BatchHook, accuracy_from_similarities, refit_last_layer, scan_similarities
 from .visualize import prototype_pictures
 
@@ -275,10 +276,11 @@ def edit_model(
     iterations: int = 20,
     lr: float = 1e-4,
     l1: float = 1e-4,
-    batch_size: int = 75,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     percentile: float = 95.0,
 ) -> EditReport:
     """Apply a person's edits to ``model`` in place, re-fit the last layer and measure.
@@ -329,10 +331,12 @@ def edit_model(
     if prepared:
         bank = torch.cat([bank, torch.stack([p.vector for p in prepared]).to(bank)])  # (M + R, D, h, w)
 
+    run = RunSettings.merged(settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers)
+
     def scan(dataset: Any, indices: Sequence[int] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if dataset is None:
             return None, None
-        d, y, _ = scan_similarities(model, dataset, bank, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers)
+        d, y, _ = scan_similarities(model, dataset, bank, indices=indices, settings=run)
         return model.similarity(d), y  # (N, M + R)
 
     train_sims, train_y = scan(train_dataset, train_indices) if refit else (None, None)

@@ -4,8 +4,10 @@ PyTorch objects. Nothing here changes global state."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from typing import ContextManager
+from dataclasses import dataclass
+from typing import Any, ContextManager
 
 import torch
 
@@ -62,3 +64,60 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
 
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How one pass over a dataset runs: the settings that evaluation, push, the last-layer
+    stage, the nearest-patch search, pruning, editing and the interpretability metrics share.
+
+    Build it once (the trainer from its config, a command from its arguments) and hand it on,
+    instead of five keyword arguments at every call.
+
+    Attributes:
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes (0: read in the calling process).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``, or None: the device the
+            model's parameters are on (see :meth:`for_model`).
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast of the backbone (:func:`autocast`);
+            the prototype distances always run in float32.
+        channels_last: feed images (B, 3, S, S) in the channels-last memory layout.
+    """
+
+    batch_size: int = 100
+    num_workers: int = 0
+    device: str | torch.device | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def replace(self, **changes: Any) -> RunSettings:
+        """A copy with ``changes`` (field name -> value) in place."""
+        return dataclasses.replace(self, **changes)
+
+    def for_model(self, model: Any) -> RunSettings:
+        """A copy whose ``device`` is a resolved ``torch.device``: the model's when None."""
+        device = self.device if self.device is not None else next(model.parameters()).device
+        return self.replace(device=resolve_device(device))
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return memory_format(self.channels_last)
+
+    @classmethod
+    def merged(
+        cls,
+        settings: RunSettings | None,
+        *,
+        default_batch_size: int = 100,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        channels_last: bool | None = None,
+    ) -> RunSettings:
+        """``settings`` (default: ``RunSettings(batch_size=default_batch_size)``) with each
+        keyword that is not None in place of its field: the functions that take both a
+        ``settings`` object and the separate keywords of earlier versions build theirs here."""
+        base = settings if settings is not None else cls(batch_size=default_batch_size)
+        given = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "precision": precision, "channels_last": channels_last}
+        return base.replace(**{name: value for name, value in given.items() if value is not None})

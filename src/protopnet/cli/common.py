@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..runtime import RunSettings
+
 DATA_HELP = "a directory (ImageFolder tree, CUB-200-2011 or Stanford Cars layout) or 'synthetic' for the built-in dataset"
 
 
@@ -29,6 +31,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """The :class:`~protopnet.runtime.RunSettings` of ``--batch-size`` and ``--workers`` (see
+    :func:`add_device_arguments`); the device is the loaded model's (``--device`` placed it)."""
+    return RunSettings(batch_size=args.batch_size, num_workers=args.workers)
 
 
 def add_interpretability_argument(parser: argparse.ArgumentParser, help: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from .common import DATA_HELP, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, progress_factory
+from .common import DATA_HELP, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, progress_factory, run_settings
 
 
 def create_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def execute(args: argparse.Namespace) -> int:
     make_bar = progress_factory(args.quiet)
     bar = make_bar("push", len(dataset)) if make_bar else None
     provenance = push_prototypes(
-        model, dataset, batch_size=args.batch_size, num_workers=args.workers,
+        model, dataset, settings=run_settings(args),
         progress=bar.update if bar is not None else None,
     )
     if bar is not None:

@@ -95,8 +95,8 @@ def analyze(
     Args:
         limit: scan only the first ``limit`` images of each dataset (a quick look).
         progress: ``(split, total) -> context manager with update(n)`` (a tqdm factory), or None.
-        scan: passed on to :func:`protopnet.explain.nearest.nearest_patches` (``batch_size``,
-            ``device``, ``num_workers``, ``precision``, ...).
+        scan: passed on to :func:`protopnet.explain.nearest.nearest_patches` (``settings``, a
+            :class:`~protopnet.runtime.RunSettings`, or its fields ``batch_size``, ``device``, ...).
     """
     splits = {}
     for split, dataset in datasets.items():

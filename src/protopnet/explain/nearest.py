@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..runtime import autocast, memory_format, resolve_device
+from ..runtime import RunSettings, autocast
 from ..train.nearest import NearestPatches, TopK
 
 if TYPE_CHECKING:
@@ -32,11 +32,12 @@ def nearest_patches(
     k: int = 5,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 64,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    num_workers: int | None = None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
     keep_activations: bool = True,
     progress: Callable[[int], None] | None = None,
     bad_images: Any = None,
@@ -49,6 +50,10 @@ def nearest_patches(
             logged once each).
         k: patches per prototype (the paper's pruning uses 6).
         indices: which items to scan (default: all).
+        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
+            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
+            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
+            earlier versions); default batch size 64.
         keep_activations: keep each winner's activation map, (M, k, H', W'), to draw its box.
         progress: called with the number of images of each batch processed.
 
@@ -57,22 +62,24 @@ def nearest_patches(
     """
     from ..train.loader import BadImageLog, IndexedSubset, make_loader
 
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(
+        settings, default_batch_size=64, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
+    ).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     try:
         subset = IndexedSubset(dataset, indices, augment=False)
-        loader = make_loader(subset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = make_loader(subset, run.batch_size, num_workers=run.num_workers, pin_memory=device.type == "cuda")
         top = TopK(model.num_prototypes, k, keep_activations)
-        fmt = memory_format(channels_last)
         bad_images = bad_images if bad_images is not None else BadImageLog()
         seen = 0
         for batch in loader:
             bad_images.add(batch.bad)
             if batch.images is None:
                 continue
-            images = batch.images.to(device, non_blocking=True).to(memory_format=fmt)
-            with autocast(device, precision):
+            images = batch.images.to(device, non_blocking=True).to(memory_format=run.memory_format)
+            with autocast(device, run.precision):
                 z = model.latent(images)  # (B, D, H, W)
             distances = model.distances(z)  # (B, M, H', W') float32
             top.update(distances, batch.labels, batch.indices)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..regions import box_center, point_in_box
-from ..runtime import resolve_device
+from ..runtime import RunSettings
 from .baselines import DRAWS, PositionBaselines
 from .deletion import DeletionCurves
 from .localization import prototype_localization
@@ -140,9 +140,10 @@ def evaluate_interpretability(
     train_dataset: Any = None,
     metrics: Sequence[str] = METRICS,
     indices: Sequence[int] | None = None,
-    batch_size: int = 64,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     threshold: float = THRESHOLD,
     half_size: int | None = None,
     noise_std: float = NOISE_STD,
@@ -166,6 +167,9 @@ def evaluate_interpretability(
             ``dataset``; localisation is skipped when the provenance paths do not match it).
         metrics: any of :data:`METRICS`.
         indices: which items of ``dataset`` to use (default all).
+        settings: how the passes run (:class:`protopnet.runtime.RunSettings`; its batch size,
+            workers and device are used). ``batch_size``, ``device`` and ``num_workers``, when
+            given, replace its fields; default batch size 64.
         threshold: consistency threshold (0.8). half_size: region half-side in pixels (default
             :func:`~protopnet.interpretability.parts.region_half_size`). noise_std, noise_clip:
             stability noise. deletion_steps: points per deletion curve minus one. deletion_grid:
@@ -194,7 +198,10 @@ def evaluate_interpretability(
     unknown = wanted - set(METRICS)
     if unknown:
         raise ValueError(f"unknown interpretability metric(s) {sorted(unknown)}; choose from {list(METRICS)}")
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(
+        settings, default_batch_size=64, batch_size=batch_size, device=device, num_workers=num_workers,
+    ).for_model(model)
+    device = run.device
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     size = int(getattr(dataset, "image_size", getattr(model, "image_size", 224)))
     half = int(half_size) if half_size is not None else region_half_size(size)
@@ -231,7 +238,7 @@ def evaluate_interpretability(
     start_all = time.perf_counter()
     try:
         if want_parts or want_activation or want_deletion:
-            loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+            loader = make_loader(IndexedSubset(dataset, indices, augment=False), run.batch_size, num_workers=run.num_workers, pin_memory=device.type == "cuda")
             bad_images = BadImageLog()
             for batch in loader:
                 bad_images.add(batch.bad)
@@ -335,7 +342,7 @@ def evaluate_interpretability(
                 skipped["purity"] = "purity needs a single ProtoPNet (nearest patches live in one latent space)"
             else:
                 scan = train_dataset if train_dataset is not None else dataset
-                details["purity"] = _purity(model, scan, k, batch_size, device, num_workers, "train" if train_dataset is not None else "evaluated")
+                details["purity"] = _purity(model, scan, k, run, "train" if train_dataset is not None else "evaluated")
                 scalars["purity"] = details["purity"]["score"]
             timings["purity"] += time.perf_counter() - t0
 
@@ -438,11 +445,11 @@ def _prototype_localization(model: Any, push_data: Any) -> tuple[dict[str, Any] 
     return {**result, "per_prototype": [bool(v) for v in result["per_prototype"]]}, ""
 
 
-def _purity(model: Any, scan: Any, k: int, batch_size: int, device: torch.device, num_workers: int, split: str) -> dict[str, Any]:
+def _purity(model: Any, scan: Any, k: int, settings: RunSettings, split: str) -> dict[str, Any]:
     """Class purity of each prototype's ``k`` nearest patches in ``scan``."""
     from ..explain.nearest import nearest_patches
 
-    near = nearest_patches(model, scan, k, batch_size=batch_size, device=device, num_workers=num_workers, keep_activations=False)
+    near = nearest_patches(model, scan, k, settings=settings, keep_activations=False)
     purity = near.purity()  # (M,) NaN where no patch
     valid = ~torch.isnan(purity)
     targets = torch.as_tensor(list(getattr(scan, "targets", [])), dtype=torch.long)

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..runtime import autocast, resolve_device
+from ..runtime import RunSettings, autocast
 from .loader import BadImageLog, gather_by_index, stream_batches
 
 logger = logging.getLogger(__name__)
@@ -19,29 +19,39 @@ def predict_logits(
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 100,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    num_workers: int | None = None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
     sampler: Any = None,
     progress: Callable[[int], None] | None = None,
     bad_images: BadImageLog | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits of every readable item, unaugmented, in eval mode.
 
+    Args:
+        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
+            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
+            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
+            earlier versions); default batch size 100.
+        progress: called with the number of images of each batch processed.
+
     Returns:
         logits (N, K), labels (N,), dataset indices (N,) — gathered from every rank when
         ``sampler`` shards the data across a process group.
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(
+        settings, default_batch_size=100, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
+    ).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     all_logits, all_labels, all_indices = [], [], []
-    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
-                             sampler=sampler, channels_last=channels_last, bad_images=bad_images)
+    batches = stream_batches(dataset, indices=indices, settings=run, sampler=sampler, bad_images=bad_images)
     for images, labels, idx in batches:
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             logits = model(images).logits
         all_logits.append(logits.float().cpu())
         all_labels.append(labels)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import l1_wrong_class
-from ..runtime import autocast, resolve_device
+from ..runtime import RunSettings, autocast
 from .feature_cache import FrozenFeatureCache, split_backbone
 from .loader import BadImageLog, IndexedSubset, gather_by_index, stream_batches
 
@@ -30,28 +30,37 @@ def collect_similarities(
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 75,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    num_workers: int | None = None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
     sampler: Any = None,
     bad_images: BadImageLog | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Similarity vectors of every readable image (eval mode, unaugmented).
 
+    Args:
+        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
+            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
+            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
+            earlier versions); default batch size 75.
+
     Returns:
         similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index; with a
         sharding ``sampler`` every rank receives the whole set.
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(
+        settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
+    ).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     sims, labels, idx = [], [], []
-    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
-                             sampler=sampler, channels_last=channels_last, bad_images=bad_images)
+    batches = stream_batches(dataset, indices=indices, settings=run, sampler=sampler, bad_images=bad_images)
     for images, y, i in batches:
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             z = model.latent(images)
         sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
         labels.append(y)
@@ -69,9 +78,10 @@ def collect_similarities_from_cache(
     cache: FrozenFeatureCache,
     items: Sequence[int],
     *,
-    batch_size: int = 75,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +89,8 @@ def collect_similarities_from_cache(
     output ``cache`` holds (``cache.tensors[p]`` is item ``items[p]``): only the later blocks
     run. Valid while the cached blocks are unchanged (frozen), as they are after the joint
     epochs that trained on the cache. With ``world`` > 1 each rank computes every ``world``-th
-    item and every rank receives the whole set.
+    item and every rank receives the whole set. ``settings`` gives the batch size, precision and
+    layout (the keywords, when given, replace its fields; default batch size 75).
 
     Returns:
         similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index.
@@ -88,15 +99,16 @@ def collect_similarities_from_cache(
         raise ValueError(f"the cache holds {len(cache)} items, not the {len(items)} given")
     suffix = split_backbone(model.features, cache.frozen_blocks)[1]
     device = cache.tensors.device
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    run = RunSettings.merged(settings, default_batch_size=75, batch_size=batch_size, precision=precision, channels_last=channels_last)
+    fmt = run.memory_format
     was_training = model.training
     model.eval()
     positions = torch.arange(rank, len(cache), world)
     positions = positions[cache.ok.cpu()[positions]]
     sims = []
-    for chunk in positions.split(batch_size):
+    for chunk in positions.split(run.batch_size):
         cached = cache.tensors[chunk.to(device)].to(memory_format=fmt)
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             z = model.add_on(cached if suffix is None else suffix(cached))
         sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
     model.train(was_training)

@@ -52,7 +52,7 @@ from ..config import Config
 from ..losses import LossCoefficients, alignment_cost, protopnet_loss
 from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
-from ..runtime import autocast, memory_format, resolve_device, resolve_precision
+from ..runtime import RunSettings, autocast, memory_format, resolve_device, resolve_precision
 from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .evaluate import accuracy_report, predict_logits
@@ -224,6 +224,12 @@ class Trainer(RunState):
         self.progress = progress
         self.device = resolve_device(config.run.device)
         self.precision = resolve_precision(self.device, config.run.precision)  # bf16 -> fp16 on old GPUs
+        # the passes over a dataset (push, last layer, validation): the test batch size; push
+        # and the last layer take settings.replace(batch_size=config.data.push_batch_size)
+        self.settings = RunSettings(
+            batch_size=config.data.test_batch_size, num_workers=config.data.num_workers, device=self.device,
+            precision=self.precision, channels_last=config.run.channels_last,
+        )
         self.is_main = _rank() == 0
         self.plan = plan_schedule(config.schedule)
         mean, std = backbone_normalisation(config)
@@ -328,8 +334,7 @@ class Trainer(RunState):
             if prefix is not None:
                 with self._bar("caching the frozen backbone", 1) as bar:
                     self._feature_caches["warm"] = prefix.extended(
-                        self.model, None, precision=self.precision, channels_last=cfg.run.channels_last,
-                        batch_size=cfg.data.test_batch_size, max_bytes=cfg.data.feature_cache_max_gb * 1e9,
+                        self.model, None, settings=self.settings, max_bytes=cfg.data.feature_cache_max_gb * 1e9,
                     )
                     bar.update(1)
             else:
@@ -348,9 +353,7 @@ class Trainer(RunState):
         what = "backbone" if blocks is None else f"first {blocks} backbone blocks"
         with self._bar(f"caching the frozen {what}", len(items)) as bar:
             return FrozenFeatureCache.build(
-                self.model, blocks, self.data.train, items, device=self.device, precision=self.precision,
-                channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size, num_workers=cfg.data.num_workers,
-                max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
+                self.model, blocks, self.data.train, items, settings=self.settings, max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
             )
 
     def _forward_model(self, stage: str = "joint", cache: FrozenFeatureCache | None = None) -> nn.Module:
@@ -565,9 +568,9 @@ class Trainer(RunState):
         self.model.eval()
         with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} push", len(self.data.train_indices)) as bar:
             provenance = push_prototypes(
-                self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
-                device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
-                channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
+                self.model, self.data.clean, indices=self.data.train_indices,
+                settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
+                sampler=self._sampler(self.data.train_indices, False, 0),
                 progress=lambda n: (bar.update(n), fault_point("push")), bad_images=self.bad_images,
             )
         moved = [p["distance"] for p in provenance]
@@ -642,9 +645,7 @@ class Trainer(RunState):
         was_training = model.training
         model.eval()
         latents, labels = [], []
-        batches = stream_batches(clean, indices=sample, batch_size=self.config.data.test_batch_size, device=self.device,
-                                 num_workers=self.config.data.num_workers, channels_last=self.config.run.channels_last,
-                                 bad_images=self.bad_images)
+        batches = stream_batches(clean, indices=sample, settings=self.settings, bad_images=self.bad_images)
         for images, batch_labels, _ in batches:
             with autocast(self.device, self.precision):
                 latents.append(model.latent(images).float().cpu())
@@ -669,8 +670,8 @@ class Trainer(RunState):
             with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} prune", len(self.data.train_indices)) as bar:
                 report = prune(
                     self.model, self.data.clean, k=cfg.schedule.prune_k, threshold=cfg.schedule.prune_threshold,
-                    indices=self.data.train_indices, refit=False, batch_size=cfg.data.push_batch_size, device=self.device,
-                    num_workers=cfg.data.num_workers, progress=bar.update,
+                    indices=self.data.train_indices, refit=False,
+                    settings=self.settings.replace(batch_size=cfg.data.push_batch_size), progress=bar.update,
                 )
             record = {
                 "prototypes_before": len(report.prototypes), "prototypes_after": len(report.kept),
@@ -714,14 +715,13 @@ class Trainer(RunState):
         prefix = self._feature_caches.get("prefix") if fixed else None
         if prefix is not None:  # the frozen blocks' outputs are cached: only the later blocks run
             sims, labels, _ = collect_similarities_from_cache(
-                self.model, prefix, items, batch_size=cfg.data.push_batch_size, precision=self.precision,
-                channels_last=cfg.run.channels_last, rank=_rank(), world=_world(),
+                self.model, prefix, items, settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
+                rank=_rank(), world=_world(),
             )
         else:
             sims, labels, _ = collect_similarities(
-                self.model, dataset, indices=items, batch_size=cfg.data.push_batch_size,
-                device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
-                channels_last=cfg.run.channels_last, sampler=self._sampler(items, False, 0),
+                self.model, dataset, indices=items, settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
+                sampler=self._sampler(items, False, 0),
                 bad_images=self.bad_images,
             )
         generator = torch.Generator().manual_seed(self._step_seed(step))
@@ -737,9 +737,8 @@ class Trainer(RunState):
         if not self.data.val_indices:
             return None
         logits, labels, _ = predict_logits(
-            self.model, self.data.clean, indices=self.data.val_indices, batch_size=self.config.data.test_batch_size,
-            device=self.device, num_workers=self.config.data.num_workers, precision=self.precision,
-            channels_last=self.config.run.channels_last, sampler=self._sampler(self.data.val_indices, False, 0),
+            self.model, self.data.clean, indices=self.data.val_indices, settings=self.settings,
+            sampler=self._sampler(self.data.val_indices, False, 0),
             bad_images=self.bad_images,
         )
         return accuracy_report(logits, labels, self.data.class_names)["accuracy"]
@@ -882,7 +881,8 @@ class Trainer(RunState):
         model_dir = self.out_dir / "model"
         selected = self._selected_model(model_dir)
         cfg = self.config
-        common = dict(batch_size=cfg.data.test_batch_size, device=self.device, num_workers=cfg.data.num_workers, bad_images=self.bad_images)
+        # the selected model is evaluated in float32 on the contiguous layout, whatever the run trained in
+        common = dict(settings=self.settings.replace(precision="fp32", channels_last=False), bad_images=self.bad_images)
         val = None
         if self.data.val_indices:
             logits, labels, _ = predict_logits(selected, self.data.clean, indices=self.data.val_indices,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..model.protopnet import ProtoPNet
 from ..regions import activation_boxes
-from ..runtime import autocast, resolve_device
+from ..runtime import RunSettings, autocast
 from .loader import BadImageLog, stream_batches
 
 logger = logging.getLogger(__name__)
@@ -125,11 +125,12 @@ def push_prototypes(
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 75,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    num_workers: int | None = None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
     percentile: float = 95.0,
     sampler: Any = None,
     progress: Callable[[int], None] | None = None,
@@ -143,6 +144,10 @@ def push_prototypes(
         indices: the push images (default: every item).
         sampler: a sampler over positions in ``indices`` (a DistributedSampler shards the scan
             across ranks; the winners are then merged so every rank ends with the same result).
+        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
+            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
+            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
+            earlier versions); default batch size 75.
         progress: called with the number of images of each batch processed.
 
     Returns:
@@ -154,15 +159,18 @@ def push_prototypes(
     Raises:
         ValueError: a class has prototypes but no readable push image.
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(
+        settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
+    ).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     state = PushState.empty(model.prototypes)
     prototype_classes = model.prototype_classes.to(device)
-    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
-                             sampler=sampler, channels_last=channels_last, bad_images=bad_images if bad_images is not None else BadImageLog())
+    batches = stream_batches(dataset, indices=indices, settings=run, sampler=sampler,
+                             bad_images=bad_images if bad_images is not None else BadImageLog())
     for images, labels, batch_indices in batches:
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             z = model.latent(images)  # (B, D, H, W)
         distances = model.distances(z)  # (B, M, H', W') float32
         state.update(z, distances, labels.to(device), batch_indices, prototype_classes, model)

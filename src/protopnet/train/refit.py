@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..runtime import resolve_device
+from ..runtime import RunSettings
 from .evaluate import accuracy_report
 from .last_layer import optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, make_loader
@@ -36,9 +36,10 @@ def scan_similarities(
     prototypes: torch.Tensor | None = None,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 75,
+    settings: RunSettings | None = None,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     on_batch: BatchHook | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,6 +51,9 @@ def scan_similarities(
         prototypes: (P, D, h, w) the vectors to measure (default: ``model.prototypes``). Passing
             the current prototypes concatenated with candidate replacements lets one pass serve
             the model before and after an edit.
+        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`); only its batch size,
+            workers and device are used: the distances run in float32. ``batch_size``, ``device``
+            and ``num_workers``, when given, replace its fields; default batch size 75.
         on_batch: called with ``(distances (B, P, H', W'), labels (B,), dataset indices (B,))``
             for every batch (the k-nearest-patch search of :mod:`protopnet.prune` uses it).
         progress: called with the number of images of each batch.
@@ -58,11 +62,14 @@ def scan_similarities(
         min_distances (N, P) float32 on the CPU, labels (N,), dataset indices (N,), sorted by
         dataset index. Unreadable images are skipped (and logged).
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(
+        settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers,
+    ).for_model(model)
+    device = run.device
     protos = (model.prototypes if prototypes is None else prototypes).detach().to(device)
     was_training = model.training
     model.eval()
-    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(IndexedSubset(dataset, indices, augment=False), run.batch_size, num_workers=run.num_workers, pin_memory=device.type == "cuda")
     bad = BadImageLog()
     mins, labels, idx = [], [], []
     try:
