@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data import DATA_SPEC_HELP, DataSpecError
+from ..data import dataset_for_model as _dataset_for_model
 from ..runtime import RunSettings
 
-DATA_HELP = "a directory (ImageFolder tree, CUB-200-2011 or Stanford Cars layout) or 'synthetic' for the built-in dataset"
+DATA_HELP = DATA_SPEC_HELP
 
 
 class CommandError(Exception):
@@ -98,18 +100,9 @@ def load_model_or_fail(path: str, device: str = "cpu") -> Any:
 
 
 def dataset_for_model(model: Any, spec: str, split: str, **kwargs: Any) -> Any:
-    """The dataset ``spec`` (directory or 'synthetic') prepared the way ``model`` expects
-    (its image size and normalisation), unaugmented. For 'synthetic', the number of classes
-    follows the model's."""
-    from ..data import build_dataset
-
-    image_size = int(getattr(model, "image_size", 224))
-    extra: dict[str, Any] = dict(kwargs)
-    if spec == "synthetic":
-        extra.setdefault("num_classes", model.num_classes)
-    elif not Path(spec).exists():
-        raise CommandError(f"--data {spec!r}: no such directory ({DATA_HELP})")
-    dataset = build_dataset(spec, split=split, image_size=image_size, augment=None, mean=model.mean, std=model.std, **extra)
-    if len(dataset.classes) != model.num_classes:
-        raise CommandError(f"--data {spec!r} has {len(dataset.classes)} classes but the model has {model.num_classes}")
-    return dataset
+    """:func:`protopnet.data.dataset_for_model` for ``--data spec``: its refusals become one-line
+    :class:`CommandError` messages naming ``--data``."""
+    try:
+        return _dataset_for_model(model, spec, split, **kwargs)
+    except DataSpecError as error:
+        raise CommandError(f"--data {error}") from None
