@@ -24,7 +24,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from ..checkpoint import save_model
+    from ..save import save_model
     from ..train.push import push_prototypes
 
     model = load_model_or_fail(args.model, args.device)

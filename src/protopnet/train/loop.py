@@ -46,13 +46,13 @@ from ..checkpoint import (
     clean_interrupted_writes,
     fault_point,
     atomic_write_text,
-    save_model,
 )
 from ..config import Config
 from ..losses import LossCoefficients, alignment_cost, protopnet_loss
 from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
 from ..runtime import RunSettings, autocast, memory_format, resolve_device, resolve_precision
+from ..save import save_model
 from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .evaluate import accuracy_report, predict_logits
