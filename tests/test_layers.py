@@ -205,3 +205,21 @@ def test_no_module_imports_itself_in_a_circle():
         if node not in state:
             visit(node, [])
     assert circles == [], "import circles:\n" + "\n".join(circles)
+
+
+def test_a_parameter_named_progress_means_one_thing():
+    # progress: protopnet.runtime.Progress, called with the items of each batch; a factory of bars
+    # is progress_bars (runtime.ProgressBars). download_file keeps progress as the earlier name of
+    # its byte_progress.
+    allowed = {"progress": "Progress | None", "progress_bars": "ProgressBars | None"}
+    odd = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args.args + node.args.kwonlyargs
+                for arg in arguments:
+                    if arg.arg in allowed and (module_name(path), node.name) != ("protopnet.data.download", "download_file"):
+                        annotation = ast.unparse(arg.annotation) if arg.annotation is not None else None
+                        if annotation != allowed[arg.arg]:
+                            odd.append(f"{module_name(path)}.{node.name}({arg.arg}: {annotation})")
+    assert odd == [], "progress parameters of another meaning:\n" + "\n".join(odd)

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .checkpoint import now_utc
 from .model.surgery import remove_prototypes
-from .runtime import RunSettings
+from .runtime import Progress, RunSettings
 from .train.nearest import NearestPatches, TopK
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
@@ -70,7 +70,7 @@ def find_nearest_patches(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     num_workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[NearestPatches, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k nearest training patches of every prototype, in one streamed pass.
 
@@ -178,7 +178,7 @@ def prune(
     device: str | torch.device | None = None,
     num_workers: int | None = None,
     dry_run: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place (paper Section 2.6): remove every prototype whose ``k`` nearest
     training patches hold fewer than ``threshold`` from its own class, then re-fit the last layer.

@@ -7,13 +7,23 @@ import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: What a parameter named ``progress`` is, everywhere in the package: called with the number of
+#: items (images) just finished, once per batch; None reports nothing. ``bar.update`` of a tqdm
+#: bar fits.
+Progress = Callable[[int], None]
+
+#: What a parameter named ``progress_bars`` is: ``(description, total) -> bar``, a context manager
+#: with ``update(n)`` (and ``set_postfix``), one per stage or split; None draws nothing. The CLI
+#: passes a tqdm factory (:func:`protopnet.cli.common.progress_factory`).
+ProgressBars = Callable[[str, int], ContextManager[Any]]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

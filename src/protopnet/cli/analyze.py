@@ -62,8 +62,8 @@ def execute(args: argparse.Namespace) -> int:
     if not hasattr(model, "prototypes"):
         raise CommandError(f"{args.model}: analyze works on a single ProtoPNet, not an ensemble; analyze each member directory (members/0, ...)")
     datasets = {split: dataset_for_model(model, args.data, split) for split in splits}
-    progress = progress_factory(getattr(args, "quiet", False))
-    analysis = analyze(model, datasets, args.k, limit=args.limit, progress=progress, settings=run_settings(args))
+    bars = progress_factory(getattr(args, "quiet", False))
+    analysis = analyze(model, datasets, args.k, limit=args.limit, progress_bars=bars, settings=run_settings(args))
     extra = []
     if metrics is not None:
         from ..interpretability import evaluate_interpretability

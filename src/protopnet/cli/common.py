@@ -9,7 +9,7 @@ from typing import Any
 
 from ..data import DATA_SPEC_HELP, DataSpecError
 from ..data import dataset_for_model as _dataset_for_model
-from ..runtime import RunSettings
+from ..runtime import ProgressBars, RunSettings
 
 DATA_HELP = DATA_SPEC_HELP
 
@@ -77,8 +77,9 @@ def interpretability_metrics(value: str | None) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def progress_factory(quiet: bool = False) -> Any:
-    """A ``(description, total) -> context manager`` making tqdm bars on stderr (None when quiet)."""
+def progress_factory(quiet: bool = False) -> ProgressBars | None:
+    """The ``progress_bars`` of the commands (:data:`protopnet.runtime.ProgressBars`): tqdm bars
+    on stderr, or None when quiet."""
     if quiet or not sys.stderr:
         return None
     from tqdm.auto import tqdm

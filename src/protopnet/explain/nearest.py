@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from ..runtime import RunSettings, autocast
+from ..runtime import Progress, RunSettings, autocast
 from ..train.nearest import NearestPatches, TopK
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def nearest_patches(
     precision: str | None = None,
     channels_last: bool | None = None,
     keep_activations: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     bad_images: Any = None,
 ) -> NearestPatches:
     """The ``k`` nearest patches (from ``k`` different images) of ``dataset`` to every prototype.

@@ -33,12 +33,12 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..regions import box_center, point_in_box
-from ..runtime import RunSettings
+from ..runtime import Progress, RunSettings
 from .baselines import DRAWS, PositionBaselines
 from .deletion import DeletionCurves
 from .localization import prototype_localization
@@ -153,7 +153,7 @@ def evaluate_interpretability(
     k: int = 5,
     seed: int = 0,
     baseline_draws: int = DRAWS,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure how interpretable ``model`` is on ``dataset`` (usually the test split).
 

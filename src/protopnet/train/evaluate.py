@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..runtime import RunSettings, autocast
+from ..runtime import Progress, RunSettings, autocast
 from .loader import BadImageLog, gather_by_index, stream_batches
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def predict_logits(
     precision: str | None = None,
     channels_last: bool | None = None,
     sampler: Any = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     bad_images: BadImageLog | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits of every readable item, unaugmented, in eval mode.

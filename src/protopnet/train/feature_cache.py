@@ -13,12 +13,12 @@ computes exactly what an uncached one with the frozen blocks in eval mode would.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..runtime import RunSettings, autocast
+from ..runtime import Progress, RunSettings, autocast
 from .loader import Batch, IndexedSubset, ShardedBatchSampler, make_loader
 from .stages import backbone_blocks
 
@@ -83,7 +83,7 @@ class FrozenFeatureCache:
         num_workers: int | None = None,
         max_bytes: float,
         bad_images: Any = None,
-        progress: Callable[[int], Any] | None = None,
+        progress: Progress | None = None,
     ) -> "FrozenFeatureCache | None":
         """Run the prefix over ``dataset`` items ``items`` (every process runs all of them).
 

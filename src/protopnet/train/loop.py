@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ from ..config import Config
 from ..losses import LossCoefficients, alignment_cost, protopnet_loss
 from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
-from ..runtime import RunSettings, autocast, memory_format, resolve_device, resolve_precision
+from ..runtime import ProgressBars, RunSettings, autocast, memory_format, resolve_device, resolve_precision
 from ..save import save_model
 from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
@@ -206,8 +206,8 @@ class Trainer(RunState):
     Args:
         config: the validated run config.
         out_dir: the run directory (default ``config.output.dir``).
-        progress: a callable ``(description, total) -> context`` making progress bars (the CLI
-            passes tqdm); None for silence.
+        progress_bars: ``(description, total) -> bar`` making a progress bar per stage
+            (:data:`protopnet.runtime.ProgressBars`; the CLI passes tqdm); None for silence.
         data: prebuilt :class:`RunData` (tests); default: built from ``config.data``.
     """
 
@@ -216,12 +216,12 @@ class Trainer(RunState):
         config: Config,
         out_dir: str | Path | None = None,
         *,
-        progress: Callable[..., Any] | None = None,
+        progress_bars: ProgressBars | None = None,
         data: RunData | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir or config.output.dir)
-        self.progress = progress
+        self.progress_bars = progress_bars
         self.device = resolve_device(config.run.device)
         self.precision = resolve_precision(self.device, config.run.precision)  # bf16 -> fp16 on old GPUs
         # the passes over a dataset (push, last layer, validation): the test batch size; push
@@ -310,7 +310,7 @@ class Trainer(RunState):
         return (self.config.run.seed * 1_000_003 + step.index * 7919 + 17) % (2**63 - 1)
 
     def _bar(self, description: str, total: int) -> Any:
-        return open_bar(self.progress if self.is_main else None, description, total)
+        return open_bar(self.progress_bars if self.is_main else None, description, total)
 
     def _feature_cache_for(self, step: Step) -> FrozenFeatureCache | None:
         """The cache of frozen-layer outputs this step trains on (``data.feature_cache``), built
@@ -473,7 +473,7 @@ class Trainer(RunState):
                 correct += (out.logits.argmax(1) == labels).sum() if b else 0
                 seen += b
                 bar.update(1)
-                if self.progress is not None and self.is_main:  # float() waits for the GPU
+                if self.progress_bars is not None and self.is_main:  # float() waits for the GPU
                     bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(float(seen), 1):.3f}")
                 fault_point("batch")
         keys = sorted(sums)
@@ -936,10 +936,10 @@ class _PretrainNet(nn.Module):
         return _PretrainOutput(self.head(self.features(x).amax(dim=(2, 3))))
 
 
-def open_bar(progress: Callable[[str, int], Any] | None, description: str, total: int) -> Any:
-    """``progress(description, total)`` (a context manager with ``update``, ``set_postfix``),
-    or one that shows nothing when ``progress`` is None."""
-    return _NullBar() if progress is None else progress(description, total)
+def open_bar(progress_bars: ProgressBars | None, description: str, total: int) -> Any:
+    """``progress_bars(description, total)`` (a context manager with ``update``, ``set_postfix``),
+    or one that shows nothing when ``progress_bars`` is None."""
+    return _NullBar() if progress_bars is None else progress_bars(description, total)
 
 
 class _NullBar:
@@ -982,6 +982,7 @@ def _short(record: dict[str, Any]) -> str:
     return ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
 
 
-def train(config: Config, out_dir: str | Path | None = None, *, resume: bool = False, progress: Callable[..., Any] | None = None) -> TrainResult:
-    """Train a ProtoPNet as ``config`` says; returns where the model and results are."""
-    return Trainer(config, out_dir, progress=progress).fit(resume=resume)
+def train(config: Config, out_dir: str | Path | None = None, *, resume: bool = False, progress_bars: ProgressBars | None = None) -> TrainResult:
+    """Train a ProtoPNet as ``config`` says; returns where the model and results are.
+    ``progress_bars``: see :class:`Trainer`."""
+    return Trainer(config, out_dir, progress_bars=progress_bars).fit(resume=resume)

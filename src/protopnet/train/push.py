@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..model.protopnet import ProtoPNet
 from ..regions import activation_boxes
-from ..runtime import RunSettings, autocast
+from ..runtime import Progress, RunSettings, autocast
 from .loader import BadImageLog, stream_batches
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def push_prototypes(
     channels_last: bool | None = None,
     percentile: float = 95.0,
     sampler: Any = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     bad_images: BadImageLog | None = None,
 ) -> list[dict[str, Any]]:
     """Project every prototype onto its nearest latent training patch of its own class.

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..runtime import RunSettings
+from ..runtime import Progress, RunSettings
 from .evaluate import accuracy_report
 from .last_layer import optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, make_loader
@@ -41,7 +41,7 @@ def scan_similarities(
     device: str | torch.device | None = None,
     num_workers: int | None = None,
     on_batch: BatchHook | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Smallest distance from each of ``prototypes`` to each image, in one streamed pass.
 
