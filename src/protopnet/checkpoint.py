@@ -546,7 +546,7 @@ def now_utc() -> str:
 # -- saving --------------------------------------------------------------------------------------
 
 def save_edited_model(
-    model: Any,
+    model: ProtoPNet,
     directory: str | Path,
     *,
     pictures: Mapping[int, Mapping[str, Any]] | None = None,

@@ -104,7 +104,7 @@ class RunSettings:
         """A copy with ``changes`` (field name -> value) in place."""
         return dataclasses.replace(self, **changes)
 
-    def for_model(self, model: Any) -> RunSettings:
+    def for_model(self, model: torch.nn.Module) -> RunSettings:
         """A copy whose ``device`` is a resolved ``torch.device``: the model's when None."""
         device = self.device if self.device is not None else next(model.parameters()).device
         return self.replace(device=resolve_device(device))

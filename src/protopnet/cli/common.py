@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import DATA_SPEC_HELP, DataSpecError
 from ..data import dataset_for_model as _dataset_for_model
 from ..runtime import ProgressBars, RunSettings
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 DATA_HELP = DATA_SPEC_HELP
 
@@ -100,7 +104,7 @@ def load_model_or_fail(path: str, device: str = "cpu") -> Any:
         raise CommandError(str(error)) from None
 
 
-def dataset_for_model(model: Any, spec: str, split: str, **kwargs: Any) -> Any:
+def dataset_for_model(model: ProtoPNet | Ensemble, spec: str, split: str, **kwargs: Any) -> Any:
     """:func:`protopnet.data.dataset_for_model` for ``--data spec``: its refusals become one-line
     :class:`CommandError` messages naming ``--data``."""
     try:

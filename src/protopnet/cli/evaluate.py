@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .common import (
     CommandError,
@@ -18,6 +18,10 @@ from .common import (
     load_model_or_fail,
     run_settings,
 )
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def record(model: Any, args: argparse.Namespace, report: dict[str, Any]) -> None:
+def record(model: ProtoPNet | Ensemble, args: argparse.Namespace, report: dict[str, Any]) -> None:
     """``--record``: the figures go into the model directory, with the tensors' checksum."""
     from ..model_card import record_evaluation
 
@@ -90,7 +94,7 @@ def record(model: Any, args: argparse.Namespace, report: dict[str, Any]) -> None
     print(f"recorded in {directory}/model.json and {directory}/README.md")
 
 
-def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace, metrics: Sequence[str] | None = None) -> dict[str, Any]:
+def interpretability_report(model: ProtoPNet | Ensemble, dataset: Any, args: argparse.Namespace, metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """The interpretability figures ``--interpretability`` adds (see protopnet.interpretability):
     ``metrics`` (default all of :data:`~protopnet.interpretability.METRICS`).
 

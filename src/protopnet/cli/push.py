@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import DATA_HELP, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, progress_factory, run_settings
+
+if TYPE_CHECKING:
+    from ..model.protopnet import ProtoPNet
 
 
 def create_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,7 +47,7 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(model: Any) -> dict[str, Any] | None:
+def _run_config(model: ProtoPNet) -> dict[str, Any] | None:
     """The source directory's config.yaml (the run that trained the model), kept with the pushed
     model so its card still tells how it was trained."""
     from pathlib import Path

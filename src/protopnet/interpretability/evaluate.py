@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -43,6 +43,10 @@ from .baselines import DRAWS, PositionBaselines
 from .deletion import DeletionCurves
 from .localization import prototype_localization
 from .parts import NOISE_CLIP, NOISE_STD, THRESHOLD, PartCounter, annotation_points, covered_parts, peak_locations, perturbation, region_half_size
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ DEFINITIONS = {
 }
 
 
-def _similarity_groups(model: Any, output: Any) -> list[tuple[int, torch.Tensor]]:
+def _similarity_groups(model: ProtoPNet | Ensemble, output: Any) -> list[tuple[int, torch.Tensor]]:
     """``(offset, similarity maps (B, M_i, H_i', W_i'))`` per prototype group: one for a
     ProtoPNet, one per member for an :class:`~protopnet.ensemble.Ensemble` (whose members'
     grids may differ)."""
@@ -98,14 +102,14 @@ def _similarity_groups(model: Any, output: Any) -> list[tuple[int, torch.Tensor]
     return [(0, model.similarity(distances))]
 
 
-def _last_layer_weight(model: Any) -> torch.Tensor:
+def _last_layer_weight(model: ProtoPNet | Ensemble) -> torch.Tensor:
     """(K, M) last-layer weights."""
     if hasattr(model, "last_layer_weight"):
         return model.last_layer_weight.detach()
     return model.last_layer.weight.detach()
 
 
-def _latent_grid(model: Any, sims: torch.Tensor) -> tuple[int, int]:
+def _latent_grid(model: ProtoPNet | Ensemble, sims: torch.Tensor) -> tuple[int, int]:
     """The latent map's (H, W) from a (B, M, H', W') map: H' + h - 1 for h x w prototypes (of
     the first member, for an ensemble). With a stride dividing the picture, its cells are equal."""
     ph, pw = getattr(model, "prototype_size", None) or getattr(model.members[0], "prototype_size", (1, 1))
@@ -134,7 +138,7 @@ def _finite(value: float | None) -> float | None:
 
 @torch.no_grad()
 def evaluate_interpretability(
-    model: Any,
+    model: ProtoPNet | Ensemble,
     dataset: Any,
     *,
     train_dataset: Any = None,
@@ -423,7 +427,7 @@ def _activation_localization(
     return hits, seen, chance
 
 
-def _prototype_localization(model: Any, push_data: Any) -> tuple[dict[str, Any] | None, str]:
+def _prototype_localization(model: ProtoPNet | Ensemble, push_data: Any) -> tuple[dict[str, Any] | None, str]:
     """:func:`prototype_localization` when the provenance refers to ``push_data``'s images."""
     provenance = getattr(model, "provenance", None)
     if not provenance:
@@ -445,7 +449,7 @@ def _prototype_localization(model: Any, push_data: Any) -> tuple[dict[str, Any] 
     return {**result, "per_prototype": [bool(v) for v in result["per_prototype"]]}, ""
 
 
-def _purity(model: Any, scan: Any, k: int, settings: RunSettings, split: str) -> dict[str, Any]:
+def _purity(model: ProtoPNet, scan: Any, k: int, settings: RunSettings, split: str) -> dict[str, Any]:
     """Class purity of each prototype's ``k`` nearest patches in ``scan``."""
     from ..explain.nearest import nearest_patches
 
@@ -467,7 +471,7 @@ def _purity(model: Any, scan: Any, k: int, settings: RunSettings, split: str) ->
     }
 
 
-def _duplicates(model: Any) -> dict[str, Any] | None:
+def _duplicates(model: ProtoPNet | Ensemble) -> dict[str, Any] | None:
     """Groups of prototypes with the same source patch: same image (dataset index) and latent
     position from the push provenance (and the same member, for ensembles); without provenance,
     identical prototype vectors."""

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..runtime import Progress, RunSettings, autocast
 from .loader import BadImageLog, gather_by_index, stream_batches
 
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
+
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def predict_logits(
-    model: Any,
+    model: ProtoPNet | Ensemble,
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
@@ -82,7 +86,7 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Seq
     return {"n": n, "accuracy": float(top1.float().mean()), "top5": float(top5.float().mean()), "per_class": per_class}
 
 
-def evaluate(model: Any, dataset: Any, **kwargs: Any) -> dict[str, Any]:
+def evaluate(model: ProtoPNet | Ensemble, dataset: Any, **kwargs: Any) -> dict[str, Any]:
     """Top-1, top-5 and per-class accuracy of ``model`` on ``dataset`` (unaugmented).
 
     Keyword arguments are those of :func:`predict_logits`.

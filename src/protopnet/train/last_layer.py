@@ -11,7 +11,7 @@ cost (see ``benchmarks/bench_engine.py``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,15 @@ from ..runtime import RunSettings, autocast
 from .feature_cache import FrozenFeatureCache, split_backbone
 from .loader import BadImageLog, IndexedSubset, gather_by_index, stream_batches
 
+if TYPE_CHECKING:
+    from ..model.protopnet import ProtoPNet
+
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def collect_similarities(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
@@ -74,7 +77,7 @@ def collect_similarities(
 
 @torch.no_grad()
 def collect_similarities_from_cache(
-    model: Any,
+    model: ProtoPNet,
     cache: FrozenFeatureCache,
     items: Sequence[int],
     *,
@@ -119,7 +122,7 @@ def collect_similarities_from_cache(
 
 
 def optimise_last_layer(
-    model: Any,
+    model: ProtoPNet,
     similarities: torch.Tensor,
     labels: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -167,7 +170,7 @@ def optimise_last_layer(
 
 
 def optimise_last_layer_full_forward(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     optimizer: torch.optim.Optimizer,
     *,

@@ -12,7 +12,7 @@ Shapes: B images, D latent channels, M prototypes, H' x W' patch positions, K cl
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -20,6 +20,9 @@ from ..runtime import Progress, RunSettings
 from .evaluate import accuracy_report
 from .last_layer import optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, make_loader
+
+if TYPE_CHECKING:
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 @torch.no_grad()
 def scan_similarities(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     prototypes: torch.Tensor | None = None,
     *,
@@ -106,7 +109,7 @@ def accuracy_from_similarities(weight: torch.Tensor, similarities: torch.Tensor,
 
 
 def refit_last_layer(
-    model: Any,
+    model: ProtoPNet,
     similarities: torch.Tensor,
     labels: torch.Tensor,
     *,
