@@ -298,6 +298,10 @@ def edit_model(
         replace: :class:`Replacement` requests.
         test_dataset: where to measure accuracy before and after (optional).
         iterations, lr, l1: the last-layer re-fit (paper: Adam, lr 1e-4, L1 1e-4).
+        settings, batch_size, device, num_workers: how the scans of the datasets run
+            (:class:`protopnet.runtime.RunSettings`; its batch size, workers and device are used,
+            the distances run in float32); the keywords, when given, replace its fields
+            (default batch size 75).
         percentile: for the replaced prototypes' boxes (paper Section 2.3: 95).
 
     Returns:
