@@ -155,7 +155,9 @@ def test_one_settings_object_runs_a_pass_as_the_separate_keywords_do():
 
     merged = RunSettings.merged(settings, batch_size=9, num_workers=None)
     assert (merged.batch_size, merged.num_workers, merged.precision) == (9, 0, "bf16")
-    assert RunSettings.merged(None, default_batch_size=75).batch_size == 75
+    assert RunSettings.merged(None, 75).batch_size == 75
+    with pytest.raises(TypeError, match="batchsize"):
+        predict_logits(model, data, batchsize=5)  # a misspelt setting is refused, not ignored
     assert RunSettings().for_model(model).device == torch.device("cpu")
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.batch_size = 1  # type: ignore[misc]

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import torch
 
 from .checkpoint import now_utc
 from .model.surgery import remove_prototypes
-from .runtime import Progress, RunSettings
+from .runtime import Progress, RunFields, RunSettings
 from .train.nearest import NearestPatches, TopK
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
@@ -67,10 +67,8 @@ def find_nearest_patches(
     per_image: bool = True,
     indices: Sequence[int] | None = None,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
     progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[NearestPatches, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k nearest training patches of every prototype, in one streamed pass.
 
@@ -78,9 +76,9 @@ def find_nearest_patches(
         dataset: the training images (read unaugmented, as push reads them).
         per_image: one candidate per image (its nearest patch; the reference's choice) or every
             patch (see the module docstring).
-        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`); only its batch size,
-            workers and device are used: the distances run in float32. ``batch_size``, ``device``
-            and ``num_workers``, when given, replace its fields; default batch size 75.
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword replaces that of ``settings``. Only the
+            batch size, workers and device are used: the distances run in float32.
 
     Returns:
         ``(nearest, min_distances (N, M), labels (N,), dataset indices (N,))`` — the per-image
@@ -88,9 +86,7 @@ def find_nearest_patches(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    run = RunSettings.merged(
-        settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers,
-    ).for_model(model)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
     top = TopK(model.num_prototypes, int(k), keep_activations=False, per_image=per_image)
     mins, labels, idx = scan_similarities(
         model, dataset, indices=indices, settings=run, on_batch=top.update, progress=progress
@@ -173,12 +169,10 @@ def prune(
     lr: float = 1e-4,
     l1: float = 1e-4,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
     seed: int = 0,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> PruneReport:
     """Prune ``model`` in place (paper Section 2.6): remove every prototype whose ``k`` nearest
     training patches hold fewer than ``threshold`` from its own class, then re-fit the last layer.
@@ -192,8 +186,8 @@ def prune(
         test_dataset: measure accuracy on it before pruning, after removal and after the re-fit.
         refit, iterations, lr, l1: the last-layer re-fit on the cached training similarities
             (the reference's pruning script: 100 iterations, Adam, lr 1e-4, L1 1e-4).
-        settings, batch_size, device, num_workers: how the passes over the datasets run, as
-            for :func:`find_nearest_patches` (default batch size 75).
+        settings, fields: how the passes over the datasets run, as for
+            :func:`find_nearest_patches` (default batch size 75).
         dry_run: find what would be pruned and report it, without changing the model.
 
     Returns:
@@ -204,7 +198,7 @@ def prune(
     """
     if not 0 <= threshold <= k:
         raise ValueError(f"threshold must be between 0 and k={k}, got {threshold}")
-    run = RunSettings.merged(settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers)
+    run = RunSettings.merged(settings, 75, **fields)
     nearest, min_d, train_y, _ = find_nearest_patches(
         model, dataset, k=k, per_image=per_image, indices=indices, settings=run, progress=progress
     )

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, TypedDict, Unpack
 
 import torch
 
@@ -114,20 +114,29 @@ class RunSettings:
         return memory_format(self.channels_last)
 
     @classmethod
-    def merged(
-        cls,
-        settings: RunSettings | None,
-        *,
-        default_batch_size: int = 100,
-        batch_size: int | None = None,
-        num_workers: int | None = None,
-        device: str | torch.device | None = None,
-        precision: str | None = None,
-        channels_last: bool | None = None,
-    ) -> RunSettings:
-        """``settings`` (default: ``RunSettings(batch_size=default_batch_size)``) with each
-        keyword that is not None in place of its field: the functions that take both a
-        ``settings`` object and the separate keywords of earlier versions build theirs here."""
+    def merged(cls, settings: RunSettings | None, default_batch_size: int = 100, /, **fields: Unpack[RunFields]) -> RunSettings:
+        """``settings`` (default: ``RunSettings(batch_size=default_batch_size)``) with each of
+        ``fields`` that is not None in place: the functions that take a ``settings`` object and,
+        beside it, its fields as keywords (``**fields: Unpack[RunFields]``) build theirs here.
+
+        Raises:
+            TypeError: a keyword that is no field of :class:`RunSettings`.
+        """
+        unknown = sorted(set(fields) - set(RunFields.__annotations__))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}: the settings of a pass are {list(RunFields.__annotations__)}")
         base = settings if settings is not None else cls(batch_size=default_batch_size)
-        given = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "precision": precision, "channels_last": channels_last}
-        return base.replace(**{name: value for name, value in given.items() if value is not None})
+        return base.replace(**{name: value for name, value in fields.items() if value is not None})
+
+
+class RunFields(TypedDict, total=False):
+    """The fields of :class:`RunSettings` as keywords. A function that takes
+    ``settings: RunSettings | None`` also takes ``**fields: Unpack[RunFields]``: each field
+    given (``batch_size=32``, ``device="cuda"``, ...) replaces that field of ``settings``, so
+    ``push_prototypes(model, data, batch_size=32)`` works as before the settings object."""
+
+    batch_size: int
+    num_workers: int
+    device: str | torch.device | None
+    precision: str
+    channels_last: bool

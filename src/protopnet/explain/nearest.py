@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import numpy as np
 import torch
 
-from ..runtime import Progress, RunSettings, autocast
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from ..train.nearest import NearestPatches, TopK
 
 if TYPE_CHECKING:
@@ -33,14 +33,10 @@ def nearest_patches(
     *,
     indices: Sequence[int] | None = None,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
-    precision: str | None = None,
-    channels_last: bool | None = None,
     keep_activations: bool = True,
     progress: Progress | None = None,
     bad_images: Any = None,
+    **fields: Unpack[RunFields],
 ) -> NearestPatches:
     """The ``k`` nearest patches (from ``k`` different images) of ``dataset`` to every prototype.
 
@@ -50,10 +46,9 @@ def nearest_patches(
             logged once each).
         k: patches per prototype (the paper's pruning uses 6).
         indices: which items to scan (default: all).
-        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
-            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
-            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
-            earlier versions); default batch size 64.
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 64); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
         keep_activations: keep each winner's activation map, (M, k, H', W'), to draw its box.
         progress: called with the number of images of each batch processed.
 
@@ -62,9 +57,7 @@ def nearest_patches(
     """
     from ..train.loader import BadImageLog, IndexedSubset, make_loader
 
-    run = RunSettings.merged(
-        settings, default_batch_size=64, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
-    ).for_model(model)
+    run = RunSettings.merged(settings, 64, **fields).for_model(model)
     device = run.device
     was_training = model.training
     model.eval()

@@ -33,12 +33,12 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import torch
 
 from ..regions import box_center, point_in_box
-from ..runtime import Progress, RunSettings
+from ..runtime import Progress, RunFields, RunSettings
 from .baselines import DRAWS, PositionBaselines
 from .deletion import DeletionCurves
 from .localization import prototype_localization
@@ -145,9 +145,6 @@ def evaluate_interpretability(
     metrics: Sequence[str] = METRICS,
     indices: Sequence[int] | None = None,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
     threshold: float = THRESHOLD,
     half_size: int | None = None,
     noise_std: float = NOISE_STD,
@@ -158,6 +155,7 @@ def evaluate_interpretability(
     seed: int = 0,
     baseline_draws: int = DRAWS,
     progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> dict[str, Any]:
     """Measure how interpretable ``model`` is on ``dataset`` (usually the test split).
 
@@ -171,9 +169,9 @@ def evaluate_interpretability(
             ``dataset``; localisation is skipped when the provenance paths do not match it).
         metrics: any of :data:`METRICS`.
         indices: which items of ``dataset`` to use (default all).
-        settings: how the passes run (:class:`protopnet.runtime.RunSettings`; its batch size,
-            workers and device are used). ``batch_size``, ``device`` and ``num_workers``, when
-            given, replace its fields; default batch size 64.
+        settings, fields: how the passes run (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 64); a field given as a keyword replaces that of ``settings``. Its batch
+            size, workers and device are used.
         threshold: consistency threshold (0.8). half_size: region half-side in pixels (default
             :func:`~protopnet.interpretability.parts.region_half_size`). noise_std, noise_clip:
             stability noise. deletion_steps: points per deletion curve minus one. deletion_grid:
@@ -202,9 +200,7 @@ def evaluate_interpretability(
     unknown = wanted - set(METRICS)
     if unknown:
         raise ValueError(f"unknown interpretability metric(s) {sorted(unknown)}; choose from {list(METRICS)}")
-    run = RunSettings.merged(
-        settings, default_batch_size=64, batch_size=batch_size, device=device, num_workers=num_workers,
-    ).for_model(model)
+    run = RunSettings.merged(settings, 64, **fields).for_model(model)
     device = run.device
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     size = int(getattr(dataset, "image_size", getattr(model, "image_size", 224)))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import torch
 
-from ..runtime import Progress, RunSettings, autocast
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import BadImageLog, gather_by_index, stream_batches
 
 if TYPE_CHECKING:
@@ -24,31 +24,24 @@ def predict_logits(
     *,
     indices: Sequence[int] | None = None,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
-    precision: str | None = None,
-    channels_last: bool | None = None,
     sampler: Any = None,
     progress: Progress | None = None,
     bad_images: BadImageLog | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits of every readable item, unaugmented, in eval mode.
 
     Args:
-        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
-            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
-            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
-            earlier versions); default batch size 100.
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 100); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
         progress: called with the number of images of each batch processed.
 
     Returns:
         logits (N, K), labels (N,), dataset indices (N,) — gathered from every rank when
         ``sampler`` shards the data across a process group.
     """
-    run = RunSettings.merged(
-        settings, default_batch_size=100, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
-    ).for_model(model)
+    run = RunSettings.merged(settings, 100, **fields).for_model(model)
     device = run.device
     was_training = model.training
     model.eval()

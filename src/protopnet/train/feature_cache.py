@@ -13,12 +13,12 @@ computes exactly what an uncached one with the frozen blocks in eval mode would.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Unpack
 
 import torch
 from torch import nn
 
-from ..runtime import Progress, RunSettings, autocast
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import Batch, IndexedSubset, ShardedBatchSampler, make_loader
 from .stages import backbone_blocks
 
@@ -76,14 +76,10 @@ class FrozenFeatureCache:
         items: list[int],
         *,
         settings: RunSettings | None = None,
-        device: torch.device | None = None,
-        precision: str | None = None,
-        channels_last: bool | None = None,
-        batch_size: int | None = None,
-        num_workers: int | None = None,
         max_bytes: float,
         bad_images: Any = None,
         progress: Progress | None = None,
+        **fields: Unpack[RunFields],
     ) -> "FrozenFeatureCache | None":
         """Run the prefix over ``dataset`` items ``items`` (every process runs all of them).
 
@@ -92,12 +88,10 @@ class FrozenFeatureCache:
         backbone's forward (a backbone whose ``forward`` is not its blocks in sequence).
 
         ``settings`` (:class:`~protopnet.runtime.RunSettings`) gives the batch size, workers,
-        device (default: the model's), precision and layout; ``device``, ``precision``,
-        ``channels_last``, ``batch_size`` and ``num_workers``, when given, replace its fields.
+        device (default: the model's), precision and layout; a field given as a keyword
+        (``fields``) replaces that of ``settings``.
         """
-        run = RunSettings.merged(
-            settings, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
-        ).for_model(model)
+        run = RunSettings.merged(settings, **fields).for_model(model)
         device, precision = run.device, run.precision
         prefix, suffix = split_backbone(model.features, frozen_blocks)
         was_training = model.training
@@ -151,8 +145,8 @@ class FrozenFeatureCache:
 
     @torch.no_grad()
     def extended(
-        self, model: nn.Module, frozen_blocks: int | None, *, settings: RunSettings | None = None, precision: str | None = None,
-        channels_last: bool | None = None, batch_size: int | None = None, max_bytes: float = float("inf"),
+        self, model: nn.Module, frozen_blocks: int | None, *, settings: RunSettings | None = None,
+        max_bytes: float = float("inf"), **fields: Unpack[RunFields],
     ) -> "FrozenFeatureCache | None":
         """The cache of a longer prefix — the first ``frozen_blocks`` blocks (None: the whole
         backbone) — computed from this one: only the blocks in between run, on the stored
@@ -160,10 +154,11 @@ class FrozenFeatureCache:
         :meth:`build`; None when it would take more than ``max_bytes``.
 
         ``settings`` gives the batch size, precision and layout (its device and workers are not
-        used: the tensors stay where they are); the keywords, when given, replace its fields.
+        used: the tensors stay where they are); a field given as a keyword replaces that of
+        ``settings``.
 
         Shapes: ``tensors`` (N, C, H, W) -> the returned cache's (N, C', H', W')."""
-        run = RunSettings.merged(settings, batch_size=batch_size, precision=precision, channels_last=channels_last)
+        run = RunSettings.merged(settings, **fields)
         if self.frozen_blocks is None:
             raise ValueError("the cache already holds the whole backbone's output")
         blocks = backbone_blocks(model.features)

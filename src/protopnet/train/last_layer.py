@@ -11,13 +11,13 @@ cost (see ``benchmarks/bench_engine.py``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Unpack
 
 import torch
 import torch.nn.functional as F
 
 from ..losses import l1_wrong_class
-from ..runtime import RunSettings, autocast
+from ..runtime import RunFields, RunSettings, autocast
 from .feature_cache import FrozenFeatureCache, split_backbone
 from .loader import BadImageLog, IndexedSubset, gather_by_index, stream_batches
 
@@ -34,29 +34,22 @@ def collect_similarities(
     *,
     indices: Sequence[int] | None = None,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
-    precision: str | None = None,
-    channels_last: bool | None = None,
     sampler: Any = None,
     bad_images: BadImageLog | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Similarity vectors of every readable image (eval mode, unaugmented).
 
     Args:
-        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
-            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
-            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
-            earlier versions); default batch size 75.
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
 
     Returns:
         similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index; with a
         sharding ``sampler`` every rank receives the whole set.
     """
-    run = RunSettings.merged(
-        settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
-    ).for_model(model)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
     device = run.device
     was_training = model.training
     model.eval()
@@ -82,18 +75,16 @@ def collect_similarities_from_cache(
     items: Sequence[int],
     *,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    precision: str | None = None,
-    channels_last: bool | None = None,
     rank: int = 0,
     world: int = 1,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`collect_similarities` over the training items whose frozen backbone blocks'
     output ``cache`` holds (``cache.tensors[p]`` is item ``items[p]``): only the later blocks
     run. Valid while the cached blocks are unchanged (frozen), as they are after the joint
     epochs that trained on the cache. With ``world`` > 1 each rank computes every ``world``-th
     item and every rank receives the whole set. ``settings`` gives the batch size, precision and
-    layout (the keywords, when given, replace its fields; default batch size 75).
+    layout (a field given as a keyword replaces that of ``settings``; default batch size 75).
 
     Returns:
         similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index.
@@ -102,7 +93,7 @@ def collect_similarities_from_cache(
         raise ValueError(f"the cache holds {len(cache)} items, not the {len(items)} given")
     suffix = split_backbone(model.features, cache.frozen_blocks)[1]
     device = cache.tensors.device
-    run = RunSettings.merged(settings, default_batch_size=75, batch_size=batch_size, precision=precision, channels_last=channels_last)
+    run = RunSettings.merged(settings, 75, **fields)
     fmt = run.memory_format
     was_training = model.training
     model.eval()

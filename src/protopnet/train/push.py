@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Unpack
 
 import torch
 import torch.distributed as dist
 
 from ..model.protopnet import ProtoPNet
 from ..regions import activation_boxes
-from ..runtime import Progress, RunSettings, autocast
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import BadImageLog, stream_batches
 
 logger = logging.getLogger(__name__)
@@ -126,15 +126,11 @@ def push_prototypes(
     *,
     indices: Sequence[int] | None = None,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
-    precision: str | None = None,
-    channels_last: bool | None = None,
     percentile: float = 95.0,
     sampler: Any = None,
     progress: Progress | None = None,
     bad_images: BadImageLog | None = None,
+    **fields: Unpack[RunFields],
 ) -> list[dict[str, Any]]:
     """Project every prototype onto its nearest latent training patch of its own class.
 
@@ -144,10 +140,9 @@ def push_prototypes(
         indices: the push images (default: every item).
         sampler: a sampler over positions in ``indices`` (a DistributedSampler shards the scan
             across ranks; the winners are then merged so every rank ends with the same result).
-        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`: batch size, workers,
-            device, precision, memory layout). ``batch_size``, ``device``, ``num_workers``,
-            ``precision`` and ``channels_last``, when given, replace its fields (the keywords of
-            earlier versions); default batch size 75.
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
         progress: called with the number of images of each batch processed.
 
     Returns:
@@ -159,9 +154,7 @@ def push_prototypes(
     Raises:
         ValueError: a class has prototypes but no readable push image.
     """
-    run = RunSettings.merged(
-        settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision, channels_last=channels_last,
-    ).for_model(model)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
     device = run.device
     was_training = model.training
     model.eval()

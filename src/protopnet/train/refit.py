@@ -12,11 +12,11 @@ Shapes: B images, D latent channels, M prototypes, H' x W' patch positions, K cl
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Unpack
 
 import torch
 
-from ..runtime import Progress, RunSettings
+from ..runtime import Progress, RunFields, RunSettings
 from .evaluate import accuracy_report
 from .last_layer import optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, make_loader
@@ -40,11 +40,9 @@ def scan_similarities(
     *,
     indices: Sequence[int] | None = None,
     settings: RunSettings | None = None,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
     on_batch: BatchHook | None = None,
     progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Smallest distance from each of ``prototypes`` to each image, in one streamed pass.
 
@@ -54,9 +52,9 @@ def scan_similarities(
         prototypes: (P, D, h, w) the vectors to measure (default: ``model.prototypes``). Passing
             the current prototypes concatenated with candidate replacements lets one pass serve
             the model before and after an edit.
-        settings: how the pass runs (:class:`protopnet.runtime.RunSettings`); only its batch size,
-            workers and device are used: the distances run in float32. ``batch_size``, ``device``
-            and ``num_workers``, when given, replace its fields; default batch size 75.
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword replaces that of ``settings``. Only the
+            batch size, workers and device are used: the distances run in float32.
         on_batch: called with ``(distances (B, P, H', W'), labels (B,), dataset indices (B,))``
             for every batch (the k-nearest-patch search of :mod:`protopnet.prune` uses it).
         progress: called with the number of images of each batch.
@@ -65,9 +63,7 @@ def scan_similarities(
         min_distances (N, P) float32 on the CPU, labels (N,), dataset indices (N,), sorted by
         dataset index. Unreadable images are skipped (and logged).
     """
-    run = RunSettings.merged(
-        settings, default_batch_size=75, batch_size=batch_size, device=device, num_workers=num_workers,
-    ).for_model(model)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
     device = run.device
     protos = (model.prototypes if prototypes is None else prototypes).detach().to(device)
     was_training = model.training
