@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import ROOT
+
 
 def _oracle_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "part_oracle.py"
+    path = ROOT / "benchmarks" / "part_oracle.py"
     spec = importlib.util.spec_from_file_location("part_oracle", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -5,7 +5,6 @@ interpretability report measures each ProtoPNet, per seed and over seeds."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +12,15 @@ import torch
 from protopnet.config import load_config
 from protopnet.train.stages import backbone_blocks
 
-from test_interpretability import COLOURS, GREY, Squares, colour_model
+from conftest import COLOURS, GREY, ROOT, Squares, colour_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 
 
 def _bench_module():
     import importlib.util
 
-    path = CONFIGS.parent / "benchmarks" / "bench_cub.py"
+    path = ROOT / "benchmarks" / "bench_cub.py"
     spec = importlib.util.spec_from_file_location("bench_cub", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
