@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     from protopnet.config import load_config
     from protopnet.data import build_dataset
     from protopnet.train import Trainer, build_run_data
-    from protopnet.train.loop import backbone_normalisation
+    from protopnet.train.run_data import backbone_normalisation
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"protopnet", "baseline"}:

@@ -58,7 +58,7 @@ def _small_bench_setup(tmp_path, *overrides):
     from test_prepare import make_cub
 
     from protopnet.train import build_run_data
-    from protopnet.train.loop import backbone_normalisation
+    from protopnet.train.run_data import backbone_normalisation
 
     src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
     config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn", "model.pretrained=false", "data.image_size=32",
@@ -87,7 +87,7 @@ def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypat
 
     from protopnet.data import CUB200
     from protopnet.train import build_run_data
-    from protopnet.train.loop import backbone_normalisation
+    from protopnet.train.run_data import backbone_normalisation
 
     bench = _bench_module()
     src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
