@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from PIL import Image
 from torch import nn
 
@@ -31,6 +32,16 @@ from protopnet.train import train
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: src/, configs/, benchmarks/, tests/
 SHARED = ROOT.parent / "shared"
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class ColourDataset(ProtoDataset):
@@ -479,3 +490,26 @@ def screenshot(driver, tmp_path: Path, name: str) -> Path:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, Path(keep) / path.name)
     return path
+
+
+# -- weight averaging (optim.ema_decay) -------------------------------------------------------
+
+def record_trajectory(model, counted=None):
+    """After every optimiser step (of the optimisers in ``counted``, or of any), a copy of every
+    parameter of ``model``: the list it returns fills as training runs."""
+    snapshots: list[list[torch.Tensor]] = []
+
+    def hook(optimizer, args, kwargs):
+        if counted is None or any(optimizer is o for o in counted()):
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+
+    handle = register_optimizer_step_post_hook(hook)
+    return snapshots, handle
+
+
+def moving_average(snapshots, decay):
+    """The exponential moving average of a weight trajectory, written out."""
+    average = [t.clone() for t in snapshots[0]]
+    for weights in snapshots[1:]:
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    return average
