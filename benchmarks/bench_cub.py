@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     from protopnet.config import load_config
     from protopnet.data import build_dataset
     from protopnet.train import Trainer, build_run_data
-    from protopnet.train.loop import backbone_normalisation
+    from protopnet.train.run_data import backbone_normalisation
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"protopnet", "baseline"}:
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / "protopnet" if len(seeds) == 1 else out / f"protopnet-seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run directory
             t0 = time.perf_counter()
-            trained = Trainer(config, run_dir, progress=progress, data=data).fit()
+            trained = Trainer(config, run_dir, progress_bars=progress, data=data).fit()
             seconds = time.perf_counter() - t0
             model = load_model(trained.model_dir, device="cpu")
             results["protopnet"] = {

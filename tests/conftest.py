@@ -1,17 +1,47 @@
-"""Shared fixtures: tiny models and tiny in-memory datasets, so engine tests need no files."""
+"""Everything the test files share (and only here: no test file imports another): tiny models
+and tiny in-memory datasets, so engine tests need no files; hand-built colour models; the
+torchrun pair of runs; checks of a run's output after an interruption; headless Chromium.
+
+pytest puts ``tests/`` on ``sys.path`` for this file, so ``from conftest import ...`` works from
+every folder below it."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from PIL import Image
+from torch import nn
 
+from protopnet import ProtoPNet, load_model
+from protopnet.checkpoint import load_tensors
+from protopnet.config import load_config
 from protopnet.data.base import Annotation, ProtoDataset
+from protopnet.train import train
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]  # the repository: src/, configs/, benchmarks/, tests/
+SHARED = ROOT.parent / "shared"
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class ColourDataset(ProtoDataset):
@@ -233,3 +263,253 @@ def write_tree(root: Path, files: dict[str, str | bytes] = FILES, images: bool =
         Image.new("RGB", (40, 40), BLUE).save(root / "images/007.Parakeet_Auklet/d.png")
         Image.new("RGB", (10, 10), GREEN).save(root / "images/012.Yellow_headed_Blackbird/c.png")
     return root
+
+
+# -- hand-built colour squares: the interpretability metrics' cases of known answer ----------
+
+COLOURS = [(230, 40, 40), (40, 200, 40), (40, 80, 230)]
+GREY = (128, 128, 128)
+
+
+def normalised(colour) -> torch.Tensor:
+    return (torch.tensor(colour, dtype=torch.float32) / 255 - 0.5) / 0.25
+
+
+class Squares(ProtoDataset):
+    """32-px pictures: near-grey noise and one 8 x 8 square of the class colour, aligned to the
+    4-pixel cells (the part; ``part_box``). ``decoy``: a second identical square elsewhere, not
+    annotated. ``cub``: CUB-style part points instead of a box — ``head`` at the square's centre
+    (always visible) and ``tail`` at the opposite corner of the picture (visible in even items)."""
+
+    def __init__(self, per_class: int = 6, decoy: bool = False, cub: bool = False, seed: int = 0, num_classes: int = 3):
+        super().__init__(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        self.classes = [f"square_{k}" for k in range(num_classes)]
+        self.targets = [i % num_classes for i in range(num_classes * per_class)]
+        self.decoy, self.cub, self.seed = decoy, cub, seed
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def squares(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, index])
+        while True:
+            a, b = rng.integers(0, 7, size=2) * 4, rng.integers(0, 7, size=2) * 4
+            if not self.decoy or np.abs(a - b).max() >= 16:
+                return (int(a[0]), int(a[1])), (int(b[0]), int(b[1]))
+
+    def load_image(self, index: int) -> Image.Image:
+        array = np.random.default_rng([self.seed, index, 1]).integers(120, 137, size=(32, 32, 3)).astype(np.uint8)
+        (x, y), (dx, dy) = self.squares(index)
+        array[y : y + 8, x : x + 8] = COLOURS[self.targets[index]]
+        if self.decoy:
+            array[dy : dy + 8, dx : dx + 8] = COLOURS[self.targets[index]]
+        return Image.fromarray(array)
+
+    def path(self, index: int) -> str:
+        return f"squares://{self.seed}/{index}"
+
+    def annotation(self, index: int) -> Annotation:
+        (x, y), _ = self.squares(index)
+        if self.cub:
+            parts = {"head": (x + 4.0, y + 4.0)}
+            if index % 2 == 0:
+                parts["tail"] = (31.0 - (x + 4.0), 31.0 - (y + 4.0))
+            return Annotation(parts=parts)
+        return Annotation(part_box=[float(x), float(y), float(x + 8), float(y + 8)])
+
+
+def colour_model(colours, classes, num_classes: int = 3) -> ProtoPNet:
+    """A ProtoPNet whose latent map is the 4 x 4-cell mean colour and whose prototypes are colours."""
+    model = ProtoPNet(backbone="tiny_cnn", num_classes=num_classes, prototype_dim=3, pretrained=False, prototype_classes=classes)
+    model.features = nn.AvgPool2d(4)
+    model.add_on = nn.Identity()
+    model.prototypes = nn.Parameter(torch.stack([normalised(c) for c in colours]).view(len(colours), 3, 1, 1))
+    model.image_size = 32
+    return model.eval()
+
+
+# -- the same config trained by torchrun (two ranks) and in this process --------------------
+
+# Installed in the torchrun ranks through PYTHONPATH: on ranks other than 0 it records each write
+# (open for writing, mkdir, rename, remove) under PROTOPNET_TEST_WATCH into PROTOPNET_TEST_AUDIT.
+SITECUSTOMIZE = textwrap.dedent(
+    '''
+    import atexit, os, sys
+    _watch = os.environ.get("PROTOPNET_TEST_WATCH")
+    _log = os.environ.get("PROTOPNET_TEST_AUDIT")
+    if _watch and _log and os.environ.get("RANK", "0") != "0":
+        _watch = os.path.realpath(_watch)
+        _seen, _busy = [], [False]
+        _write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+        def _inside(path):
+            if isinstance(path, bytes):
+                path = os.fsdecode(path)
+            if not isinstance(path, str):
+                return False
+            return os.path.realpath(path).startswith(_watch)
+
+        def _hook(event, args):
+            if _busy[0]:
+                return
+            if event == "open":
+                path, mode, flags = args
+                writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                    isinstance(flags, int) and flags & _write_flags)
+                if writes and _inside(path):
+                    _seen.append(f"open {path} {mode} {flags}")
+            elif event == "os.mkdir":
+                if _inside(args[0]) and not os.path.exists(args[0]):  # exist_ok=True tries anyway
+                    _seen.append(f"{event} {args[0]}")
+            elif event in ("os.remove", "os.rmdir", "os.truncate", "shutil.rmtree"):
+                if _inside(args[0]):
+                    _seen.append(f"{event} {args[0]}")
+            elif event == "os.rename":
+                if _inside(args[0]) or _inside(args[1]):
+                    _seen.append(f"{event} {args[0]} -> {args[1]}")
+
+        def _dump():
+            _busy[0] = True
+            with open(_log + "." + os.environ["RANK"], "w") as handle:
+                handle.write("\\n".join(_seen))
+
+        sys.addaudithook(_hook)
+        atexit.register(_dump)
+    '''
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun() -> list[str]:
+    exe = Path(sys.executable).parent / "torchrun"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def train_both(tmp_path: Path, config_text: str) -> tuple[Path, Path, list[str]]:
+    """Train the config with torchrun (2 ranks) and, meanwhile, in this process."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    audit = tmp_path / "audit.log"
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PROTOPNET_TEST_WATCH=str(ddp), PROTOPNET_TEST_AUDIT=str(audit), OMP_NUM_THREADS="1",
+    )
+    command = [*torchrun(), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "protopnet", "-q",
+               "train", str(path), "--out", str(ddp)]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as ranks:
+        try:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                train(load_config(path), single)
+            finally:
+                torch.set_num_threads(threads)
+            stdout, stderr = ranks.communicate(timeout=300)
+        finally:
+            if ranks.poll() is None:
+                ranks.kill()
+    assert ranks.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])  # rank 0 prints one summary line
+    assert summary["model"] == str(ddp / "model")
+    log = Path(f"{audit}.1")
+    assert log.exists(), "the audit hook did not run on rank 1"
+    writes = [line for line in log.read_text().splitlines() if line]
+    return single, ddp, writes
+
+
+# -- a run's output directory after an interruption ----------------------------------------
+
+def assert_whole(out: Path) -> None:
+    """Every checkpoint and the model directory on disk is complete and passes its checksums."""
+    for step in sorted((out / "checkpoints").glob("step-*")):
+        state = json.loads((step / "state.json").read_text())
+        load_tensors(step / "model.safetensors", state["model_sha256"])
+        load_tensors(step / "state.safetensors", state["state_sha256"])
+        assert state["next_step"] == int(step.name.split("-")[1]) + 1
+    if (out / "model").exists():
+        load_model(out / "model")  # checks model.safetensors against model.json's sha256
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for d in (out, out / "checkpoints") if d.is_dir() for p in d.iterdir() if p.name.startswith("."))
+
+
+# -- headless Chromium (the browser tests of the reports and of serve) --------------------
+
+CHROME_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="protopnet-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_argument("--window-size=1280,1000")
+    options.binary_location = chromium
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def screenshot(driver, tmp_path: Path, name: str) -> Path:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(int(height) + 40, 6000))
+    path = tmp_path / f"{name}.png"
+    assert driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+    keep = os.environ.get("PROTOPNET_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(keep) / path.name)
+    return path
+
+
+# -- weight averaging (optim.ema_decay) -------------------------------------------------------
+
+def record_trajectory(model, counted=None):
+    """After every optimiser step (of the optimisers in ``counted``, or of any), a copy of every
+    parameter of ``model``: the list it returns fills as training runs."""
+    snapshots: list[list[torch.Tensor]] = []
+
+    def hook(optimizer, args, kwargs):
+        if counted is None or any(optimizer is o for o in counted()):
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+
+    handle = register_optimizer_step_post_hook(hook)
+    return snapshots, handle
+
+
+def moving_average(snapshots, decay):
+    """The exponential moving average of a weight trajectory, written out."""
+    average = [t.clone() for t in snapshots[0]]
+    for weights in snapshots[1:]:
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    return average

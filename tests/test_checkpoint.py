@@ -172,3 +172,23 @@ def test_state_flattening_round_trips():
     restored = unflatten_state(skeleton, tensors)
     assert restored["param_groups"] == opt.state_dict()["param_groups"]
     torch.testing.assert_close(restored["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_storage_takes_the_pictures_its_caller_drew(tmp_path):
+    """checkpoint.save_model only stores: given the pictures drawn by
+    visualize.draw_prototype_pictures it writes the same directory as protopnet.save_model(dataset=)."""
+    from protopnet.checkpoint import save_model as store_model
+    from protopnet.visualize import draw_prototype_pictures
+
+    data = ColourDataset()
+    model = tiny_model(class_names=["a", "b", "c"]).eval()
+    push_prototypes(model, data)
+    save_model(model, tmp_path / "drawn" / "m", dataset=data)
+    store_model(model, tmp_path / "stored" / "m", pictures=draw_prototype_pictures(model.provenance, data))
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    drawn, stored = files(tmp_path / "drawn" / "m"), files(tmp_path / "stored" / "m")
+    assert sum(name.startswith("prototypes/") for name in drawn) == 3 * model.num_prototypes
+    assert drawn == stored

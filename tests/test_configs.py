@@ -2,7 +2,7 @@
 hyperparameters; every architecture builds (on the meta device: no memory, no weights) and maps a
 224 px image to a 7 x 7 latent grid; the CPU config builds for real, freezes what it says, and
 loads the shared ImageNet weights offline; the packaged demo config is this one. (bench_cub's
-tests are in test_bench_cub.py.)"""
+tests are in tests/benchmarks/test_bench_cub.py.)"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from protopnet.data import build_dataset
 from protopnet.demo import demo_config_path
 from protopnet.interpretability import prototype_localization
 
-from test_distributed import _train_both
+from conftest import train_both
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # trains the demo twice, once under torchrun
 
@@ -31,7 +31,7 @@ def demo_runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo")
     config = load_config(demo_config_path()).to_dict()
     config["run"].update(device="cpu", threads=1)
-    single, ddp, writes = _train_both(tmp_path, json.dumps(config))
+    single, ddp, writes = train_both(tmp_path, json.dumps(config))
     return config, single, ddp, writes
 
 

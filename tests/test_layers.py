@@ -23,8 +23,9 @@ LAYERS: list[set[str]] = [
     {"model", "data", "losses", "runtime", "regions"},
     # typed configs (they name the backbones of model/) and prototype pictures (regions -> PIL)
     {"config", "visualize"},
-    # model files: save/load, the model card, the Hub, ensembles (a model made of saved models)
-    {"checkpoint", "model_card", "hub", "ensemble"},
+    # model files: save/load, the model card, the Hub, ensembles (a model made of saved models);
+    # save draws the prototype pictures (visualize) and hands them to checkpoint, which only stores
+    {"checkpoint", "model_card", "hub", "ensemble", "save"},
     # training; pruning is one of its stages (the Trainer runs it), so it lives at this level
     {"train", "prune"},
     # what is done with a trained model
@@ -40,7 +41,8 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
     # ProtoPNet.from_pretrained / save_pretrained are convenience methods on the model class (the
     # Hugging Face convention); they import storage inside the methods, so building or running a
     # model never loads it.
-    ("protopnet.model.protopnet", "checkpoint"): "from_pretrained/save_pretrained",
+    ("protopnet.model.protopnet", "checkpoint"): "from_pretrained",
+    ("protopnet.model.protopnet", "save"): "save_pretrained",
     ("protopnet.model.protopnet", "hub"): "from_pretrained",
 }
 
@@ -112,6 +114,13 @@ def test_the_known_exceptions_still_exist():
     present = {(source, unit_of(target)) for source, target in arrows()}
     assert set(KNOWN_UPWARD) <= present, "an exception no longer needed: remove it from KNOWN_UPWARD"
     assert set(KNOWN_CIRCLES) <= runtime_arrows(), "an exception no longer needed: remove it from KNOWN_CIRCLES"
+
+
+def test_storage_never_draws():
+    # checkpoint.py stores and loads model files; the pictures are drawn by its callers
+    for source, target in arrows():
+        if source == "protopnet.checkpoint":
+            assert unit_of(target) not in {"visualize", "explain", "save"}, f"{source} -> {target}"
 
 
 def test_training_imports_neither_editing_nor_explanations():
@@ -196,3 +205,21 @@ def test_no_module_imports_itself_in_a_circle():
         if node not in state:
             visit(node, [])
     assert circles == [], "import circles:\n" + "\n".join(circles)
+
+
+def test_a_parameter_named_progress_means_one_thing():
+    # progress: protopnet.runtime.Progress, called with the items of each batch; a factory of bars
+    # is progress_bars (runtime.ProgressBars). download_file keeps progress as the earlier name of
+    # its byte_progress.
+    allowed = {"progress": "Progress | None", "progress_bars": "ProgressBars | None"}
+    odd = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args.args + node.args.kwonlyargs
+                for arg in arguments:
+                    if arg.arg in allowed and (module_name(path), node.name) != ("protopnet.data.download", "download_file"):
+                        annotation = ast.unparse(arg.annotation) if arg.annotation is not None else None
+                        if annotation != allowed[arg.arg]:
+                            odd.append(f"{module_name(path)}.{node.name}({arg.arg}: {annotation})")
+    assert odd == [], "progress parameters of another meaning:\n" + "\n".join(odd)

@@ -12,10 +12,12 @@ by finding parts of it that look like prototypical parts of training images.
 
 import logging
 
-from .checkpoint import CheckpointError, UnsafeCheckpointError, load_model, save_model
+from .checkpoint import CheckpointError, UnsafeCheckpointError, load_model
 from .config import Config, ConfigError, load_config
 from .losses import LossCoefficients, cluster_cost, protopnet_loss, separation_cost
 from .model import ProtoPNet, ProtoPNetOutput, available_backbones
+from .runtime import RunSettings
+from .save import save_model  # draws the prototype pictures, then stores (checkpoint.save_model)
 from .train import Trainer, evaluate, train
 from .train.push import push_prototypes as push
 
@@ -35,6 +37,7 @@ __all__ = [
     "LossCoefficients",
     "ProtoPNet",
     "ProtoPNetOutput",
+    "RunSettings",
     "Trainer",
     "UnsafeCheckpointError",
     "available_backbones",

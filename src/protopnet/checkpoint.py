@@ -6,7 +6,8 @@ A model directory holds:
     model.json          architecture, class names, image settings, push provenance, history,
                         the SHA-256 of model.safetensors (a truncated or altered file is refused)
     config.yaml         the run config that trained it (when trained by protopnet)
-    prototypes/*.png    each prototype's patch, source image with box, activation overlay
+    prototypes/*.png    each prototype's patch, source image with box, activation overlay (drawn
+                        by the caller, e.g. protopnet.save.save_model; this module only stores)
     README.md           the model card, generated from the files above (see protopnet.model_card);
                         loading never reads it, and a directory without one loads the same
 
@@ -29,7 +30,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -287,29 +288,33 @@ def save_model(
     model: ProtoPNet,
     directory: str | Path,
     *,
-    dataset: Any = None,
+    pictures: Iterable[tuple[int, Mapping[str, Any]]] | None = None,
     run_config: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` as a model directory (atomically replacing an existing one).
+    """Write ``model`` as a model directory (atomically replacing an existing one). This only
+    stores: the pictures of the prototypes are drawn by the caller (see
+    :func:`protopnet.save.save_model`, which draws them from the push dataset).
 
     Args:
-        dataset: the push dataset; when given and the model has provenance, the prototype
-            pictures are drawn into ``prototypes/``.
+        pictures: when the model has provenance, pairs of a prototype's index and its pictures
+            (``{kind: PIL picture}``, e.g. from
+            :func:`protopnet.visualize.draw_prototype_pictures`), written as
+            ``prototypes/<j>_<kind>.png`` and recorded in its provenance entry's ``images``.
+            Without them the pictures of the directory the model was loaded from are copied.
         run_config: the resolved run config, written as ``config.yaml``.
         extra: more JSON to keep in ``model.json`` (metrics, for example).
     """
     import yaml
 
     from .model_card import display_name, write_model_card
-    from .visualize import save_prototype_images
 
     def fill(tmp: Path) -> None:
         state = {k: v for k, v in model.state_dict().items()}
         digest = save_tensors(tmp / "model.safetensors", state)
         meta = model_metadata(model)
-        if dataset is not None and model.provenance:
-            save_prototype_images(meta["provenance"], dataset, tmp)
+        if pictures is not None and model.provenance:
+            _write_prototype_pictures(meta["provenance"], pictures, tmp)
         elif model.provenance and getattr(model, "source_directory", None):
             _copy_prototype_images(Path(model.source_directory), tmp, meta["provenance"])
         meta["tensors"] = {"file": "model.safetensors", "sha256": digest}
@@ -323,6 +328,20 @@ def save_model(
     path = write_directory_atomically(directory, fill)
     model.source_directory = str(path)
     return path
+
+
+def _write_prototype_pictures(provenance: list[dict[str, Any]], pictures: Iterable[tuple[int, Mapping[str, Any]]], directory: Path) -> None:
+    """Write ``prototypes/<j>_<kind>.png`` under ``directory`` and record the relative paths in
+    the provenance entry of prototype ``j``; prototypes without pictures keep their entry as is."""
+    (directory / "prototypes").mkdir(parents=True, exist_ok=True)
+    entries = {int(entry["prototype"]): entry for entry in provenance}
+    for j, drawn in pictures:
+        entry = entries[int(j)]
+        entry["images"] = {}
+        for kind, image in drawn.items():
+            relative = f"prototypes/{int(j):04d}_{kind}.png"
+            image.save(directory / relative)
+            entry["images"][kind] = relative
 
 
 def _copy_prototype_images(source: Path, target: Path, provenance: list[dict[str, Any]]) -> None:
@@ -527,7 +546,7 @@ def now_utc() -> str:
 # -- saving --------------------------------------------------------------------------------------
 
 def save_edited_model(
-    model: Any,
+    model: ProtoPNet,
     directory: str | Path,
     *,
     pictures: Mapping[int, Mapping[str, Any]] | None = None,

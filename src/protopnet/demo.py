@@ -19,6 +19,7 @@ from .explain.html import percent
 
 if TYPE_CHECKING:
     from .model import ProtoPNet
+    from .runtime import ProgressBars
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def run_demo(
     *,
     overrides: Sequence[str] = (),
     explain_images: int = 4,
-    progress: Callable[..., Any] | None = None,
+    progress_bars: ProgressBars | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the figures also written to ``out_dir/demo.json``.
@@ -49,6 +50,7 @@ def run_demo(
     removed included; equal to the final figures when the config does not prune), ``seconds``
     (wall time of the whole demo),
     ``train_seconds``, ``prototypes``, ``classes``, and where the model and report are.
+    ``progress_bars`` draws a bar per training stage (:data:`protopnet.runtime.ProgressBars`).
     """
     from .interpretability import prototype_localization
     from .train import Trainer
@@ -57,7 +59,7 @@ def run_demo(
     out_dir = Path(out_dir)
     config = demo_config(overrides)
     config.output.dir = str(out_dir)
-    trainer = Trainer(config, out_dir, progress=progress)
+    trainer = Trainer(config, out_dir, progress_bars=progress_bars)
     result = trainer.fit(resume=resume)
     model = load_model(result.model_dir)
     localization = prototype_localization(model, trainer.data.clean)

@@ -39,7 +39,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Unpack
 
 import torch
 
@@ -55,6 +55,7 @@ from .model.surgery import (
     remove_prototypes,
 )
 from .regions import activation_box
+from .runtime import RunFields, RunSettings
 from .train.refit import BatchHook, accuracy_from_similarities, refit_last_layer, scan_similarities
 from .visualize import prototype_pictures
 
@@ -275,11 +276,10 @@ def edit_model(
     iterations: int = 20,
     lr: float = 1e-4,
     l1: float = 1e-4,
-    batch_size: int = 75,
+    settings: RunSettings | None = None,
     seed: int = 0,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
     percentile: float = 95.0,
+    **fields: Unpack[RunFields],
 ) -> EditReport:
     """Apply a person's edits to ``model`` in place, re-fit the last layer and measure.
 
@@ -296,6 +296,9 @@ def edit_model(
         replace: :class:`Replacement` requests.
         test_dataset: where to measure accuracy before and after (optional).
         iterations, lr, l1: the last-layer re-fit (paper: Adam, lr 1e-4, L1 1e-4).
+        settings, fields: how the scans of the datasets run (:class:`~protopnet.runtime.RunSettings`;
+            default batch size 75); a field given as a keyword replaces that of ``settings``.
+            Only the batch size, workers and device are used: the distances run in float32.
         percentile: for the replaced prototypes' boxes (paper Section 2.3: 95).
 
     Returns:
@@ -329,10 +332,12 @@ def edit_model(
     if prepared:
         bank = torch.cat([bank, torch.stack([p.vector for p in prepared]).to(bank)])  # (M + R, D, h, w)
 
+    run = RunSettings.merged(settings, 75, **fields)
+
     def scan(dataset: Any, indices: Sequence[int] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if dataset is None:
             return None, None
-        d, y, _ = scan_similarities(model, dataset, bank, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers)
+        d, y, _ = scan_similarities(model, dataset, bank, indices=indices, settings=run)
         return model.similarity(d), y  # (N, M + R)
 
     train_sims, train_y = scan(train_dataset, train_indices) if refit else (None, None)

@@ -19,7 +19,7 @@ backbone, prototype count and shape, input size and normalisation:
 
 * The ensemble takes one input: square images of ``ensemble.image_size`` normalised with
   ``ensemble.mean`` / ``ensemble.std`` (by default the largest member input size and the first
-  member's normalisation; :func:`protopnet.cli.common.dataset_for_model` prepares data that way).
+  member's normalisation; :func:`protopnet.data.dataset_for_model` prepares data that way).
 * Inside, each member gets the input converted to its own preprocessing
   (:meth:`Ensemble.member_input`): un-normalised, resized to the member's size (bilinear, with
   antialiasing when shrinking) and normalised with the member's mean/std. A member whose size and

@@ -35,10 +35,14 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .ensemble import Ensemble
+    from .model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ DEFAULT_OPSET = 17
 EXPORT_EXTRA = "pip install 'protopnet[export]'"
 
 
-def _is_ensemble(model: Any) -> bool:
+def _is_ensemble(model: ProtoPNet | Ensemble) -> bool:
     from .ensemble import Ensemble
 
     return isinstance(model, Ensemble)
@@ -68,14 +72,14 @@ class ExportWrapper(nn.Module):
         return (out.logits, out.similarities, *distances)
 
 
-def output_names(model: Any) -> list[str]:
+def output_names(model: ProtoPNet | Ensemble) -> list[str]:
     """Names of the exported outputs, in order."""
     if _is_ensemble(model):
         return ["logits", "similarities", *[f"distances_{i}" for i in range(model.num_members)]]
     return ["logits", "similarities", "distances"]
 
 
-def export_metadata(model: Any) -> dict[str, str]:
+def export_metadata(model: ProtoPNet | Ensemble) -> dict[str, str]:
     """Facts a server needs, as strings (ONNX ``metadata_props``)."""
     from . import __version__
 
@@ -95,7 +99,7 @@ def export_metadata(model: Any) -> dict[str, str]:
     }
 
 
-def _example_input(model: Any, batch_size: int) -> torch.Tensor:
+def _example_input(model: ProtoPNet | Ensemble, batch_size: int) -> torch.Tensor:
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     size = int(model.image_size)
@@ -128,7 +132,7 @@ def _quiet_tracing() -> Iterator[None]:
         yield
 
 
-def export_onnx(model: Any, path: str | Path, *, opset: int = DEFAULT_OPSET, batch_size: int = 2) -> Path:
+def export_onnx(model: ProtoPNet | Ensemble, path: str | Path, *, opset: int = DEFAULT_OPSET, batch_size: int = 2) -> Path:
     """Write ``model`` as an ONNX file with a dynamic batch axis (atomically).
 
     Args:
@@ -172,7 +176,7 @@ def export_onnx(model: Any, path: str | Path, *, opset: int = DEFAULT_OPSET, bat
     return path
 
 
-def export_torchscript(model: Any, path: str | Path, *, batch_size: int = 2) -> Path:
+def export_torchscript(model: ProtoPNet | Ensemble, path: str | Path, *, batch_size: int = 2) -> Path:
     """Write ``model`` as a traced TorchScript file (atomically), the facts of
     :func:`export_metadata` in its extra file ``protopnet.json``. Any batch size runs."""
     from .checkpoint import atomic_write_bytes
@@ -194,7 +198,7 @@ def export_torchscript(model: Any, path: str | Path, *, batch_size: int = 2) -> 
 
 
 @torch.no_grad()
-def reference_outputs(model: Any, images: torch.Tensor) -> list[torch.Tensor]:
+def reference_outputs(model: ProtoPNet | Ensemble, images: torch.Tensor) -> list[torch.Tensor]:
     """The PyTorch outputs the exported file should reproduce, in :func:`output_names` order."""
     was_training = model.training
     model.eval()
@@ -244,7 +248,7 @@ class ExportCheck:
         return {"max_abs_diff": self.max_abs_diff, "worst_ratio": self.worst_ratio, "tolerance": self.tolerance, "ok": self.ok}
 
 
-def _similarity_slopes(model: Any, min_distances: torch.Tensor) -> torch.Tensor:
+def _similarity_slopes(model: ProtoPNet | Ensemble, min_distances: torch.Tensor) -> torch.Tensor:
     """|d similarity / d distance| at each min distance (B, M): ``1/(d + eps) - 1/(d + 1)`` for
     the log activation, 1 for the linear one (per member for an ensemble)."""
     nets = list(model.members) if _is_ensemble(model) else [model]
@@ -257,7 +261,7 @@ def _similarity_slopes(model: Any, min_distances: torch.Tensor) -> torch.Tensor:
 
 
 def check_export(
-    model: Any,
+    model: ProtoPNet | Ensemble,
     path: str | Path,
     format: str = "onnx",
     *,

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import torch
 
 from .checkpoint import now_utc
 from .model.surgery import remove_prototypes
+from .runtime import Progress, RunFields, RunSettings
 from .train.nearest import NearestPatches, TopK
 from .train.refit import accuracy_from_similarities, refit_last_layer, scan_similarities
 
@@ -65,10 +66,9 @@ def find_nearest_patches(
     k: int = REFERENCE_K,
     per_image: bool = True,
     indices: Sequence[int] | None = None,
-    batch_size: int = 75,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    progress: Callable[[int], None] | None = None,
+    settings: RunSettings | None = None,
+    progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[NearestPatches, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k nearest training patches of every prototype, in one streamed pass.
 
@@ -76,6 +76,9 @@ def find_nearest_patches(
         dataset: the training images (read unaugmented, as push reads them).
         per_image: one candidate per image (its nearest patch; the reference's choice) or every
             patch (see the module docstring).
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword replaces that of ``settings``. Only the
+            batch size, workers and device are used: the distances run in float32.
 
     Returns:
         ``(nearest, min_distances (N, M), labels (N,), dataset indices (N,))`` — the per-image
@@ -83,12 +86,10 @@ def find_nearest_patches(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    from .runtime import resolve_device
-
-    dev = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
     top = TopK(model.num_prototypes, int(k), keep_activations=False, per_image=per_image)
     mins, labels, idx = scan_similarities(
-        model, dataset, indices=indices, batch_size=batch_size, device=dev, num_workers=num_workers, on_batch=top.update, progress=progress
+        model, dataset, indices=indices, settings=run, on_batch=top.update, progress=progress
     )
     size = int(getattr(dataset, "image_size", getattr(model, "image_size", 224)))
     nearest = top.result(model.prototype_classes, size, len(idx), prototype_size=tuple(model.prototype_size))
@@ -167,12 +168,11 @@ def prune(
     iterations: int = 100,
     lr: float = 1e-4,
     l1: float = 1e-4,
-    batch_size: int = 75,
+    settings: RunSettings | None = None,
     seed: int = 0,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
     dry_run: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> PruneReport:
     """Prune ``model`` in place (paper Section 2.6): remove every prototype whose ``k`` nearest
     training patches hold fewer than ``threshold`` from its own class, then re-fit the last layer.
@@ -186,6 +186,8 @@ def prune(
         test_dataset: measure accuracy on it before pruning, after removal and after the re-fit.
         refit, iterations, lr, l1: the last-layer re-fit on the cached training similarities
             (the reference's pruning script: 100 iterations, Adam, lr 1e-4, L1 1e-4).
+        settings, fields: how the passes over the datasets run, as for
+            :func:`find_nearest_patches` (default batch size 75).
         dry_run: find what would be pruned and report it, without changing the model.
 
     Returns:
@@ -196,8 +198,9 @@ def prune(
     """
     if not 0 <= threshold <= k:
         raise ValueError(f"threshold must be between 0 and k={k}, got {threshold}")
+    run = RunSettings.merged(settings, 75, **fields)
     nearest, min_d, train_y, _ = find_nearest_patches(
-        model, dataset, k=k, per_image=per_image, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
+        model, dataset, k=k, per_image=per_image, indices=indices, settings=run, progress=progress
     )
     if int((nearest.indices >= 0).sum(dim=1).min()) < k:
         logger.warning("fewer than k=%d candidate patches for some prototypes (the dataset is small): missing places count as other classes", k)
@@ -215,7 +218,7 @@ def prune(
 
     test_sims = test_y = None
     if test_dataset is not None:
-        d, test_y, _ = scan_similarities(model, test_dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+        d, test_y, _ = scan_similarities(model, test_dataset, settings=run)
         test_sims = model.similarity(d)  # (N_test, M)
     train_sims = model.similarity(min_d)  # (N, M)
     w0 = model.last_layer.weight.detach().clone()  # (K, M)

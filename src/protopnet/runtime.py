@@ -4,14 +4,26 @@ PyTorch objects. Nothing here changes global state."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from typing import ContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, TypedDict, Unpack
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: What a parameter named ``progress`` is, everywhere in the package: called with the number of
+#: items (images) just finished, once per batch; None reports nothing. ``bar.update`` of a tqdm
+#: bar fits.
+Progress = Callable[[int], None]
+
+#: What a parameter named ``progress_bars`` is: ``(description, total) -> bar``, a context manager
+#: with ``update(n)`` (and ``set_postfix``), one per stage or split; None draws nothing. The CLI
+#: passes a tqdm factory (:func:`protopnet.cli.common.progress_factory`).
+ProgressBars = Callable[[str, int], ContextManager[Any]]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -62,3 +74,69 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
 
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How one pass over a dataset runs: the settings that evaluation, push, the last-layer
+    stage, the nearest-patch search, pruning, editing and the interpretability metrics share.
+
+    Build it once (the trainer from its config, a command from its arguments) and hand it on,
+    instead of five keyword arguments at every call.
+
+    Attributes:
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes (0: read in the calling process).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``, or None: the device the
+            model's parameters are on (see :meth:`for_model`).
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast of the backbone (:func:`autocast`);
+            the prototype distances always run in float32.
+        channels_last: feed images (B, 3, S, S) in the channels-last memory layout.
+    """
+
+    batch_size: int = 100
+    num_workers: int = 0
+    device: str | torch.device | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def replace(self, **changes: Any) -> RunSettings:
+        """A copy with ``changes`` (field name -> value) in place."""
+        return dataclasses.replace(self, **changes)
+
+    def for_model(self, model: torch.nn.Module) -> RunSettings:
+        """A copy whose ``device`` is a resolved ``torch.device``: the model's when None."""
+        device = self.device if self.device is not None else next(model.parameters()).device
+        return self.replace(device=resolve_device(device))
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return memory_format(self.channels_last)
+
+    @classmethod
+    def merged(cls, settings: RunSettings | None, default_batch_size: int = 100, /, **fields: Unpack[RunFields]) -> RunSettings:
+        """``settings`` (default: ``RunSettings(batch_size=default_batch_size)``) with each of
+        ``fields`` that is not None in place: the functions that take a ``settings`` object and,
+        beside it, its fields as keywords (``**fields: Unpack[RunFields]``) build theirs here.
+
+        Raises:
+            TypeError: a keyword that is no field of :class:`RunSettings`.
+        """
+        unknown = sorted(set(fields) - set(RunFields.__annotations__))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}: the settings of a pass are {list(RunFields.__annotations__)}")
+        base = settings if settings is not None else cls(batch_size=default_batch_size)
+        return base.replace(**{name: value for name, value in fields.items() if value is not None})
+
+
+class RunFields(TypedDict, total=False):
+    """The fields of :class:`RunSettings` as keywords. A function that takes
+    ``settings: RunSettings | None`` also takes ``**fields: Unpack[RunFields]``: each field
+    given (``batch_size=32``, ``device="cuda"``, ...) replaces that field of ``settings``, so
+    ``push_prototypes(model, data, batch_size=32)`` works as before the settings object."""
+
+    batch_size: int
+    num_workers: int
+    device: str | torch.device | None
+    precision: str
+    channels_last: bool

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -65,14 +65,14 @@ def prototype_pictures(picture: Image.Image, activation: Any, box: Sequence[floa
     }
 
 
-def save_prototype_images(provenance: list[dict[str, Any]], dataset: Any, directory: str | Path) -> None:
-    """Write ``prototypes/<j>_{patch,source,overlay}.png`` under ``directory`` for every pushed
-    prototype and record the relative paths in each provenance entry's ``images``.
+def draw_prototype_pictures(provenance: list[dict[str, Any]], dataset: Any) -> Iterator[tuple[int, dict[str, Image.Image]]]:
+    """The pictures of every pushed prototype, one prototype at a time: pairs of the prototype's
+    index (``entry["prototype"]``) and its :func:`prototype_pictures` (``patch``, ``source``,
+    ``overlay``), drawn from its source image in ``dataset``. Hand them to
+    :func:`protopnet.checkpoint.save_model` (``pictures=``), which stores them.
 
-    Images that can no longer be read are skipped with a warning (the provenance stays).
+    Prototypes whose source image can no longer be read are skipped with a warning.
     """
-    directory = Path(directory)
-    (directory / "prototypes").mkdir(parents=True, exist_ok=True)
     cache: dict[int, Image.Image] = {}
     for entry in provenance:
         index = int(entry["dataset_index"])
@@ -82,9 +82,4 @@ def save_prototype_images(provenance: list[dict[str, Any]], dataset: Any, direct
         except (OSError, ValueError) as error:
             logger.warning("cannot draw prototype %d: source image %s unreadable (%s)", entry["prototype"], entry["path"], error)
             continue
-        pictures = prototype_pictures(cache[index], entry["activation"], entry["box"])
-        entry["images"] = {}
-        for kind, image in pictures.items():
-            relative = f"prototypes/{int(entry['prototype']):04d}_{kind}.png"
-            image.save(directory / relative)
-            entry["images"][kind] = relative
+        yield int(entry["prototype"]), prototype_pictures(cache[index], entry["activation"], entry["box"])

@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 from .common import (
-    DATA_HELP,
     CommandError,
+    DATA_HELP,
     add_device_arguments,
     add_interpretability_argument,
     add_parser,
@@ -22,6 +22,7 @@ from .common import (
     interpretability_metrics,
     load_model_or_fail,
     progress_factory,
+    run_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ def execute(args: argparse.Namespace) -> int:
     if not hasattr(model, "prototypes"):
         raise CommandError(f"{args.model}: analyze works on a single ProtoPNet, not an ensemble; analyze each member directory (members/0, ...)")
     datasets = {split: dataset_for_model(model, args.data, split) for split in splits}
-    progress = progress_factory(getattr(args, "quiet", False))
-    analysis = analyze(model, datasets, args.k, limit=args.limit, progress=progress, batch_size=args.batch_size, num_workers=args.workers)
+    bars = progress_factory(getattr(args, "quiet", False))
+    analysis = analyze(model, datasets, args.k, limit=args.limit, progress_bars=bars, settings=run_settings(args))
     extra = []
     if metrics is not None:
         from ..interpretability import evaluate_interpretability
@@ -70,7 +71,7 @@ def execute(args: argparse.Namespace) -> int:
 
         test = datasets.get("test") or dataset_for_model(model, args.data, "test")
         train = datasets.get("train") or dataset_for_model(model, args.data, "train")
-        results = evaluate_interpretability(model, test, train_dataset=train, metrics=metrics, batch_size=args.batch_size, num_workers=args.workers)
+        results = evaluate_interpretability(model, test, train_dataset=train, metrics=metrics, settings=run_settings(args))
         extra = interpretability_sections(results)
         from ..checkpoint import atomic_write_json
 

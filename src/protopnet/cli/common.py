@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DATA_HELP = "a directory (ImageFolder tree, CUB-200-2011 or Stanford Cars layout) or 'synthetic' for the built-in dataset"
+from ..data import DATA_SPEC_HELP, DataSpecError
+from ..data import dataset_for_model as _dataset_for_model
+from ..runtime import ProgressBars, RunSettings
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
+
+DATA_HELP = DATA_SPEC_HELP
 
 
 class CommandError(Exception):
@@ -29,6 +37,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """The :class:`~protopnet.runtime.RunSettings` of ``--batch-size`` and ``--workers`` (see
+    :func:`add_device_arguments`); the device is the loaded model's (``--device`` placed it)."""
+    return RunSettings(batch_size=args.batch_size, num_workers=args.workers)
 
 
 def add_interpretability_argument(parser: argparse.ArgumentParser, help: str) -> None:
@@ -67,8 +81,9 @@ def interpretability_metrics(value: str | None) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def progress_factory(quiet: bool = False) -> Any:
-    """A ``(description, total) -> context manager`` making tqdm bars on stderr (None when quiet)."""
+def progress_factory(quiet: bool = False) -> ProgressBars | None:
+    """The ``progress_bars`` of the commands (:data:`protopnet.runtime.ProgressBars`): tqdm bars
+    on stderr, or None when quiet."""
     if quiet or not sys.stderr:
         return None
     from tqdm.auto import tqdm
@@ -89,19 +104,10 @@ def load_model_or_fail(path: str, device: str = "cpu") -> Any:
         raise CommandError(str(error)) from None
 
 
-def dataset_for_model(model: Any, spec: str, split: str, **kwargs: Any) -> Any:
-    """The dataset ``spec`` (directory or 'synthetic') prepared the way ``model`` expects
-    (its image size and normalisation), unaugmented. For 'synthetic', the number of classes
-    follows the model's."""
-    from ..data import build_dataset
-
-    image_size = int(getattr(model, "image_size", 224))
-    extra: dict[str, Any] = dict(kwargs)
-    if spec == "synthetic":
-        extra.setdefault("num_classes", model.num_classes)
-    elif not Path(spec).exists():
-        raise CommandError(f"--data {spec!r}: no such directory ({DATA_HELP})")
-    dataset = build_dataset(spec, split=split, image_size=image_size, augment=None, mean=model.mean, std=model.std, **extra)
-    if len(dataset.classes) != model.num_classes:
-        raise CommandError(f"--data {spec!r} has {len(dataset.classes)} classes but the model has {model.num_classes}")
-    return dataset
+def dataset_for_model(model: ProtoPNet | Ensemble, spec: str, split: str, **kwargs: Any) -> Any:
+    """:func:`protopnet.data.dataset_for_model` for ``--data spec``: its refusals become one-line
+    :class:`CommandError` messages naming ``--data``."""
+    try:
+        return _dataset_for_model(model, spec, split, **kwargs)
+    except DataSpecError as error:
+        raise CommandError(f"--data {error}") from None

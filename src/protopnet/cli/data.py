@@ -135,12 +135,12 @@ def execute(args: argparse.Namespace) -> int:
                 files = with_base_url(files, args.url)
             bars = _ByteBars(args.quiet)
             try:
-                fetch_dataset(files, src, progress=bars, keep_archives=not args.delete_archives)
+                fetch_dataset(files, src, byte_progress_for=bars, keep_archives=not args.delete_archives)
             finally:
                 bars.close()
     manifest = prepare_dataset(
         name, src, args.out, image_size=args.size, augment=args.augment, seed=args.seed, image_format=args.format,
-        classes=args.classes, workers=args.workers, overwrite=args.overwrite, progress=_picture_bars(args.quiet),
+        classes=args.classes, workers=args.workers, overwrite=args.overwrite, progress_bars=_picture_bars(args.quiet),
     )
     summary = {
         "out": str(Path(args.out).expanduser()),

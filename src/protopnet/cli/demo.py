@@ -28,7 +28,7 @@ def execute(args: argparse.Namespace) -> int:
 
     apply_threads(0)
     try:
-        figures = run_demo(args.out, overrides=args.overrides, progress=progress_factory(args.quiet), resume=args.resume)
+        figures = run_demo(args.out, overrides=args.overrides, progress_bars=progress_factory(args.quiet), resume=args.resume)
     except FileExistsError as error:
         from .common import CommandError
 

@@ -8,7 +8,7 @@ import json
 import logging
 from typing import Any
 
-from .common import DATA_HELP, CommandError, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail
+from .common import DATA_HELP, CommandError, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, run_settings
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def execute(args: argparse.Namespace) -> int:
     test = dataset_for_model(model, args.data, "test") if args.data and not args.no_test else None
     report = edit_model(
         model, train, remove=remove, relabel=relabel, replace=replace, test_dataset=test, refit=refit,
-        iterations=args.iterations, lr=args.lr, batch_size=args.batch_size, seed=args.seed, num_workers=args.workers,
+        iterations=args.iterations, lr=args.lr, seed=args.seed, settings=run_settings(args),
     )
     path = save_edited_model(model, args.out, pictures=report.pictures)
     print(json.dumps({"out": str(path), "prototypes": model.num_prototypes, "accuracy_before": report.accuracy_before, "accuracy_after": report.accuracy_after}))

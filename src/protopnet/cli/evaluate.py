@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .common import (
-    DATA_HELP,
     CommandError,
+    DATA_HELP,
     add_device_arguments,
     add_interpretability_argument,
     add_parser,
     dataset_for_model,
     interpretability_metrics,
     load_model_or_fail,
+    run_settings,
 )
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +55,8 @@ def execute(args: argparse.Namespace) -> int:
         dataset = dataset_for_model(model, args.data, args.split)
     except FileNotFoundError as error:
         raise CommandError(f"{error}; pass --split all to evaluate on the whole tree") from None
-    device = next(model.parameters()).device
     bad = BadImageLog()  # unreadable files are skipped (each logged once), counted and listed
-    report: dict[str, Any] = evaluate(model, dataset, batch_size=args.batch_size, device=device, num_workers=args.workers, bad_images=bad)
+    report: dict[str, Any] = evaluate(model, dataset, settings=run_settings(args), bad_images=bad)
     report = {"model": args.model, "data": args.data, "split": args.split, **report,
               "bad_images": len(bad), "bad_image_files": dict(sorted(bad.items.items()))}
     if metrics is not None:
@@ -76,7 +80,7 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def record(model: Any, args: argparse.Namespace, report: dict[str, Any]) -> None:
+def record(model: ProtoPNet | Ensemble, args: argparse.Namespace, report: dict[str, Any]) -> None:
     """``--record``: the figures go into the model directory, with the tensors' checksum."""
     from ..model_card import record_evaluation
 
@@ -90,7 +94,7 @@ def record(model: Any, args: argparse.Namespace, report: dict[str, Any]) -> None
     print(f"recorded in {directory}/model.json and {directory}/README.md")
 
 
-def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace, metrics: Sequence[str] | None = None) -> dict[str, Any]:
+def interpretability_report(model: ProtoPNet | Ensemble, dataset: Any, args: argparse.Namespace, metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """The interpretability figures ``--interpretability`` adds (see protopnet.interpretability):
     ``metrics`` (default all of :data:`~protopnet.interpretability.METRICS`).
 
@@ -109,9 +113,8 @@ def interpretability_report(model: Any, dataset: Any, args: argparse.Namespace, 
             train = dataset_for_model(model, args.data, "train")
         except (CommandError, FileNotFoundError, ValueError) as error:
             logger.info("no training split for purity and prototype localisation (%s); using the %s split", error, args.split)
-    device = next(model.parameters()).device
     figures = interpretability.evaluate_interpretability(
-        model, dataset, train_dataset=train, metrics=metrics, batch_size=args.batch_size, device=device, num_workers=args.workers
+        model, dataset, train_dataset=train, metrics=metrics, settings=run_settings(args)
     )
     for name, reason in figures.get("skipped", {}).items():
         print(f"{name}: not measured ({reason})")

@@ -8,7 +8,7 @@ import json
 import logging
 from typing import Any
 
-from .common import CommandError, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, DATA_HELP
+from .common import CommandError, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, run_settings, DATA_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def execute(args: argparse.Namespace) -> int:
     test = None if args.no_test else dataset_for_model(model, args.data, "test")
     report = prune(
         model, train, k=args.k, threshold=args.threshold, per_image=not args.all_patches, test_dataset=test,
-        refit=args.iterations > 0, iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, num_workers=args.workers, dry_run=args.dry_run,
+        refit=args.iterations > 0, iterations=args.iterations, lr=args.lr,
+        seed=args.seed, settings=run_settings(args), dry_run=args.dry_run,
     )
     if args.dry_run:
         from pathlib import Path

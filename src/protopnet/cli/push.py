@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .common import DATA_HELP, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, progress_factory
+from .common import DATA_HELP, add_device_arguments, add_parser, dataset_for_model, load_model_or_fail, progress_factory, run_settings
+
+if TYPE_CHECKING:
+    from ..model.protopnet import ProtoPNet
 
 
 def create_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,7 +27,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from ..checkpoint import save_model
+    from ..save import save_model
     from ..train.push import push_prototypes
 
     model = load_model_or_fail(args.model, args.device)
@@ -32,7 +35,7 @@ def execute(args: argparse.Namespace) -> int:
     make_bar = progress_factory(args.quiet)
     bar = make_bar("push", len(dataset)) if make_bar else None
     provenance = push_prototypes(
-        model, dataset, batch_size=args.batch_size, num_workers=args.workers,
+        model, dataset, settings=run_settings(args),
         progress=bar.update if bar is not None else None,
     )
     if bar is not None:
@@ -44,7 +47,7 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(model: Any) -> dict[str, Any] | None:
+def _run_config(model: ProtoPNet) -> dict[str, Any] | None:
     """The source directory's config.yaml (the run that trained the model), kept with the pushed
     model so its card still tells how it was trained."""
     from pathlib import Path

@@ -72,7 +72,7 @@ def execute(args: argparse.Namespace) -> int:
     apply_threads(config.run.threads)
     with distributed_from_environment(config) as rank:
         try:
-            result = train(config, config.output.dir, resume=args.resume, progress=progress_factory(args.quiet or rank > 0))
+            result = train(config, config.output.dir, resume=args.resume, progress_bars=progress_factory(args.quiet or rank > 0))
         except FileExistsError as error:
             raise CommandError(str(error)) from None
     if rank > 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,8 @@ __all__ = [
     "AugmentedViews",
     "Annotation", "BadImageError", "CUB200", "DecodedCache", "IMAGENET_MEAN", "IMAGENET_STD",
     "IMAGE_EXTENSIONS", "ImageFolderDataset", "OnlineAugmentation", "ProtoDataset", "SkipBadImages",
-    "StanfordCars", "SyntheticParts", "augment_dataset_to_folder", "build_dataset",
+    "DATA_SPEC_HELP", "DataSpecError", "StanfordCars", "SyntheticParts", "augment_dataset_to_folder", "build_dataset",
+    "dataset_for_model",
     "check_image_header", "collate_skip_none", "is_cars_root", "is_cub_root", "offline_augment",
     "online_augmentation", "open_image", "pretty_class_name", "read_cub_metadata", "scan_images",
     "train_val_split",
@@ -118,6 +119,44 @@ def build_dataset(
         "(devkit/cars_meta.mat, cars_train/ or cars_test/) or a directory with one sub-folder "
         "of images per class"
     )
+
+
+DATA_SPEC_HELP = "a directory (ImageFolder tree, CUB-200-2011 or Stanford Cars layout) or 'synthetic' for the built-in dataset"
+
+
+class DataSpecError(ValueError):
+    """A data spec that cannot serve a model: no such directory, or another number of classes
+    than the model has. The message is one line and starts with the spec (``repr``)."""
+
+
+class PreparedFor(Protocol):
+    """What :func:`dataset_for_model` reads of a model (a ProtoPNet or an ensemble of them)."""
+
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+def dataset_for_model(model: PreparedFor, spec: str, split: str, **kwargs: Any) -> ProtoDataset:
+    """The dataset ``spec`` (a directory or ``"synthetic"``) prepared the way ``model`` expects:
+    its image size (``model.image_size``, default 224) and normalisation, unaugmented. For
+    ``"synthetic"`` the number of classes follows the model's. ``kwargs`` go to
+    :func:`build_dataset` (e.g. ``images_per_class`` of the synthetic data).
+
+    Raises:
+        DataSpecError: ``spec`` is no directory, or its classes are not the model's in number.
+        ValueError, FileNotFoundError: from :func:`build_dataset` (not a dataset; no such split).
+    """
+    image_size = int(getattr(model, "image_size", 224))
+    extra: dict[str, Any] = dict(kwargs)
+    if spec == "synthetic":
+        extra.setdefault("num_classes", model.num_classes)
+    elif not Path(str(spec)).exists():
+        raise DataSpecError(f"{spec!r}: no such directory ({DATA_SPEC_HELP})")
+    dataset = build_dataset(str(spec), split=split, image_size=image_size, augment=None, mean=model.mean, std=model.std, **extra)
+    if len(dataset.classes) != model.num_classes:
+        raise DataSpecError(f"{spec!r} has {len(dataset.classes)} classes but the model has {model.num_classes}")
+    return dataset
 
 
 def train_val_split(

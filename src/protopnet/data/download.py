@@ -13,8 +13,8 @@
   unreachable since 2023; :func:`with_base_url` points the same files (same names, same
   checksums) at a mirror.
 
-Nothing here prints; progress is reported through a ``progress(done_bytes, total_bytes)`` callback
-(the CLI draws the bar) and events go to the module logger.
+Nothing here prints; progress is reported through a ``byte_progress(done_bytes, total_bytes)``
+callback (the CLI draws the bar) and events go to the module logger.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from typing import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[int, "int | None"], None]
+#: ``byte_progress(done_bytes, total_bytes_or_None)``: how far a download is (cumulative, unlike
+#: the per-batch counts of :data:`protopnet.runtime.Progress`).
+ByteProgress = Callable[[int, "int | None"], None]
 
 USER_AGENT = "protopnet-data/1 (+https://github.com/; dataset download)"
 
@@ -146,11 +148,12 @@ def download_file(
     *,
     md5: str | None = None,
     sha256: str | None = None,
-    progress: Progress | None = None,
+    byte_progress: ByteProgress | None = None,
     attempts: int = 3,
     timeout: float = 60.0,
     chunk_size: int = 1 << 20,
     retry_wait: float = 2.0,
+    progress: ByteProgress | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``) and verify its checksum.
 
@@ -158,7 +161,8 @@ def download_file(
         url: ``http(s)://`` or ``file://``.
         dest: the final path; an existing file with the right checksum is kept as it is.
         md5, sha256: the expected checksum(s); without either, the file is not verified.
-        progress: called as ``progress(done_bytes, total_bytes_or_None)`` while bytes arrive.
+        byte_progress: called as ``byte_progress(done_bytes, total_bytes_or_None)`` while bytes
+            arrive. ``progress``: the earlier name of ``byte_progress``, still accepted.
         attempts: tries for network errors and truncated transfers (each resumes what arrived).
         timeout: seconds to wait for the server on each read.
 
@@ -170,6 +174,8 @@ def download_file(
         ChecksumError: the complete file does not match; it is deleted (a resumed partial file
             that ends up wrong is deleted and fetched once more from the start first).
     """
+    if byte_progress is None:
+        byte_progress = progress
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
@@ -185,7 +191,7 @@ def download_file(
     while True:
         offset = part.stat().st_size if part.exists() else 0
         try:
-            complete = _fetch(url, part, offset, progress, timeout, chunk_size)
+            complete = _fetch(url, part, offset, byte_progress, timeout, chunk_size)
         except DownloadError:
             raise
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:  # network trouble: retry, resuming
@@ -216,7 +222,7 @@ def download_file(
         raise ChecksumError(f"{url}: {problem}; the file was deleted (a changed or corrupt file on the server, or a wrong --url)")
 
 
-def _fetch(url: str, part: Path, offset: int, progress: Progress | None, timeout: float, chunk_size: int) -> bool:
+def _fetch(url: str, part: Path, offset: int, byte_progress: ByteProgress | None, timeout: float, chunk_size: int) -> bool:
     """Append to (or restart) ``part`` from ``offset``. True when the transfer is complete."""
     headers = {"User-Agent": USER_AGENT}
     if offset:
@@ -250,8 +256,8 @@ def _fetch(url: str, part: Path, offset: int, progress: Progress | None, timeout
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         done = offset
-        if progress is not None:
-            progress(done, total)
+        if byte_progress is not None:
+            byte_progress(done, total)
         with open(part, mode) as handle:
             while True:
                 chunk = response.read(chunk_size)
@@ -259,8 +265,8 @@ def _fetch(url: str, part: Path, offset: int, progress: Progress | None, timeout
                     break
                 handle.write(chunk)
                 done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
+                if byte_progress is not None:
+                    byte_progress(done, total)
     return total is None or done >= total
 
 
@@ -310,13 +316,13 @@ def fetch_dataset(
     files: Sequence[RemoteFile],
     directory: str | os.PathLike[str],
     *,
-    progress: Callable[[RemoteFile], Progress | None] | None = None,
+    byte_progress_for: Callable[[RemoteFile], ByteProgress | None] | None = None,
     keep_archives: bool = True,
 ) -> Path:
     """Download (resuming, verifying) and unpack ``files`` into ``directory``.
 
     Args:
-        progress: given each file, returns its byte-progress callback (or None).
+        byte_progress_for: given each file, returns its ``byte_progress`` callback (or None).
         keep_archives: keep the verified archives after extraction (a re-run then skips the
             download); False deletes them.
 
@@ -331,7 +337,7 @@ def fetch_dataset(
             logger.info("%s was already extracted in %s", remote.filename, directory)
             continue
         path = download_file(remote.url, directory / remote.filename, md5=remote.md5, sha256=remote.sha256,
-                             progress=progress(remote) if progress else None)
+                             byte_progress=byte_progress_for(remote) if byte_progress_for else None)
         if remote.extract:
             extract_archive(path, directory)
             marker.write_text(remote.md5 or remote.sha256 or "", encoding="utf-8")

@@ -43,13 +43,16 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from protopnet.data.augment import _folder_names, offline_augment
 from protopnet.data.errors import BadImageError
+
+if TYPE_CHECKING:
+    from protopnet.runtime import ProgressBars
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,6 @@ EXPECTED = {
             "cars_train/ and cars_test/ (in SRC or SRC/stanford_cars)",
 }
 
-#: ``progress(description, total)`` -> a context manager with ``update(n)`` (tqdm-like).
-ProgressFactory = Callable[[str, int], ContextManager[Any]]
 
 
 class SourceError(ValueError):
@@ -219,7 +220,7 @@ def _item_names(dataset: Any, folders: list[str]) -> list[tuple[str, str]]:
 
 def _write_split(dataset: Any, target: Path, folders: list[str], *, copies: int, seed: int, image_format: str,
                  quality: int, workers: int, settings: dict[str, Any], description: str,
-                 progress: ProgressFactory | None) -> dict[str, Any]:
+                 progress_bars: ProgressBars | None) -> dict[str, Any]:
     """Write one split into ``target`` (through ``.<name>.partial``); returns its manifest entry."""
     partial = target.with_name(f".{target.name}.partial")
     stamp = partial / ".settings.json"
@@ -243,7 +244,7 @@ def _write_split(dataset: Any, target: Path, folders: list[str], *, copies: int,
     skipped: list[dict[str, str]] = []
     written = 0
     start = time.monotonic()
-    bar_context = progress(description, len(indices)) if progress is not None else nullcontext()
+    bar_context = progress_bars(description, len(indices)) if progress_bars is not None else nullcontext()
     with bar_context as bar:
         def collect(results: list[tuple[int, int, str | None]]) -> None:
             nonlocal written
@@ -302,7 +303,7 @@ def prepare_dataset(
     classes: int | Sequence[Any] | None = None,
     workers: int = 0,
     overwrite: bool = False,
-    progress: ProgressFactory | None = None,
+    progress_bars: ProgressBars | None = None,
 ) -> dict[str, Any]:
     """Crop, resize and augment a dataset into ``out`` (layout in the module docstring).
 
@@ -321,7 +322,8 @@ def prepare_dataset(
         workers: processes writing pictures (0 or 1: this process).
         overwrite: replace splits that ``out`` already holds with other settings (otherwise that
             is an error); splits with the same settings are kept, not rewritten.
-        progress: ``(description, total) -> bar`` for one bar per split (the CLI passes tqdm).
+        progress_bars: ``(description, total) -> bar`` for one bar per split
+            (:data:`protopnet.runtime.ProgressBars`; the CLI passes tqdm).
 
     Returns:
         The manifest (also written to ``out/protopnet-data.json``).
@@ -361,7 +363,7 @@ def prepare_dataset(
         what = f"{split} ({len(dataset)} images{f' x {3 * copies} copies' if copies else ''})"
         splits[split] = _write_split(dataset, target, folders, copies=copies, seed=seed, image_format=image_format,
                                      quality=quality, workers=workers, settings=settings, description=what,
-                                     progress=progress)
+                                     progress_bars=progress_bars)
         manifest = {"format": "protopnet-data", "version": 1, "dataset": name, "image_size": image_size,
                     "classes": list(train.classes), "folders": folders, "splits": splits,
                     "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

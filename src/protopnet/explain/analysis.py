@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..regions import UPSAMPLING_DESCRIPTION
 from .nearest import NearestPatches, nearest_patches
 
 if TYPE_CHECKING:
     from ..model import ProtoPNet
+    from ..runtime import ProgressBars
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def analyze(
     k: int = 5,
     *,
     limit: int | None = None,
-    progress: Callable[[str, int], Any] | None = None,
+    progress_bars: ProgressBars | None = None,
     **scan: Any,
 ) -> Analysis:
     """Scan each dataset (e.g. ``{"train": ..., "test": ...}``) for the ``k`` nearest patches of
@@ -94,16 +95,17 @@ def analyze(
 
     Args:
         limit: scan only the first ``limit`` images of each dataset (a quick look).
-        progress: ``(split, total) -> context manager with update(n)`` (a tqdm factory), or None.
-        scan: passed on to :func:`protopnet.explain.nearest.nearest_patches` (``batch_size``,
-            ``device``, ``num_workers``, ``precision``, ...).
+        progress_bars: ``(description, total) -> bar`` (:data:`protopnet.runtime.ProgressBars`),
+            one bar per split, or None.
+        scan: passed on to :func:`protopnet.explain.nearest.nearest_patches` (``settings``, a
+            :class:`~protopnet.runtime.RunSettings`, or its fields ``batch_size``, ``device``, ...).
     """
     splits = {}
     for split, dataset in datasets.items():
         indices = None if limit is None else range(min(int(limit), len(dataset)))
         total = len(dataset) if indices is None else len(indices)
-        if progress is not None:
-            with progress(f"analyze {split}", total) as bar:
+        if progress_bars is not None:
+            with progress_bars(f"analyze {split}", total) as bar:
                 splits[split] = nearest_patches(model, dataset, k, indices=indices, progress=bar.update, **scan)
         else:
             splits[split] = nearest_patches(model, dataset, k, indices=indices, **scan)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import numpy as np
 import torch
 
-from ..runtime import autocast, memory_format, resolve_device
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from ..train.nearest import NearestPatches, TopK
 
 if TYPE_CHECKING:
@@ -32,14 +32,11 @@ def nearest_patches(
     k: int = 5,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    settings: RunSettings | None = None,
     keep_activations: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     bad_images: Any = None,
+    **fields: Unpack[RunFields],
 ) -> NearestPatches:
     """The ``k`` nearest patches (from ``k`` different images) of ``dataset`` to every prototype.
 
@@ -49,6 +46,9 @@ def nearest_patches(
             logged once each).
         k: patches per prototype (the paper's pruning uses 6).
         indices: which items to scan (default: all).
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 64); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
         keep_activations: keep each winner's activation map, (M, k, H', W'), to draw its box.
         progress: called with the number of images of each batch processed.
 
@@ -57,22 +57,22 @@ def nearest_patches(
     """
     from ..train.loader import BadImageLog, IndexedSubset, make_loader
 
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(settings, 64, **fields).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     try:
         subset = IndexedSubset(dataset, indices, augment=False)
-        loader = make_loader(subset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = make_loader(subset, run.batch_size, num_workers=run.num_workers, pin_memory=device.type == "cuda")
         top = TopK(model.num_prototypes, k, keep_activations)
-        fmt = memory_format(channels_last)
         bad_images = bad_images if bad_images is not None else BadImageLog()
         seen = 0
         for batch in loader:
             bad_images.add(batch.bad)
             if batch.images is None:
                 continue
-            images = batch.images.to(device, non_blocking=True).to(memory_format=fmt)
-            with autocast(device, precision):
+            images = batch.images.to(device, non_blocking=True).to(memory_format=run.memory_format)
+            with autocast(device, run.precision):
                 z = model.latent(images)  # (B, D, H, W)
             distances = model.distances(z)  # (B, M, H', W') float32
             top.update(distances, batch.labels, batch.indices)

@@ -24,12 +24,16 @@ evidence, cell by cell:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from .parts import seeded_generator, upsample_maps
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz
 
@@ -121,7 +125,7 @@ class DeletionCurves:
         self._ids: torch.Tensor | None = None
 
     @torch.no_grad()
-    def add(self, model: Any, images: torch.Tensor, logits: torch.Tensor, groups: Sequence[tuple[int, torch.Tensor]], weight: torch.Tensor, indices: torch.Tensor) -> None:
+    def add(self, model: ProtoPNet | Ensemble, images: torch.Tensor, logits: torch.Tensor, groups: Sequence[tuple[int, torch.Tensor]], weight: torch.Tensor, indices: torch.Tensor) -> None:
         """Fold in a batch.
 
         Args:

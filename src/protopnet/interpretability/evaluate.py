@@ -33,16 +33,20 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import torch
 
 from ..regions import box_center, point_in_box
-from ..runtime import resolve_device
+from ..runtime import Progress, RunFields, RunSettings
 from .baselines import DRAWS, PositionBaselines
 from .deletion import DeletionCurves
 from .localization import prototype_localization
 from .parts import NOISE_CLIP, NOISE_STD, THRESHOLD, PartCounter, annotation_points, covered_parts, peak_locations, perturbation, region_half_size
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ DEFINITIONS = {
 }
 
 
-def _similarity_groups(model: Any, output: Any) -> list[tuple[int, torch.Tensor]]:
+def _similarity_groups(model: ProtoPNet | Ensemble, output: Any) -> list[tuple[int, torch.Tensor]]:
     """``(offset, similarity maps (B, M_i, H_i', W_i'))`` per prototype group: one for a
     ProtoPNet, one per member for an :class:`~protopnet.ensemble.Ensemble` (whose members'
     grids may differ)."""
@@ -98,14 +102,14 @@ def _similarity_groups(model: Any, output: Any) -> list[tuple[int, torch.Tensor]
     return [(0, model.similarity(distances))]
 
 
-def _last_layer_weight(model: Any) -> torch.Tensor:
+def _last_layer_weight(model: ProtoPNet | Ensemble) -> torch.Tensor:
     """(K, M) last-layer weights."""
     if hasattr(model, "last_layer_weight"):
         return model.last_layer_weight.detach()
     return model.last_layer.weight.detach()
 
 
-def _latent_grid(model: Any, sims: torch.Tensor) -> tuple[int, int]:
+def _latent_grid(model: ProtoPNet | Ensemble, sims: torch.Tensor) -> tuple[int, int]:
     """The latent map's (H, W) from a (B, M, H', W') map: H' + h - 1 for h x w prototypes (of
     the first member, for an ensemble). With a stride dividing the picture, its cells are equal."""
     ph, pw = getattr(model, "prototype_size", None) or getattr(model.members[0], "prototype_size", (1, 1))
@@ -134,15 +138,13 @@ def _finite(value: float | None) -> float | None:
 
 @torch.no_grad()
 def evaluate_interpretability(
-    model: Any,
+    model: ProtoPNet | Ensemble,
     dataset: Any,
     *,
     train_dataset: Any = None,
     metrics: Sequence[str] = METRICS,
     indices: Sequence[int] | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
+    settings: RunSettings | None = None,
     threshold: float = THRESHOLD,
     half_size: int | None = None,
     noise_std: float = NOISE_STD,
@@ -152,7 +154,8 @@ def evaluate_interpretability(
     k: int = 5,
     seed: int = 0,
     baseline_draws: int = DRAWS,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> dict[str, Any]:
     """Measure how interpretable ``model`` is on ``dataset`` (usually the test split).
 
@@ -166,6 +169,9 @@ def evaluate_interpretability(
             ``dataset``; localisation is skipped when the provenance paths do not match it).
         metrics: any of :data:`METRICS`.
         indices: which items of ``dataset`` to use (default all).
+        settings, fields: how the passes run (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 64); a field given as a keyword replaces that of ``settings``. Its batch
+            size, workers and device are used.
         threshold: consistency threshold (0.8). half_size: region half-side in pixels (default
             :func:`~protopnet.interpretability.parts.region_half_size`). noise_std, noise_clip:
             stability noise. deletion_steps: points per deletion curve minus one. deletion_grid:
@@ -194,7 +200,8 @@ def evaluate_interpretability(
     unknown = wanted - set(METRICS)
     if unknown:
         raise ValueError(f"unknown interpretability metric(s) {sorted(unknown)}; choose from {list(METRICS)}")
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(settings, 64, **fields).for_model(model)
+    device = run.device
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     size = int(getattr(dataset, "image_size", getattr(model, "image_size", 224)))
     half = int(half_size) if half_size is not None else region_half_size(size)
@@ -231,7 +238,7 @@ def evaluate_interpretability(
     start_all = time.perf_counter()
     try:
         if want_parts or want_activation or want_deletion:
-            loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+            loader = make_loader(IndexedSubset(dataset, indices, augment=False), run.batch_size, num_workers=run.num_workers, pin_memory=device.type == "cuda")
             bad_images = BadImageLog()
             for batch in loader:
                 bad_images.add(batch.bad)
@@ -335,7 +342,7 @@ def evaluate_interpretability(
                 skipped["purity"] = "purity needs a single ProtoPNet (nearest patches live in one latent space)"
             else:
                 scan = train_dataset if train_dataset is not None else dataset
-                details["purity"] = _purity(model, scan, k, batch_size, device, num_workers, "train" if train_dataset is not None else "evaluated")
+                details["purity"] = _purity(model, scan, k, run, "train" if train_dataset is not None else "evaluated")
                 scalars["purity"] = details["purity"]["score"]
             timings["purity"] += time.perf_counter() - t0
 
@@ -416,7 +423,7 @@ def _activation_localization(
     return hits, seen, chance
 
 
-def _prototype_localization(model: Any, push_data: Any) -> tuple[dict[str, Any] | None, str]:
+def _prototype_localization(model: ProtoPNet | Ensemble, push_data: Any) -> tuple[dict[str, Any] | None, str]:
     """:func:`prototype_localization` when the provenance refers to ``push_data``'s images."""
     provenance = getattr(model, "provenance", None)
     if not provenance:
@@ -438,11 +445,11 @@ def _prototype_localization(model: Any, push_data: Any) -> tuple[dict[str, Any] 
     return {**result, "per_prototype": [bool(v) for v in result["per_prototype"]]}, ""
 
 
-def _purity(model: Any, scan: Any, k: int, batch_size: int, device: torch.device, num_workers: int, split: str) -> dict[str, Any]:
+def _purity(model: ProtoPNet, scan: Any, k: int, settings: RunSettings, split: str) -> dict[str, Any]:
     """Class purity of each prototype's ``k`` nearest patches in ``scan``."""
     from ..explain.nearest import nearest_patches
 
-    near = nearest_patches(model, scan, k, batch_size=batch_size, device=device, num_workers=num_workers, keep_activations=False)
+    near = nearest_patches(model, scan, k, settings=settings, keep_activations=False)
     purity = near.purity()  # (M,) NaN where no patch
     valid = ~torch.isnan(purity)
     targets = torch.as_tensor(list(getattr(scan, "targets", [])), dtype=torch.long)
@@ -460,7 +467,7 @@ def _purity(model: Any, scan: Any, k: int, batch_size: int, device: torch.device
     }
 
 
-def _duplicates(model: Any) -> dict[str, Any] | None:
+def _duplicates(model: ProtoPNet | Ensemble) -> dict[str, Any] | None:
     """Groups of prototypes with the same source patch: same image (dataset index) and latent
     position from the push provenance (and the same member, for ensembles); without provenance,
     identical prototype vectors."""

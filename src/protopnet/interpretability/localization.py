@@ -8,12 +8,16 @@ image's part box. A prototype placed at random scores about the part's share of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..regions import box_center, point_in_box
 
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
-def prototype_localization(model: Any, dataset: Any, *, before_pruning: bool = False) -> dict[str, Any]:
+
+def prototype_localization(model: ProtoPNet | Ensemble, dataset: Any, *, before_pruning: bool = False) -> dict[str, Any]:
     """Fraction of pushed prototypes whose box centre is inside their source image's part box.
 
     Args:

@@ -25,13 +25,46 @@ def _check_shapes(z: torch.Tensor, prototypes: torch.Tensor) -> None:
         raise ValueError(f"prototype size {h}x{w} is larger than the latent map {z.shape[2]}x{z.shape[3]}")
 
 
+def _terms(z: torch.Tensor, prototypes: torch.Tensor, paired: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three float32 terms both distances are made of: ``||z||^2`` per patch (``z * z``
+    summed over the channels once for all prototypes, then over each h x w window by an average
+    pool), the cross term ``z.p`` (one convolution; a grouped one when ``paired``: prototype j
+    against map j only) and ``||p||^2``, shaped to broadcast against the cross term:
+    (B, 1, H', W'), (B, M, H', W'), (1, M, 1, 1), or when paired (M, H', W'), (M, H', W'),
+    (M, 1, 1). Computed with autocast off: the cancellation in ``a - 2b + c`` is too lossy in
+    bf16/fp16."""
+    m, d, h, w = prototypes.shape
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        prototypes = prototypes.float()
+        z_sq = (z * z).sum(dim=1, keepdim=True)  # (N, 1, H, W)
+        if h != 1 or w != 1:
+            z_sq = F.avg_pool2d(z_sq, (h, w), stride=1) * (h * w)  # (N, 1, H', W')
+        p_sq = (prototypes * prototypes).sum(dim=(1, 2, 3))  # (M,)
+        if paired:
+            cross = F.conv2d(z.reshape(1, m * d, *z.shape[2:]), prototypes, groups=m)[0]  # (M, H', W')
+            return z_sq[:, 0], cross, p_sq.view(-1, 1, 1)
+        return z_sq, F.conv2d(z, prototypes), p_sq.view(1, -1, 1, 1)
+
+
+def _check_paired(z: torch.Tensor, prototypes: torch.Tensor) -> None:
+    if z.dim() != 4 or prototypes.dim() != 4 or z.shape[:2] != prototypes.shape[:2]:
+        raise ValueError(f"expected z (M, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
+
+
+def _l2(z_sq: torch.Tensor, cross: torch.Tensor, p_sq: torch.Tensor) -> torch.Tensor:
+    return F.relu(z_sq - 2 * cross + p_sq)
+
+
+def _cosine(z_sq: torch.Tensor, cross: torch.Tensor, p_sq: torch.Tensor) -> torch.Tensor:
+    norms = z_sq.clamp_min(0).sqrt().clamp_min(1e-12) * p_sq.sqrt().clamp_min(1e-12)
+    return (1 - cross / norms).clamp(0.0, 2.0)
+
+
 def l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Squared L2 distance from every prototype to every patch of the latent map.
 
-    Computed as ``||z||^2 - 2 z.p + ||p||^2`` clamped at 0, with ``||z||^2`` summed over the
-    channels once for all prototypes (one convolution of ``z * z`` with a ones kernel for
-    patches larger than 1 x 1), and the cross term as one convolution. Always computed in
-    float32 (the cancellation in ``a - 2b + c`` is too lossy in bf16/fp16).
+    Computed as ``||z||^2 - 2 z.p + ||p||^2`` clamped at 0 (:func:`_terms`), always in float32.
 
     Args:
         z: latent map (B, D, H, W).
@@ -41,24 +74,14 @@ def l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         distances (B, M, H', W').
     """
     _check_shapes(z, prototypes)
-    h, w = prototypes.shape[2], prototypes.shape[3]
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.float()
-        prototypes = prototypes.float()
-        z_sq = (z * z).sum(dim=1, keepdim=True)  # (B, 1, H, W)
-        if h != 1 or w != 1:
-            z_sq = F.avg_pool2d(z_sq, (h, w), stride=1) * (h * w)  # (B, 1, H', W')
-        cross = F.conv2d(z, prototypes)  # (B, M, H', W')
-        p_sq = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)  # (1, M, 1, 1)
-        return F.relu(z_sq - 2 * cross + p_sq)
+    return _l2(*_terms(z, prototypes, paired=False))
 
 
 def paired_l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distance from prototype j to every patch of latent map j, for every j at once.
-
-    The diagonal of :func:`l2_distance_maps` over a stack of latent maps (push draws each pushed
-    prototype's activation on its own source image this way): the same ``||z||^2 - 2 z.p + ||p||^2``
-    in float32, with the cross term as one grouped convolution.
+    """Squared L2 distance from prototype j to every patch of latent map j, for every j at once:
+    the diagonal of :func:`l2_distance_maps` over a stack of latent maps (push draws each pushed
+    prototype's activation on its own source image this way), the cross term as one grouped
+    convolution.
 
     Args:
         z: latent maps (M, D, H, W).
@@ -67,37 +90,19 @@ def paired_l2_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.
     Returns:
         distances (M, H', W').
     """
-    if z.dim() != 4 or prototypes.dim() != 4 or z.shape[:2] != prototypes.shape[:2]:
-        raise ValueError(f"expected z (M, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
-    m, d, h, w = prototypes.shape
+    _check_paired(z, prototypes)
+    m, _, h, w = prototypes.shape
     if m == 0:
         return z.new_zeros(0, z.shape[2] - h + 1, z.shape[3] - w + 1, dtype=torch.float32)
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.float()
-        prototypes = prototypes.float()
-        z_sq = (z * z).sum(dim=1)  # (M, H, W)
-        if h != 1 or w != 1:
-            z_sq = F.avg_pool2d(z_sq[:, None], (h, w), stride=1)[:, 0] * (h * w)  # (M, H', W')
-        cross = F.conv2d(z.reshape(1, m * d, *z.shape[2:]), prototypes, groups=m)[0]  # (M, H', W')
-        p_sq = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(-1, 1, 1)  # (M, 1, 1)
-        return F.relu(z_sq - 2 * cross + p_sq)
-
-
-def _patch_norms(z_sq: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(N, 1, H, W) or (N, H, W) squared norms per cell -> the L2 norm of every h x w patch."""
-    if h != 1 or w != 1:
-        squeeze = z_sq.dim() == 3
-        pooled = F.avg_pool2d(z_sq[:, None] if squeeze else z_sq, (h, w), stride=1) * (h * w)
-        z_sq = pooled[:, 0] if squeeze else pooled
-    return z_sq.clamp_min(0).sqrt()
+    return _l2(*_terms(z, prototypes, paired=True))
 
 
 def cosine_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """One minus the cosine between every prototype and every patch of the latent map.
 
     A patch is its ``h x w x D`` values flattened, as for :func:`l2_distance_maps`; the distance
-    is ``1 - z.p / (||z|| ||p||)`` in ``[0, 2]`` (0: same direction), computed in float32 with
-    the norms clamped at 1e-12 (an all-zero patch is at distance 1 from everything).
+    is ``1 - z.p / (||z|| ||p||)`` in ``[0, 2]`` (0: same direction), computed in float32 from the
+    same terms with the norms clamped at 1e-12 (an all-zero patch is at distance 1 from everything).
 
     Args:
         z: latent map (B, D, H, W).
@@ -107,34 +112,18 @@ def cosine_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
         distances (B, M, H', W').
     """
     _check_shapes(z, prototypes)
-    h, w = prototypes.shape[2], prototypes.shape[3]
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.float()
-        prototypes = prototypes.float()
-        z_norm = _patch_norms((z * z).sum(dim=1, keepdim=True), h, w)  # (B, 1, H', W')
-        p_norm = prototypes.flatten(1).norm(dim=1).view(1, -1, 1, 1)  # (1, M, 1, 1)
-        cross = F.conv2d(z, prototypes)  # (B, M, H', W')
-        cosine = cross / (z_norm.clamp_min(1e-12) * p_norm.clamp_min(1e-12))
-        return (1 - cosine).clamp(0.0, 2.0)
+    return _cosine(*_terms(z, prototypes, paired=False))
 
 
 def paired_cosine_distance_maps(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """The diagonal of :func:`cosine_distance_maps` over a stack of latent maps: prototype j
     against every patch of latent map j. z: (M, D, H, W), prototypes: (M, D, h, w) ->
     (M, H', W')."""
-    if z.dim() != 4 or prototypes.dim() != 4 or z.shape[:2] != prototypes.shape[:2]:
-        raise ValueError(f"expected z (M, D, H, W) and prototypes (M, D, h, w), got {tuple(z.shape)} and {tuple(prototypes.shape)}")
-    m, d, h, w = prototypes.shape
+    _check_paired(z, prototypes)
+    m, _, h, w = prototypes.shape
     if m == 0:
         return z.new_zeros(0, z.shape[2] - h + 1, z.shape[3] - w + 1, dtype=torch.float32)
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.float()
-        prototypes = prototypes.float()
-        z_norm = _patch_norms((z * z).sum(dim=1), h, w)  # (M, H', W')
-        p_norm = prototypes.flatten(1).norm(dim=1).view(-1, 1, 1)  # (M, 1, 1)
-        cross = F.conv2d(z.reshape(1, m * d, *z.shape[2:]), prototypes, groups=m)[0]  # (M, H', W')
-        cosine = cross / (z_norm.clamp_min(1e-12) * p_norm.clamp_min(1e-12))
-        return (1 - cosine).clamp(0.0, 2.0)
+    return _cosine(*_terms(z, prototypes, paired=True))
 
 
 def distance_maps(z: torch.Tensor, prototypes: torch.Tensor, kind: str = "l2") -> torch.Tensor:

@@ -176,7 +176,7 @@ class ProtoPNet(nn.Module):
         """Write this model as a model directory (tensors, JSON, pictures, model card): the same
         as :func:`protopnet.save_model` (``kwargs``: ``dataset``, ``run_config``, ``extra``); push
         it with ``protopnet push-to-hub DIRECTORY OWNER/NAME``."""
-        from ..checkpoint import save_model
+        from ..save import save_model
 
         return save_model(self, directory, **kwargs)
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 import numbers
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ class PrototypeIndexError(ValueError):
 
 # -- index checks --------------------------------------------------------------------------
 
-def check_prototype_indices(model: Any, indices: Sequence[int], what: str = "prototype") -> list[int]:
+def check_prototype_indices(model: ProtoPNet, indices: Sequence[int], what: str = "prototype") -> list[int]:
     """Validate prototype indices against ``model.num_prototypes``.
 
     Returns the indices as a sorted list without duplicates.
@@ -49,7 +52,7 @@ def check_prototype_indices(model: Any, indices: Sequence[int], what: str = "pro
     return sorted(checked)
 
 
-def check_class(model: Any, k: Any) -> int:
+def check_class(model: ProtoPNet, k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise ValueError(f"class index {k!r} is not an integer")
     if not 0 <= k < model.num_classes:
@@ -60,7 +63,7 @@ def check_class(model: Any, k: Any) -> int:
 # -- edits (in place) ----------------------------------------------------------------
 
 @torch.no_grad()
-def remove_prototypes(model: Any, indices: Sequence[int]) -> list[int]:
+def remove_prototypes(model: ProtoPNet, indices: Sequence[int]) -> list[int]:
     """Remove prototypes from ``model`` in place: their vectors, classes, last-layer columns and
     provenance entries go; the remaining prototypes are renumbered ``0..M'-1`` in their old order
     (provenance ``prototype`` fields follow).
@@ -99,7 +102,7 @@ def remove_prototypes(model: Any, indices: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
-def relabel_prototype(model: Any, index: int, new_class: int, *, incorrect_class_connection: float = -0.5) -> int:
+def relabel_prototype(model: ProtoPNet, index: int, new_class: int, *, incorrect_class_connection: float = -0.5) -> int:
     """Move prototype ``index`` to class ``new_class`` in place.
 
     Its last-layer column is reset to the paper's initialisation for its new class (+1 to the

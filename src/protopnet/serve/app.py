@@ -459,21 +459,17 @@ def session_for(model_dir: str | Path, data: str | None = None, *, device: str =
                 gallery_k: int = 5, batch_size: int = 64) -> ModelSession:
     """Load a model directory (and its ``--data``, prepared as ``protopnet edit`` does) into a session."""
     from ..checkpoint import load_model
-    from ..data import build_dataset
+    from ..data import DataSpecError, dataset_for_model
     from ..runtime import resolve_device
 
     model = load_model(str(model_dir), device=resolve_device(device))
     directory = Path(getattr(model, "source_directory", None) or model_dir)
 
     def dataset(split: str) -> Any:
-        """``data`` prepared the way the model expects (its size and normalisation), unaugmented."""
-        extra = {"num_classes": model.num_classes} if data == "synthetic" else {}
-        if data != "synthetic" and not Path(str(data)).exists():
-            raise ValueError(f"--data {data!r}: no such directory (a dataset directory or 'synthetic')")
-        found = build_dataset(str(data), split=split, image_size=int(getattr(model, "image_size", 224)), augment=None, mean=model.mean, std=model.std, **extra)
-        if len(found.classes) != model.num_classes:
-            raise ValueError(f"--data {data!r} has {len(found.classes)} classes but the model has {model.num_classes}")
-        return found
+        try:
+            return dataset_for_model(model, str(data), split)
+        except DataSpecError as error:
+            raise ValueError(f"--data {error}") from None
 
     train = test = None
     if data is not None:

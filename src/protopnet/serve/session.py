@@ -25,9 +25,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .uploads import RequestError
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class Draft:
     """
 
     id: str
-    model: Any
+    model: ProtoPNet
     report: Any
     reasons: dict[int, str]
     created: float = field(default_factory=time.time)
@@ -74,7 +78,7 @@ class ModelSession:
 
     def __init__(
         self,
-        model: Any,
+        model: ProtoPNet | Ensemble,
         directory: str | os.PathLike[str],
         *,
         train: Any = None,

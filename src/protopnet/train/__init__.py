@@ -2,7 +2,8 @@
 
 from .evaluate import accuracy_report, evaluate, predict_logits
 from .last_layer import collect_similarities, optimise_last_layer
-from .loop import RunData, TrainResult, Trainer, build_model, build_run_data, train
+from .loop import TrainResult, Trainer, train
+from .run_data import RunData, backbone_normalisation, build_model, build_run_data
 from .push import push_prototypes
 from .stages import STAGES, Step, plan_schedule, set_trainable
 
@@ -13,6 +14,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "accuracy_report",
+    "backbone_normalisation",
     "build_model",
     "build_run_data",
     "collect_similarities",

@@ -3,45 +3,52 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import torch
 
-from ..runtime import autocast, resolve_device
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import BadImageLog, gather_by_index, stream_batches
+
+if TYPE_CHECKING:
+    from ..ensemble import Ensemble
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def predict_logits(
-    model: Any,
+    model: ProtoPNet | Ensemble,
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 100,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    settings: RunSettings | None = None,
     sampler: Any = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     bad_images: BadImageLog | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits of every readable item, unaugmented, in eval mode.
+
+    Args:
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 100); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
+        progress: called with the number of images of each batch processed.
 
     Returns:
         logits (N, K), labels (N,), dataset indices (N,) — gathered from every rank when
         ``sampler`` shards the data across a process group.
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(settings, 100, **fields).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     all_logits, all_labels, all_indices = [], [], []
-    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
-                             sampler=sampler, channels_last=channels_last, bad_images=bad_images)
+    batches = stream_batches(dataset, indices=indices, settings=run, sampler=sampler, bad_images=bad_images)
     for images, labels, idx in batches:
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             logits = model(images).logits
         all_logits.append(logits.float().cpu())
         all_labels.append(labels)
@@ -72,7 +79,7 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Seq
     return {"n": n, "accuracy": float(top1.float().mean()), "top5": float(top5.float().mean()), "per_class": per_class}
 
 
-def evaluate(model: Any, dataset: Any, **kwargs: Any) -> dict[str, Any]:
+def evaluate(model: ProtoPNet | Ensemble, dataset: Any, **kwargs: Any) -> dict[str, Any]:
     """Top-1, top-5 and per-class accuracy of ``model`` on ``dataset`` (unaugmented).
 
     Keyword arguments are those of :func:`predict_logits`.

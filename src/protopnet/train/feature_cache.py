@@ -13,12 +13,12 @@ computes exactly what an uncached one with the frozen blocks in eval mode would.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Unpack
 
 import torch
 from torch import nn
 
-from ..runtime import autocast, memory_format
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import Batch, IndexedSubset, ShardedBatchSampler, make_loader
 from .stages import backbone_blocks
 
@@ -75,27 +75,30 @@ class FrozenFeatureCache:
         dataset: Any,
         items: list[int],
         *,
-        device: torch.device,
-        precision: str,
-        channels_last: bool,
-        batch_size: int,
-        num_workers: int,
+        settings: RunSettings | None = None,
         max_bytes: float,
         bad_images: Any = None,
-        progress: Callable[[int], Any] | None = None,
+        progress: Progress | None = None,
+        **fields: Unpack[RunFields],
     ) -> "FrozenFeatureCache | None":
         """Run the prefix over ``dataset`` items ``items`` (every process runs all of them).
 
         Returns None — the caller trains without the cache — when the tensors would take more
         than ``max_bytes`` or when running the blocks one after the other does not reproduce the
         backbone's forward (a backbone whose ``forward`` is not its blocks in sequence).
+
+        ``settings`` (:class:`~protopnet.runtime.RunSettings`) gives the batch size, workers,
+        device (default: the model's), precision and layout; a field given as a keyword
+        (``fields``) replaces that of ``settings``.
         """
+        run = RunSettings.merged(settings, **fields).for_model(model)
+        device, precision = run.device, run.precision
         prefix, suffix = split_backbone(model.features, frozen_blocks)
         was_training = model.training
         model.eval()
         try:
-            fmt = memory_format(channels_last)
-            loader = make_loader(IndexedSubset(dataset, items), batch_size, shuffle=False, num_workers=num_workers)
+            fmt = run.memory_format
+            loader = make_loader(IndexedSubset(dataset, items), run.batch_size, shuffle=False, num_workers=run.num_workers)
             tensors = labels = ok = None
             checked = suffix is None
             for batch in loader:
@@ -142,14 +145,20 @@ class FrozenFeatureCache:
 
     @torch.no_grad()
     def extended(
-        self, model: nn.Module, frozen_blocks: int | None, *, precision: str, channels_last: bool, batch_size: int, max_bytes: float = float("inf")
+        self, model: nn.Module, frozen_blocks: int | None, *, settings: RunSettings | None = None,
+        max_bytes: float = float("inf"), **fields: Unpack[RunFields],
     ) -> "FrozenFeatureCache | None":
         """The cache of a longer prefix — the first ``frozen_blocks`` blocks (None: the whole
         backbone) — computed from this one: only the blocks in between run, on the stored
         tensors (no picture decoded, the shared blocks not run again). Eval mode, as in
         :meth:`build`; None when it would take more than ``max_bytes``.
 
+        ``settings`` gives the batch size, precision and layout (its device and workers are not
+        used: the tensors stay where they are); a field given as a keyword replaces that of
+        ``settings``.
+
         Shapes: ``tensors`` (N, C, H, W) -> the returned cache's (N, C', H', W')."""
+        run = RunSettings.merged(settings, **fields)
         if self.frozen_blocks is None:
             raise ValueError("the cache already holds the whole backbone's output")
         blocks = backbone_blocks(model.features)
@@ -160,12 +169,11 @@ class FrozenFeatureCache:
         was_training = model.training
         model.eval()
         try:
-            fmt = memory_format(channels_last)
             device = self.tensors.device
             tensors: torch.Tensor | None = None
-            for start in range(0, len(self), batch_size):
-                chunk = self.tensors[start:start + batch_size].to(memory_format=fmt)
-                with autocast(device, precision):
+            for start in range(0, len(self), run.batch_size):
+                chunk = self.tensors[start:start + run.batch_size].to(memory_format=run.memory_format)
+                with autocast(device, run.precision):
                     out = between(chunk)
                 if tensors is None:
                     need = out[0].numel() * out.element_size() * len(self)

@@ -11,47 +11,52 @@ cost (see ``benchmarks/bench_engine.py``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Unpack
 
 import torch
 import torch.nn.functional as F
 
 from ..losses import l1_wrong_class
-from ..runtime import autocast, resolve_device
+from ..runtime import RunFields, RunSettings, autocast
 from .feature_cache import FrozenFeatureCache, split_backbone
 from .loader import BadImageLog, IndexedSubset, gather_by_index, stream_batches
+
+if TYPE_CHECKING:
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def collect_similarities(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 75,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    settings: RunSettings | None = None,
     sampler: Any = None,
     bad_images: BadImageLog | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Similarity vectors of every readable image (eval mode, unaugmented).
+
+    Args:
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
 
     Returns:
         similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index; with a
         sharding ``sampler`` every rank receives the whole set.
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     sims, labels, idx = [], [], []
-    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
-                             sampler=sampler, channels_last=channels_last, bad_images=bad_images)
+    batches = stream_batches(dataset, indices=indices, settings=run, sampler=sampler, bad_images=bad_images)
     for images, y, i in batches:
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             z = model.latent(images)
         sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
         labels.append(y)
@@ -65,21 +70,21 @@ def collect_similarities(
 
 @torch.no_grad()
 def collect_similarities_from_cache(
-    model: Any,
+    model: ProtoPNet,
     cache: FrozenFeatureCache,
     items: Sequence[int],
     *,
-    batch_size: int = 75,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    settings: RunSettings | None = None,
     rank: int = 0,
     world: int = 1,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`collect_similarities` over the training items whose frozen backbone blocks'
     output ``cache`` holds (``cache.tensors[p]`` is item ``items[p]``): only the later blocks
     run. Valid while the cached blocks are unchanged (frozen), as they are after the joint
     epochs that trained on the cache. With ``world`` > 1 each rank computes every ``world``-th
-    item and every rank receives the whole set.
+    item and every rank receives the whole set. ``settings`` gives the batch size, precision and
+    layout (a field given as a keyword replaces that of ``settings``; default batch size 75).
 
     Returns:
         similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index.
@@ -88,15 +93,16 @@ def collect_similarities_from_cache(
         raise ValueError(f"the cache holds {len(cache)} items, not the {len(items)} given")
     suffix = split_backbone(model.features, cache.frozen_blocks)[1]
     device = cache.tensors.device
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    run = RunSettings.merged(settings, 75, **fields)
+    fmt = run.memory_format
     was_training = model.training
     model.eval()
     positions = torch.arange(rank, len(cache), world)
     positions = positions[cache.ok.cpu()[positions]]
     sims = []
-    for chunk in positions.split(batch_size):
+    for chunk in positions.split(run.batch_size):
         cached = cache.tensors[chunk.to(device)].to(memory_format=fmt)
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             z = model.add_on(cached if suffix is None else suffix(cached))
         sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
     model.train(was_training)
@@ -107,7 +113,7 @@ def collect_similarities_from_cache(
 
 
 def optimise_last_layer(
-    model: Any,
+    model: ProtoPNet,
     similarities: torch.Tensor,
     labels: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -155,7 +161,7 @@ def optimise_last_layer(
 
 
 def optimise_last_layer_full_forward(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     optimizer: torch.optim.Optimizer,
     *,

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..runtime import RunSettings
+
 logger = logging.getLogger(__name__)
 
 
@@ -165,24 +167,23 @@ def stream_batches(
     dataset: Any,
     *,
     indices: Sequence[int] | None,
-    batch_size: int,
-    device: torch.device,
-    num_workers: int = 0,
+    settings: RunSettings,
     sampler: Any = None,
-    channels_last: bool = False,
     bad_images: BadImageLog | None = None,
 ):
     """Yield ``(images (B, 3, S, S) on device, labels (B,), dataset indices (B,))`` of the
     readable items, unaugmented — the scan that evaluation, push and the last-layer stage share.
-    Unreadable items are recorded in ``bad_images``."""
-    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, sampler=sampler, pin_memory=device.type == "cuda")
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ``settings`` gives the batch size, workers, device (a resolved ``torch.device``: see
+    :meth:`RunSettings.for_model`) and memory layout. Unreadable items are recorded in ``bad_images``."""
+    device = torch.device(settings.device)
+    subset = IndexedSubset(dataset, indices, augment=False)
+    loader = make_loader(subset, settings.batch_size, num_workers=settings.num_workers, sampler=sampler, pin_memory=device.type == "cuda")
     for batch in loader:
         if bad_images is not None:
             bad_images.add(batch.bad)
         if batch.images is None:
             continue
-        yield batch.images.to(device, non_blocking=True).to(memory_format=fmt), batch.labels, batch.indices
+        yield batch.images.to(device, non_blocking=True).to(memory_format=settings.memory_format), batch.labels, batch.indices
 
 
 def gather_by_index(values: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, sharded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

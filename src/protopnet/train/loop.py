@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -46,13 +46,13 @@ from ..checkpoint import (
     clean_interrupted_writes,
     fault_point,
     atomic_write_text,
-    save_model,
 )
 from ..config import Config
 from ..losses import LossCoefficients, alignment_cost, protopnet_loss
 from ..model_card import record_training_results
 from ..model.protopnet import ProtoPNet
-from ..runtime import autocast, memory_format, resolve_device, resolve_precision
+from ..runtime import ProgressBars, RunSettings, autocast, memory_format, resolve_device, resolve_precision
+from ..save import save_model
 from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .evaluate import accuracy_report, predict_logits
@@ -61,132 +61,12 @@ from .last_layer import collect_similarities, collect_similarities_from_cache, o
 from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader, stream_batches
 from .prototype_init import distinctive_patches
 from .push import push_prototypes
+from .run_data import RunData, backbone_normalisation, build_model, build_run_data
 from .state import STATE_VERSION, ResumeMismatchError, RunState  # noqa: F401 - the first two were defined here
 from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable, take_averaged_weights
 from .tensorboard import open_tensorboard
 
 logger = logging.getLogger(__name__)
-
-@dataclass
-class RunData:
-    """The datasets of a run: ``train`` (augmented view), ``clean`` (the same images without
-    augmentation: push, last layer, validation), ``test``, and the index lists.
-
-    ``train_indices`` / ``val_indices`` index ``clean``. ``epoch_indices`` index ``train`` for the
-    training epochs; None means ``train_indices`` (``train`` is a view of ``clean``). They differ
-    when ``train`` is an offline-augmented tree (``data.offline_augmentation``)."""
-
-    train: Any
-    clean: Any
-    test: Any | None
-    train_indices: list[int]
-    val_indices: list[int]
-    epoch_indices: list[int] | None = None
-
-    @property
-    def training_items(self) -> list[int]:
-        """The indices of ``train`` a training epoch goes through."""
-        return self.train_indices if self.epoch_indices is None else self.epoch_indices
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.clean.classes)
-
-
-def build_run_data(config: Config, mean: tuple[float, ...], std: tuple[float, ...], **dataset_kw: Any) -> RunData:
-    """Build the datasets a config names (``data.root``), with the backbone's normalisation.
-
-    ``dataset_kw`` go to :func:`protopnet.data.build_dataset` (e.g. ``classes=[...]`` for a
-    CUB-200-2011 subset). With ``data.offline_augmentation`` the training epochs read
-    ``<root>/train_augmented/`` (written by ``protopnet data``), leaving out the copies of the
-    validation images.
-    """
-    from ..data import build_dataset, online_augmentation, train_val_split
-
-    d = config.data
-    extra: dict[str, Any] = {}
-    if d.root == "synthetic":
-        extra = {"num_classes": d.synthetic_classes, "seed": d.synthetic_seed}
-    else:
-        extra = {"crop": d.crop}
-    extra.update(dataset_kw)
-    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(config.output.dir) / "cache"
-    common = dict(image_size=d.image_size, mean=mean, std=std)
-
-    def make(split: str, augment: Any) -> Any:
-        kw = dict(extra)
-        if d.root == "synthetic":
-            kw["images_per_class"] = d.synthetic_train_per_class if split == "train" else d.synthetic_test_per_class
-        dataset = build_dataset(d.root, split=split, augment=augment, **common, **kw)
-        if d.cache:
-            from ..data import DecodedCache
-
-            dataset = DecodedCache(dataset, cache_dir / split)
-        return dataset
-
-    augment = online_augmentation(d.image_size) if d.augment else None
-    clean = make("train", None)
-    train = make("train", augment) if augment is not None and not (d.offline_augmentation or d.augment_views) else clean
-    try:
-        test = make("test", None)
-    except (FileNotFoundError, ValueError) as error:
-        logger.warning("no test split (%s); only validation accuracy will be reported", error)
-        test = None
-    if d.val_fraction > 0:
-        train_idx, val_idx = train_val_split(clean, d.val_fraction, config.run.seed)
-    else:
-        train_idx, val_idx = list(range(len(clean))), []
-    epoch_idx = None
-    if d.augment_views:
-        from ..data import AugmentedViews
-
-        train = AugmentedViews(clean, augment, d.augment_views, seed=config.run.seed)
-        epoch_idx = train.items_of(sorted(train_idx))
-    if d.offline_augmentation:
-        from ..data import DecodedCache, ImageFolderDataset
-        from ..data.prepare import offline_training_items
-
-        folder = Path(d.root).expanduser() / "train_augmented"
-        if not folder.is_dir():
-            raise ValueError(f"data.offline_augmentation: {folder} does not exist; write it with "
-                             f"'protopnet data cub200|cars SRC --out {d.root}'")
-        train = ImageFolderDataset(folder, image_size=d.image_size, augment=augment, mean=mean, std=std, classes=list(clean.classes))
-        if d.cache:
-            train = DecodedCache(train, cache_dir / "train_augmented")
-        epoch_idx = offline_training_items(train, clean, train_idx)
-    return RunData(train, clean, test, sorted(train_idx), sorted(val_idx), epoch_idx)
-
-
-def build_model(config: Config, class_names: list[str]) -> ProtoPNet:
-    """The ProtoPNet a config describes, for ``class_names``."""
-    m = config.model
-    model = ProtoPNet(
-        backbone=m.backbone,
-        num_classes=len(class_names),
-        prototypes_per_class=m.prototypes_per_class,
-        prototype_dim=m.prototype_dim,
-        prototype_size=m.prototype_size,
-        add_on=m.add_on,
-        activation=m.activation,
-        distance=m.distance,
-        pretrained=m.pretrained,
-        epsilon=m.epsilon,
-        class_names=class_names,
-    )
-    model.image_size = config.data.image_size
-    return model
-
-
-def backbone_normalisation(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from ..model.backbones import build_backbone
-
-    if config.model.backbone.startswith("tiny_cnn"):
-        built = build_backbone(config.model.backbone, pretrained=False)
-        return built.mean, built.std
-    from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
-
-    return IMAGENET_MEAN, IMAGENET_STD
-
 
 @dataclass
 class TrainResult:
@@ -206,8 +86,8 @@ class Trainer(RunState):
     Args:
         config: the validated run config.
         out_dir: the run directory (default ``config.output.dir``).
-        progress: a callable ``(description, total) -> context`` making progress bars (the CLI
-            passes tqdm); None for silence.
+        progress_bars: ``(description, total) -> bar`` making a progress bar per stage
+            (:data:`protopnet.runtime.ProgressBars`; the CLI passes tqdm); None for silence.
         data: prebuilt :class:`RunData` (tests); default: built from ``config.data``.
     """
 
@@ -216,14 +96,20 @@ class Trainer(RunState):
         config: Config,
         out_dir: str | Path | None = None,
         *,
-        progress: Callable[..., Any] | None = None,
+        progress_bars: ProgressBars | None = None,
         data: RunData | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir or config.output.dir)
-        self.progress = progress
+        self.progress_bars = progress_bars
         self.device = resolve_device(config.run.device)
         self.precision = resolve_precision(self.device, config.run.precision)  # bf16 -> fp16 on old GPUs
+        # the passes over a dataset (push, last layer, validation): the test batch size; push
+        # and the last layer take settings.replace(batch_size=config.data.push_batch_size)
+        self.settings = RunSettings(
+            batch_size=config.data.test_batch_size, num_workers=config.data.num_workers, device=self.device,
+            precision=self.precision, channels_last=config.run.channels_last,
+        )
         self.is_main = _rank() == 0
         self.plan = plan_schedule(config.schedule)
         mean, std = backbone_normalisation(config)
@@ -304,7 +190,7 @@ class Trainer(RunState):
         return (self.config.run.seed * 1_000_003 + step.index * 7919 + 17) % (2**63 - 1)
 
     def _bar(self, description: str, total: int) -> Any:
-        return open_bar(self.progress if self.is_main else None, description, total)
+        return open_bar(self.progress_bars if self.is_main else None, description, total)
 
     def _feature_cache_for(self, step: Step) -> FrozenFeatureCache | None:
         """The cache of frozen-layer outputs this step trains on (``data.feature_cache``), built
@@ -328,8 +214,7 @@ class Trainer(RunState):
             if prefix is not None:
                 with self._bar("caching the frozen backbone", 1) as bar:
                     self._feature_caches["warm"] = prefix.extended(
-                        self.model, None, precision=self.precision, channels_last=cfg.run.channels_last,
-                        batch_size=cfg.data.test_batch_size, max_bytes=cfg.data.feature_cache_max_gb * 1e9,
+                        self.model, None, settings=self.settings, max_bytes=cfg.data.feature_cache_max_gb * 1e9,
                     )
                     bar.update(1)
             else:
@@ -348,9 +233,7 @@ class Trainer(RunState):
         what = "backbone" if blocks is None else f"first {blocks} backbone blocks"
         with self._bar(f"caching the frozen {what}", len(items)) as bar:
             return FrozenFeatureCache.build(
-                self.model, blocks, self.data.train, items, device=self.device, precision=self.precision,
-                channels_last=cfg.run.channels_last, batch_size=cfg.data.test_batch_size, num_workers=cfg.data.num_workers,
-                max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
+                self.model, blocks, self.data.train, items, settings=self.settings, max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
             )
 
     def _forward_model(self, stage: str = "joint", cache: FrozenFeatureCache | None = None) -> nn.Module:
@@ -470,7 +353,7 @@ class Trainer(RunState):
                 correct += (out.logits.argmax(1) == labels).sum() if b else 0
                 seen += b
                 bar.update(1)
-                if self.progress is not None and self.is_main:  # float() waits for the GPU
+                if self.progress_bars is not None and self.is_main:  # float() waits for the GPU
                     bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(float(seen), 1):.3f}")
                 fault_point("batch")
         keys = sorted(sums)
@@ -565,9 +448,9 @@ class Trainer(RunState):
         self.model.eval()
         with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} push", len(self.data.train_indices)) as bar:
             provenance = push_prototypes(
-                self.model, self.data.clean, indices=self.data.train_indices, batch_size=cfg.data.push_batch_size,
-                device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
-                channels_last=cfg.run.channels_last, sampler=self._sampler(self.data.train_indices, False, 0),
+                self.model, self.data.clean, indices=self.data.train_indices,
+                settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
+                sampler=self._sampler(self.data.train_indices, False, 0),
                 progress=lambda n: (bar.update(n), fault_point("push")), bad_images=self.bad_images,
             )
         moved = [p["distance"] for p in provenance]
@@ -642,9 +525,7 @@ class Trainer(RunState):
         was_training = model.training
         model.eval()
         latents, labels = [], []
-        batches = stream_batches(clean, indices=sample, batch_size=self.config.data.test_batch_size, device=self.device,
-                                 num_workers=self.config.data.num_workers, channels_last=self.config.run.channels_last,
-                                 bad_images=self.bad_images)
+        batches = stream_batches(clean, indices=sample, settings=self.settings, bad_images=self.bad_images)
         for images, batch_labels, _ in batches:
             with autocast(self.device, self.precision):
                 latents.append(model.latent(images).float().cpu())
@@ -669,8 +550,8 @@ class Trainer(RunState):
             with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} prune", len(self.data.train_indices)) as bar:
                 report = prune(
                     self.model, self.data.clean, k=cfg.schedule.prune_k, threshold=cfg.schedule.prune_threshold,
-                    indices=self.data.train_indices, refit=False, batch_size=cfg.data.push_batch_size, device=self.device,
-                    num_workers=cfg.data.num_workers, progress=bar.update,
+                    indices=self.data.train_indices, refit=False,
+                    settings=self.settings.replace(batch_size=cfg.data.push_batch_size), progress=bar.update,
                 )
             record = {
                 "prototypes_before": len(report.prototypes), "prototypes_after": len(report.kept),
@@ -714,14 +595,13 @@ class Trainer(RunState):
         prefix = self._feature_caches.get("prefix") if fixed else None
         if prefix is not None:  # the frozen blocks' outputs are cached: only the later blocks run
             sims, labels, _ = collect_similarities_from_cache(
-                self.model, prefix, items, batch_size=cfg.data.push_batch_size, precision=self.precision,
-                channels_last=cfg.run.channels_last, rank=_rank(), world=_world(),
+                self.model, prefix, items, settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
+                rank=_rank(), world=_world(),
             )
         else:
             sims, labels, _ = collect_similarities(
-                self.model, dataset, indices=items, batch_size=cfg.data.push_batch_size,
-                device=self.device, num_workers=cfg.data.num_workers, precision=self.precision,
-                channels_last=cfg.run.channels_last, sampler=self._sampler(items, False, 0),
+                self.model, dataset, indices=items, settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
+                sampler=self._sampler(items, False, 0),
                 bad_images=self.bad_images,
             )
         generator = torch.Generator().manual_seed(self._step_seed(step))
@@ -737,9 +617,8 @@ class Trainer(RunState):
         if not self.data.val_indices:
             return None
         logits, labels, _ = predict_logits(
-            self.model, self.data.clean, indices=self.data.val_indices, batch_size=self.config.data.test_batch_size,
-            device=self.device, num_workers=self.config.data.num_workers, precision=self.precision,
-            channels_last=self.config.run.channels_last, sampler=self._sampler(self.data.val_indices, False, 0),
+            self.model, self.data.clean, indices=self.data.val_indices, settings=self.settings,
+            sampler=self._sampler(self.data.val_indices, False, 0),
             bad_images=self.bad_images,
         )
         return accuracy_report(logits, labels, self.data.class_names)["accuracy"]
@@ -882,7 +761,8 @@ class Trainer(RunState):
         model_dir = self.out_dir / "model"
         selected = self._selected_model(model_dir)
         cfg = self.config
-        common = dict(batch_size=cfg.data.test_batch_size, device=self.device, num_workers=cfg.data.num_workers, bad_images=self.bad_images)
+        # the selected model is evaluated in float32 on the contiguous layout, whatever the run trained in
+        common = dict(settings=self.settings.replace(precision="fp32", channels_last=False), bad_images=self.bad_images)
         val = None
         if self.data.val_indices:
             logits, labels, _ = predict_logits(selected, self.data.clean, indices=self.data.val_indices,
@@ -936,10 +816,10 @@ class _PretrainNet(nn.Module):
         return _PretrainOutput(self.head(self.features(x).amax(dim=(2, 3))))
 
 
-def open_bar(progress: Callable[[str, int], Any] | None, description: str, total: int) -> Any:
-    """``progress(description, total)`` (a context manager with ``update``, ``set_postfix``),
-    or one that shows nothing when ``progress`` is None."""
-    return _NullBar() if progress is None else progress(description, total)
+def open_bar(progress_bars: ProgressBars | None, description: str, total: int) -> Any:
+    """``progress_bars(description, total)`` (a context manager with ``update``, ``set_postfix``),
+    or one that shows nothing when ``progress_bars`` is None."""
+    return _NullBar() if progress_bars is None else progress_bars(description, total)
 
 
 class _NullBar:
@@ -982,6 +862,7 @@ def _short(record: dict[str, Any]) -> str:
     return ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
 
 
-def train(config: Config, out_dir: str | Path | None = None, *, resume: bool = False, progress: Callable[..., Any] | None = None) -> TrainResult:
-    """Train a ProtoPNet as ``config`` says; returns where the model and results are."""
-    return Trainer(config, out_dir, progress=progress).fit(resume=resume)
+def train(config: Config, out_dir: str | Path | None = None, *, resume: bool = False, progress_bars: ProgressBars | None = None) -> TrainResult:
+    """Train a ProtoPNet as ``config`` says; returns where the model and results are.
+    ``progress_bars``: see :class:`Trainer`."""
+    return Trainer(config, out_dir, progress_bars=progress_bars).fit(resume=resume)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence, Unpack
 
 import torch
 import torch.distributed as dist
 
 from ..model.protopnet import ProtoPNet
 from ..regions import activation_boxes
-from ..runtime import autocast, resolve_device
+from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import BadImageLog, stream_batches
 
 logger = logging.getLogger(__name__)
@@ -125,15 +125,12 @@ def push_prototypes(
     dataset: Any,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 75,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    settings: RunSettings | None = None,
     percentile: float = 95.0,
     sampler: Any = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     bad_images: BadImageLog | None = None,
+    **fields: Unpack[RunFields],
 ) -> list[dict[str, Any]]:
     """Project every prototype onto its nearest latent training patch of its own class.
 
@@ -143,6 +140,9 @@ def push_prototypes(
         indices: the push images (default: every item).
         sampler: a sampler over positions in ``indices`` (a DistributedSampler shards the scan
             across ranks; the winners are then merged so every rank ends with the same result).
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword (``batch_size=...``) replaces that
+            of ``settings``.
         progress: called with the number of images of each batch processed.
 
     Returns:
@@ -154,15 +154,16 @@ def push_prototypes(
     Raises:
         ValueError: a class has prototypes but no readable push image.
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
+    device = run.device
     was_training = model.training
     model.eval()
     state = PushState.empty(model.prototypes)
     prototype_classes = model.prototype_classes.to(device)
-    batches = stream_batches(dataset, indices=indices, batch_size=batch_size, device=device, num_workers=num_workers,
-                             sampler=sampler, channels_last=channels_last, bad_images=bad_images if bad_images is not None else BadImageLog())
+    batches = stream_batches(dataset, indices=indices, settings=run, sampler=sampler,
+                             bad_images=bad_images if bad_images is not None else BadImageLog())
     for images, labels, batch_indices in batches:
-        with autocast(device, precision):
+        with autocast(device, run.precision):
             z = model.latent(images)  # (B, D, H, W)
         distances = model.distances(z)  # (B, M, H', W') float32
         state.update(z, distances, labels.to(device), batch_indices, prototype_classes, model)

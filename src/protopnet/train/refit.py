@@ -12,14 +12,17 @@ Shapes: B images, D latent channels, M prototypes, H' x W' patch positions, K cl
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Unpack
 
 import torch
 
-from ..runtime import resolve_device
+from ..runtime import Progress, RunFields, RunSettings
 from .evaluate import accuracy_report
 from .last_layer import optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, make_loader
+
+if TYPE_CHECKING:
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +34,15 @@ BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 @torch.no_grad()
 def scan_similarities(
-    model: Any,
+    model: ProtoPNet,
     dataset: Any,
     prototypes: torch.Tensor | None = None,
     *,
     indices: Sequence[int] | None = None,
-    batch_size: int = 75,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
+    settings: RunSettings | None = None,
     on_batch: BatchHook | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    **fields: Unpack[RunFields],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Smallest distance from each of ``prototypes`` to each image, in one streamed pass.
 
@@ -50,6 +52,9 @@ def scan_similarities(
         prototypes: (P, D, h, w) the vectors to measure (default: ``model.prototypes``). Passing
             the current prototypes concatenated with candidate replacements lets one pass serve
             the model before and after an edit.
+        settings, fields: how the pass runs (:class:`~protopnet.runtime.RunSettings`; default
+            batch size 75); a field given as a keyword replaces that of ``settings``. Only the
+            batch size, workers and device are used: the distances run in float32.
         on_batch: called with ``(distances (B, P, H', W'), labels (B,), dataset indices (B,))``
             for every batch (the k-nearest-patch search of :mod:`protopnet.prune` uses it).
         progress: called with the number of images of each batch.
@@ -58,11 +63,12 @@ def scan_similarities(
         min_distances (N, P) float32 on the CPU, labels (N,), dataset indices (N,), sorted by
         dataset index. Unreadable images are skipped (and logged).
     """
-    device = resolve_device(device if device is not None else next(model.parameters()).device)
+    run = RunSettings.merged(settings, 75, **fields).for_model(model)
+    device = run.device
     protos = (model.prototypes if prototypes is None else prototypes).detach().to(device)
     was_training = model.training
     model.eval()
-    loader = make_loader(IndexedSubset(dataset, indices, augment=False), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(IndexedSubset(dataset, indices, augment=False), run.batch_size, num_workers=run.num_workers, pin_memory=device.type == "cuda")
     bad = BadImageLog()
     mins, labels, idx = [], [], []
     try:
@@ -99,7 +105,7 @@ def accuracy_from_similarities(weight: torch.Tensor, similarities: torch.Tensor,
 
 
 def refit_last_layer(
-    model: Any,
+    model: ProtoPNet,
     similarities: torch.Tensor,
     labels: torch.Tensor,
     *,

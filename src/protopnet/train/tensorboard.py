@@ -20,9 +20,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..model.protopnet import ProtoPNet
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class NoTensorBoard:
     def before_step(self, step: Any, optimizers: dict[str, torch.optim.Optimizer]) -> None:
         return None
 
-    def after_step(self, record: dict[str, Any], model: Any = None, dataset: Any = None) -> None:
+    def after_step(self, record: dict[str, Any], model: ProtoPNet | None = None, dataset: Any = None) -> None:
         return None
 
     def close(self) -> None:
@@ -82,7 +85,7 @@ class TensorBoardLog(NoTensorBoard):
             name = names[i] if len(names) == len(optimizer.param_groups) else str(i)
             writer.add_scalar(f"lr/{step.stage}/{name}", float(group["lr"]), step.index)
 
-    def after_step(self, record: dict[str, Any], model: Any = None, dataset: Any = None) -> None:
+    def after_step(self, record: dict[str, Any], model: ProtoPNet | None = None, dataset: Any = None) -> None:
         """Every number of the step's record; after a push, the grid of source patches."""
         writer = self._open(int(record["step"]))
         index, stage = int(record["step"]), str(record["stage"])
@@ -111,7 +114,7 @@ def open_tensorboard(enabled: bool, run_dir: str | Path, is_main: bool) -> NoTen
     return TensorBoardLog(Path(run_dir) / "tensorboard")
 
 
-def prototype_patch_grid(model: Any, dataset: Any) -> torch.Tensor | None:
+def prototype_patch_grid(model: ProtoPNet, dataset: Any) -> torch.Tensor | None:
     """(3, H, W) uint8: each prototype's source patch (from its provenance), resized to
     ``PATCH_PIXELS`` square, one row per class in class order; at most ``MAX_PATCHES`` patches.
     An unreadable source picture leaves a black square."""

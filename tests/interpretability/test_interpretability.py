@@ -14,11 +14,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from protopnet import ProtoPNet
-from protopnet.data.base import Annotation, ProtoDataset
+from protopnet.data.base import Annotation
 from protopnet.explain.nearest import nearest_patches
 from protopnet.explain.html import Report
 from protopnet.interpretability import (
@@ -41,68 +40,7 @@ from protopnet.interpretability.parts import (
 from protopnet.regions import upsample_activation
 from protopnet.train.push import push_prototypes
 
-from conftest import ColourDataset, tiny_model
-
-COLOURS = [(230, 40, 40), (40, 200, 40), (40, 80, 230)]
-GREY = (128, 128, 128)
-
-
-def normalised(colour) -> torch.Tensor:
-    return (torch.tensor(colour, dtype=torch.float32) / 255 - 0.5) / 0.25
-
-
-class Squares(ProtoDataset):
-    """32-px pictures: near-grey noise and one 8 x 8 square of the class colour, aligned to the
-    4-pixel cells (the part; ``part_box``). ``decoy``: a second identical square elsewhere, not
-    annotated. ``cub``: CUB-style part points instead of a box — ``head`` at the square's centre
-    (always visible) and ``tail`` at the opposite corner of the picture (visible in even items)."""
-
-    def __init__(self, per_class: int = 6, decoy: bool = False, cub: bool = False, seed: int = 0, num_classes: int = 3):
-        super().__init__(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-        self.classes = [f"square_{k}" for k in range(num_classes)]
-        self.targets = [i % num_classes for i in range(num_classes * per_class)]
-        self.decoy, self.cub, self.seed = decoy, cub, seed
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def squares(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        rng = np.random.default_rng([self.seed, index])
-        while True:
-            a, b = rng.integers(0, 7, size=2) * 4, rng.integers(0, 7, size=2) * 4
-            if not self.decoy or np.abs(a - b).max() >= 16:
-                return (int(a[0]), int(a[1])), (int(b[0]), int(b[1]))
-
-    def load_image(self, index: int) -> Image.Image:
-        array = np.random.default_rng([self.seed, index, 1]).integers(120, 137, size=(32, 32, 3)).astype(np.uint8)
-        (x, y), (dx, dy) = self.squares(index)
-        array[y : y + 8, x : x + 8] = COLOURS[self.targets[index]]
-        if self.decoy:
-            array[dy : dy + 8, dx : dx + 8] = COLOURS[self.targets[index]]
-        return Image.fromarray(array)
-
-    def path(self, index: int) -> str:
-        return f"squares://{self.seed}/{index}"
-
-    def annotation(self, index: int) -> Annotation:
-        (x, y), _ = self.squares(index)
-        if self.cub:
-            parts = {"head": (x + 4.0, y + 4.0)}
-            if index % 2 == 0:
-                parts["tail"] = (31.0 - (x + 4.0), 31.0 - (y + 4.0))
-            return Annotation(parts=parts)
-        return Annotation(part_box=[float(x), float(y), float(x + 8), float(y + 8)])
-
-
-def colour_model(colours, classes, num_classes: int = 3) -> ProtoPNet:
-    """A ProtoPNet whose latent map is the 4 x 4-cell mean colour and whose prototypes are colours."""
-    model = ProtoPNet(backbone="tiny_cnn", num_classes=num_classes, prototype_dim=3, pretrained=False, prototype_classes=classes)
-    model.features = nn.AvgPool2d(4)
-    model.add_on = nn.Identity()
-    model.prototypes = nn.Parameter(torch.stack([normalised(c) for c in colours]).view(len(colours), 3, 1, 1))
-    model.image_size = 32
-    return model.eval()
-
+from conftest import COLOURS, GREY, ColourDataset, Squares, colour_model, tiny_model
 
 def random_model(seed: int = 0, prototypes_per_class: int = 2, dim: int = 6, prototype_size=(1, 1)) -> ProtoPNet:
     """A random network (one stride-4 convolution and a sigmoid, cheap on a busy CPU) with random

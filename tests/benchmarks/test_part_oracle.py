@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import load_benchmark
+
 
 def _oracle_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "part_oracle.py"
-    spec = importlib.util.spec_from_file_location("part_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("part_oracle")
 
 
 def _pictures(n: int, seed: int):

@@ -5,7 +5,6 @@ interpretability report measures each ProtoPNet, per seed and over seeds."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,25 +12,18 @@ import torch
 from protopnet.config import load_config
 from protopnet.train.stages import backbone_blocks
 
-from test_interpretability import COLOURS, GREY, Squares, colour_model
+from conftest import COLOURS, GREY, ROOT, Squares, colour_model, load_benchmark, make_cub, moving_average, record_trajectory
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 
 
 def _bench_module():
-    import importlib.util
-
-    path = CONFIGS.parent / "benchmarks" / "bench_cub.py"
-    spec = importlib.util.spec_from_file_location("bench_cub", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_cub")
 
 
 def test_bench_cub_trains_both_models_and_writes_table_and_json(tmp_path, capsys):
     import json
 
-    from test_prepare import make_cub
 
     bench = _bench_module()
     src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=2)
@@ -56,10 +48,9 @@ def test_bench_cub_trains_both_models_and_writes_table_and_json(tmp_path, capsys
 def _small_bench_setup(tmp_path, *overrides):
     """The benchmark module, and a 3-epoch config and its data on a 3-class CUB tree (12 training
     pictures, batches of 4, tiny_cnn at 32 px)."""
-    from test_prepare import make_cub
 
     from protopnet.train import build_run_data
-    from protopnet.train.loop import backbone_normalisation
+    from protopnet.train.run_data import backbone_normalisation
 
     src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
     config = load_config(None, [f"data.root={src}", "model.backbone=tiny_cnn", "model.pretrained=false", "data.image_size=32",
@@ -84,11 +75,10 @@ def test_bench_baseline_follows_the_schedule_and_keeps_frozen_blocks(tmp_path):
 def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypatch):
     """The baseline caches the frozen blocks once (warm-up, joint and last layer read them) and
     ends with the weights it reaches from the pictures."""
-    from test_prepare import make_cub
 
     from protopnet.data import CUB200
     from protopnet.train import build_run_data
-    from protopnet.train.loop import backbone_normalisation
+    from protopnet.train.run_data import backbone_normalisation
 
     bench = _bench_module()
     src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=1)
@@ -118,7 +108,6 @@ def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypat
 def test_bench_baseline_averages_its_weights_as_the_trainer_does(tmp_path, monkeypatch):
     """With optim.ema_decay the baseline's backbone ends as the moving average of its training
     weights (the last-layer stage then trains the head alone), as ProtoPNet's does."""
-    from test_train import moving_average, record_trajectory
 
     bench, config, data = _small_bench_setup(tmp_path, "optim.ema_decay=0.7")
     built: list[torch.nn.Module] = []  # the benchmark builds its model itself: keep a handle on it
@@ -203,7 +192,6 @@ def add_parts(root):
 
 
 def test_bench_cub_two_seeds_prints_interpretability_per_seed_and_over_seeds(tmp_path, capsys):
-    from test_prepare import make_cub
 
     bench = _bench_module()
     src = make_cub(tmp_path / "CUB_200_2011", per_class_train=4, per_class_test=2)

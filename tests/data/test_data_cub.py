@@ -14,9 +14,8 @@ from PIL import Image
 
 from protopnet.data import CUB200, BadImageError, build_dataset, is_cub_root, pretty_class_name, read_cub_metadata
 
-from conftest import FILES, write_tree  # noqa: F401 (FILES: the tree's files, for the tests that alter them)
+from conftest import FILES, SHARED, write_tree  # noqa: F401 (FILES: the tree's files, for the tests that alter them)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_CUB = SHARED / "data" / "CUB_200_2011"
 
 @pytest.fixture()

@@ -8,10 +8,7 @@ keep the screenshots they take.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,13 +20,9 @@ from protopnet.demo import write_demo_report
 from protopnet.explain import Html, Report, Section, analyze, explain, write_analysis_report, write_explanation_report
 from protopnet.regions import UPSAMPLING_DESCRIPTION
 
-from conftest import ColourDataset, tiny_model
+from conftest import ColourDataset, screenshot, tiny_model
 
 XSS = "<script>alert(1)</script>"
-CHROME_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-)
 
 
 @pytest.fixture(scope="module")
@@ -163,43 +156,6 @@ def test_demo_report_explains_the_chosen_test_images(setup, tmp_path):
 
 
 # -- in a real browser ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    driver_path = shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="protopnet-chromium-")
-    options.add_argument(f"--user-data-dir={profile}")
-    options.add_argument("--window-size=1280,1000")
-    options.binary_location = chromium
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def screenshot(driver, tmp_path: Path, name: str) -> Path:
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, min(int(height) + 40, 6000))
-    path = tmp_path / f"{name}.png"
-    assert driver.save_screenshot(str(path))
-    assert path.stat().st_size > 10_000
-    keep = os.environ.get("PROTOPNET_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, Path(keep) / path.name)
-    return path
-
 
 def assert_no_alert_and_pictures_loaded(driver) -> None:
     from selenium.common.exceptions import NoAlertPresentException

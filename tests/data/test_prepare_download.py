@@ -74,8 +74,10 @@ class Server:
                 if server.cut_next_after is not None:
                     body, server.cut_next_after = body[: server.cut_next_after], None
                     self.close_connection = True
-                self.wfile.write(body)
+                # Counted before the write: once the body is out the client may return, and the
+                # test read the count, before this thread runs again.
                 server.sent += len(body)
+                self.wfile.write(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -134,3 +134,30 @@ def test_bf16_on_a_gpu_without_bf16_falls_back_to_fp16(monkeypatch, caplog):
     assert resolve_precision(torch.device("cpu"), "fp32") == "fp32"
     with pytest.raises(ValueError, match="GPU"):
         resolve_precision(torch.device("cpu"), "fp16")
+
+
+def test_one_settings_object_runs_a_pass_as_the_separate_keywords_do():
+    """A RunSettings carries batch size, workers, device, precision and layout; a keyword given
+    beside it replaces that field, and a settings object is frozen."""
+    import dataclasses
+
+    from protopnet.runtime import RunSettings
+
+    data = ColourDataset(num_classes=3, per_class=4, seed=3)
+    model = tiny_model(num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    settings = RunSettings(batch_size=5, device="cpu", precision="bf16", channels_last=True)
+    logits, labels, idx = predict_logits(model, data, batch_size=5, device="cpu", precision="bf16", channels_last=True)
+    logits_s, labels_s, idx_s = predict_logits(model, data, settings=settings)
+    assert torch.equal(logits, logits_s) and torch.equal(labels, labels_s) and torch.equal(idx, idx_s)
+    fp32, _, _ = predict_logits(model, data, batch_size=5)
+    overridden, _, _ = predict_logits(model, data, settings=settings, precision="fp32", channels_last=False)
+    assert torch.equal(fp32, overridden)
+
+    merged = RunSettings.merged(settings, batch_size=9, num_workers=None)
+    assert (merged.batch_size, merged.num_workers, merged.precision) == (9, 0, "bf16")
+    assert RunSettings.merged(None, 75).batch_size == 75
+    with pytest.raises(TypeError, match="batchsize"):
+        predict_logits(model, data, batchsize=5)  # a misspelt setting is refused, not ignored
+    assert RunSettings().for_model(model).device == torch.device("cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.batch_size = 1  # type: ignore[misc]

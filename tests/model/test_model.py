@@ -15,8 +15,17 @@ from protopnet.model.distances import paired_cosine_distance_maps, paired_l2_dis
 from conftest import tiny_model
 
 
-def brute_force_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """||patch - p||^2 for every prototype and patch position, by explicit loops."""
+def _squared_l2(patch: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
+    return ((patch - prototype) ** 2).sum()
+
+
+def _one_minus_cosine(patch: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.nn.functional.cosine_similarity(patch.flatten(), prototype.flatten(), dim=0)
+
+
+def brute_force_distances(z: torch.Tensor, prototypes: torch.Tensor, metric=_squared_l2) -> torch.Tensor:
+    """``metric(patch, p)`` (default ||patch - p||^2) for every prototype and patch position,
+    by explicit loops in float64."""
     b, d, H, W = z.shape
     m, _, h, w = prototypes.shape
     out = torch.empty(b, m, H - h + 1, W - w + 1, dtype=torch.float64)
@@ -24,8 +33,7 @@ def brute_force_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Te
         for j in range(m):
             for y in range(H - h + 1):
                 for x in range(W - w + 1):
-                    patch = z[i, :, y : y + h, x : x + w].double()
-                    out[i, j, y, x] = ((patch - prototypes[j].double()) ** 2).sum()
+                    out[i, j, y, x] = metric(z[i, :, y : y + h, x : x + w].double(), prototypes[j].double())
     return out
 
 
@@ -53,20 +61,6 @@ def test_paired_distances_are_the_diagonal_of_brute_force(size):
         paired_l2_distance_maps(z, prototypes[:3])
 
 
-def brute_force_cosine(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """1 - cos(patch, p) for every prototype and patch position, by explicit loops."""
-    b, d, H, W = z.shape
-    m, _, h, w = prototypes.shape
-    out = torch.empty(b, m, H - h + 1, W - w + 1, dtype=torch.float64)
-    for i in range(b):
-        for j in range(m):
-            for y in range(H - h + 1):
-                for x in range(W - w + 1):
-                    patch = z[i, :, y : y + h, x : x + w].double().flatten()
-                    out[i, j, y, x] = 1 - torch.nn.functional.cosine_similarity(patch, prototypes[j].double().flatten(), dim=0)
-    return out
-
-
 @pytest.mark.parametrize("size", [(1, 1), (2, 2), (3, 2)])
 def test_cosine_distances_match_brute_force(size):
     g = torch.Generator().manual_seed(2)
@@ -74,7 +68,7 @@ def test_cosine_distances_match_brute_force(size):
     prototypes = torch.randn(4, 5, *size, generator=g)
     fast = cosine_distance_maps(z, prototypes)
     assert fast.shape == (2, 4, 6 - size[0] + 1, 7 - size[1] + 1) and fast.dtype == torch.float32
-    full = brute_force_cosine(z, prototypes)
+    full = brute_force_distances(z, prototypes, _one_minus_cosine)
     torch.testing.assert_close(fast.double(), full, atol=1e-5, rtol=1e-5)
     paired = paired_cosine_distance_maps(z[[0, 1, 0, 1]], prototypes)
     torch.testing.assert_close(paired.double(), torch.stack([full[j % 2, j] for j in range(4)]), atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ from protopnet.train import Trainer, plan_schedule  # noqa: E402
 
 from protopnet.train.loop import Trainer as TrainerClass  # noqa: E402
 
-from test_train import tiny_config, tiny_data  # noqa: E402
+from conftest import tiny_config, tiny_data  # noqa: E402
 
 
 def read_events(run):

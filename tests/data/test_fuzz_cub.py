@@ -3,7 +3,7 @@ so the fuzz reaches deep into the parser and the crop / box / part arithmetic: a
 a dropped or duplicated line, odd numbers, odd line endings. Whatever the change, the dataset is
 either refused with a one-line ValueError naming the file, or builds and then each item either
 loads (a picture of the right size, a box inside it) or raises BadImageError (a ValueError).
-(tests/test_data_cub.py fuzzes with random tokens; this complements it.)"""
+(tests/data/test_data_cub.py fuzzes with random tokens; this complements it.)"""
 
 from __future__ import annotations
 

@@ -22,8 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from protopnet import load_model
-from protopnet.checkpoint import load_tensors
+from conftest import assert_whole, leftovers
 
 CONFIG = """\
 model: {backbone: tiny_cnn, pretrained: false, prototypes_per_class: 2, prototype_dim: 8}
@@ -59,30 +58,12 @@ def train(config: Path, out: Path, *, resume: bool = False, kill_at: str | None 
     return subprocess.run(args, env=environment(kill_at), capture_output=True, text=True, timeout=timeout)
 
 
-def assert_whole(out: Path) -> None:
-    """Every checkpoint and the model directory on disk is complete and passes its checksums."""
-    for step in sorted((out / "checkpoints").glob("step-*")):
-        state = json.loads((step / "state.json").read_text())
-        load_tensors(step / "model.safetensors", state["model_sha256"])
-        load_tensors(step / "state.safetensors", state["state_sha256"])
-        assert state["next_step"] == int(step.name.split("-")[1]) + 1
-    if (out / "model").exists():
-        load_model(out / "model")  # checks model.safetensors against model.json's sha256
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        [json.loads(line) for line in metrics.read_text().splitlines()]
-
-
 def checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
 def newest(out: Path) -> int:
     return int(checkpoints(out)[-1].name.split("-")[1]) if checkpoints(out) else -1
-
-
-def leftovers(out: Path) -> list[str]:
-    return sorted(p.name for d in (out, out / "checkpoints") if d.is_dir() for p in d.iterdir() if p.name.startswith("."))
 
 
 @pytest.mark.slow

@@ -138,3 +138,28 @@ def test_invalid_arguments():
     for kwargs in ({"split": "val"}, {"num_classes": 0}, {"image_size": 16}, {"images_per_class": 0}, {"seed": -1}):
         with pytest.raises(ValueError):
             SyntheticParts(**kwargs)
+
+
+def test_dataset_for_model_prepares_data_the_way_the_model_expects(tmp_path):
+    """One implementation for the commands and the web app: the model's size, normalisation
+    and (for synthetic data) number of classes; a missing directory or another number of
+    classes is refused with a one-line DataSpecError."""
+    import pytest
+
+    from protopnet.data import DataSpecError, dataset_for_model
+
+    from conftest import tiny_model
+
+    model = tiny_model(num_classes=3)
+    dataset = dataset_for_model(model, "synthetic", "train", images_per_class=2)
+    assert len(dataset.classes) == 3 and dataset.image_size == model.image_size
+    assert tuple(dataset.mean) == tuple(model.mean) and tuple(dataset.std) == tuple(model.std)
+    with pytest.raises(DataSpecError, match="no such directory"):
+        dataset_for_model(model, str(tmp_path / "missing"), "train")
+    from PIL import Image
+
+    for k in range(2):
+        (tmp_path / "folder" / f"class{k}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(tmp_path / "folder" / f"class{k}" / "a.png")
+    with pytest.raises(DataSpecError, match="has 2 classes but the model has 3"):
+        dataset_for_model(model, str(tmp_path / "folder"), "train")

@@ -36,8 +36,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 pytest.importorskip("python_multipart", reason="the serve extra is not installed (pip install 'protopnet[serve]')")
 
 import protopnet  # noqa: E402
-from conftest import ColourDataset, tiny_model  # noqa: E402
-from test_report import browser, screenshot  # noqa: E402,F401  (the headless Chromium of the report tests)
+from conftest import ROOT, ColourDataset, screenshot, tiny_model  # noqa: E402  (fixture browser: conftest.py)
 
 SIZE = 64
 CLASSES = ["blue", "green", "red"]  # sorted, as ImageFolder numbers its folders
@@ -45,7 +44,7 @@ TEST_COUNTS = (3, 1, 1)  # test pictures per class
 J0, J1 = 0, 3  # the first prototype of class 0 and of class 1
 TOKEN = "test-token-" + "x" * 20
 LIMIT_MB = 2
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = ROOT / "src"
 
 
 def png(picture: Image.Image, format: str = "PNG") -> bytes:

@@ -16,10 +16,7 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -31,71 +28,9 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.distributed  # every test here launches torchrun (two gloo processes)
 
 from protopnet.checkpoint import load_model
-from protopnet.config import load_config
 from protopnet.data import build_dataset
-from protopnet.train import train
 
-from conftest import ColourDataset
-
-# Installed in the torchrun ranks through PYTHONPATH: on ranks other than 0 it records each write
-# (open for writing, mkdir, rename, remove) under PROTOPNET_TEST_WATCH into PROTOPNET_TEST_AUDIT.
-SITECUSTOMIZE = textwrap.dedent(
-    '''
-    import atexit, os, sys
-    _watch = os.environ.get("PROTOPNET_TEST_WATCH")
-    _log = os.environ.get("PROTOPNET_TEST_AUDIT")
-    if _watch and _log and os.environ.get("RANK", "0") != "0":
-        _watch = os.path.realpath(_watch)
-        _seen, _busy = [], [False]
-        _write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-        def _inside(path):
-            if isinstance(path, bytes):
-                path = os.fsdecode(path)
-            if not isinstance(path, str):
-                return False
-            return os.path.realpath(path).startswith(_watch)
-
-        def _hook(event, args):
-            if _busy[0]:
-                return
-            if event == "open":
-                path, mode, flags = args
-                writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                    isinstance(flags, int) and flags & _write_flags)
-                if writes and _inside(path):
-                    _seen.append(f"open {path} {mode} {flags}")
-            elif event == "os.mkdir":
-                if _inside(args[0]) and not os.path.exists(args[0]):  # exist_ok=True tries anyway
-                    _seen.append(f"{event} {args[0]}")
-            elif event in ("os.remove", "os.rmdir", "os.truncate", "shutil.rmtree"):
-                if _inside(args[0]):
-                    _seen.append(f"{event} {args[0]}")
-            elif event == "os.rename":
-                if _inside(args[0]) or _inside(args[1]):
-                    _seen.append(f"{event} {args[0]} -> {args[1]}")
-
-        def _dump():
-            _busy[0] = True
-            with open(_log + "." + os.environ["RANK"], "w") as handle:
-                handle.write("\\n".join(_seen))
-
-        sys.addaudithook(_hook)
-        atexit.register(_dump)
-    '''
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).parent / "torchrun"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-
+from conftest import ColourDataset, free_port, torchrun, train_both
 
 def _config_text(root: str, tmp_path: Path, **data: object) -> str:
     config = {
@@ -112,43 +47,6 @@ def _config_text(root: str, tmp_path: Path, **data: object) -> str:
         "output": {"dir": str(tmp_path / "unused")},
     }
     return json.dumps(config)  # JSON is YAML
-
-
-def _train_both(tmp_path: Path, config_text: str) -> tuple[Path, Path, list[str]]:
-    """Train the config with torchrun (2 ranks) and, meanwhile, in this process."""
-    path = tmp_path / "config.yaml"
-    path.write_text(config_text)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    audit = tmp_path / "audit.log"
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        PROTOPNET_TEST_WATCH=str(ddp), PROTOPNET_TEST_AUDIT=str(audit), OMP_NUM_THREADS="1",
-    )
-    command = [*_torchrun(), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "protopnet", "-q",
-               "train", str(path), "--out", str(ddp)]
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as ranks:
-        try:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                train(load_config(path), single)
-            finally:
-                torch.set_num_threads(threads)
-            stdout, stderr = ranks.communicate(timeout=300)
-        finally:
-            if ranks.poll() is None:
-                ranks.kill()
-    assert ranks.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    summary = json.loads(stdout.strip().splitlines()[-1])  # rank 0 prints one summary line
-    assert summary["model"] == str(ddp / "model")
-    log = Path(f"{audit}.1")
-    assert log.exists(), "the audit hook did not run on rank 1"
-    writes = [line for line in log.read_text().splitlines() if line]
-    return single, ddp, writes
 
 
 def _push_margin(model_dir: Path, dataset) -> float:
@@ -223,7 +121,7 @@ def _assert_same_run(single: Path, ddp: Path) -> None:
 def test_torchrun_two_ranks_train_what_one_process_trains(tmp_path):
     """Synthetic data through the decoded-image cache; 17 training images in batches of 8 (the last
     global batch has one image: rank 1 gets an empty slice and must still join the all-reduce)."""
-    single, ddp, writes = _train_both(tmp_path, _config_text("synthetic", tmp_path, cache=True, cache_dir=None))
+    single, ddp, writes = train_both(tmp_path, _config_text("synthetic", tmp_path, cache=True, cache_dir=None))
     assert writes == [], f"rank 1 wrote into the run directory: {writes[:5]}"
     assert (ddp / "cache").is_dir()  # rank 0 built it, rank 1 read it
     _assert_same_run(single, ddp)
@@ -253,7 +151,7 @@ def test_unreadable_images_on_one_rank_do_not_change_the_update(tmp_path):
     for name in ("train/colour_0/bad.png", "train/colour_1/bad.png", "train/colour_2/bad.png", "test/colour_1/bad.png"):
         (root / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
     text = _config_text(str(root), tmp_path, batch_size=2, val_fraction=0.15)
-    single, ddp, writes = _train_both(tmp_path, text)
+    single, ddp, writes = train_both(tmp_path, text)
     assert writes == [], f"rank 1 wrote into the run directory: {writes[:5]}"
     # The comparison below is only meaningful when push is not a near-tie: every prototype's
     # nearest patch must beat the runner-up by far more than the float noise between the runs
@@ -272,7 +170,7 @@ def test_a_refusal_on_rank_0_stops_every_rank(tmp_path):
     path.write_text(_config_text("synthetic", tmp_path))
     out = tmp_path / "taken"
     (out / "checkpoints" / "step-00000").mkdir(parents=True)
-    command = [*_torchrun(), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "protopnet", "-q",
+    command = [*torchrun(), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "protopnet", "-q",
                "train", str(path), "--out", str(out)]
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
     assert done.returncode != 0
@@ -292,7 +190,7 @@ def test_two_ranks_with_fixed_views_feature_cache_patch_init_and_pruning(tmp_pat
     config["model"]["prototype_init"] = "patches"
     config.setdefault("optim", {})["ema_decay"] = 0.9
     config["schedule"].update(frozen_backbone_blocks=1, prune=True, prune_k=3, prune_threshold=2)
-    single, ddp, writes = _train_both(tmp_path, json.dumps(config))
+    single, ddp, writes = train_both(tmp_path, json.dumps(config))
     assert writes == []
     _assert_same_run(single, ddp)
     metrics = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]

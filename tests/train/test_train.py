@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from protopnet import load_model
 from protopnet.config import Config
 from protopnet.train import RunData, Trainer, plan_schedule
 from protopnet.train.loop import Trainer as TrainerClass
 
-from conftest import ColourDataset, tiny_config, tiny_data
+from conftest import ColourDataset, moving_average, record_trajectory, tiny_config, tiny_data
 
 
 def test_plan_follows_the_reference_schedule():
@@ -320,27 +319,6 @@ def test_frozen_batchnorm_keeps_the_running_statistics(tmp_path):
 
 
 # -- weight averaging (optim.ema_decay) -------------------------------------------------------
-
-def record_trajectory(model, counted=None):
-    """After every optimiser step (of the optimisers in ``counted``, or of any), a copy of every
-    parameter of ``model``: the list it returns fills as training runs."""
-    snapshots: list[list[torch.Tensor]] = []
-
-    def hook(optimizer, args, kwargs):
-        if counted is None or any(optimizer is o for o in counted()):
-            snapshots.append([p.detach().clone() for p in model.parameters()])
-
-    handle = register_optimizer_step_post_hook(hook)
-    return snapshots, handle
-
-
-def moving_average(snapshots, decay):
-    """The exponential moving average of a weight trajectory, written out."""
-    average = [t.clone() for t in snapshots[0]]
-    for weights in snapshots[1:]:
-        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
-    return average
-
 
 def test_weight_averaging_ends_with_the_moving_average_of_the_weights(tmp_path):
     """No push: the final model is the average of the warm-up and joint weights, step by step."""

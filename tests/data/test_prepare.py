@@ -29,9 +29,8 @@ from protopnet.data.prepare import (
     read_manifest,
 )
 
-from conftest import CUB_CLASSES, make_cub
+from conftest import CUB_CLASSES, SHARED, make_cub
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_CUB = SHARED / "data" / "CUB_200_2011"
 
 @pytest.fixture(scope="module")

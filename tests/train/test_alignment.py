@@ -16,7 +16,7 @@ from protopnet.train import Trainer
 from protopnet.train.alignment import AlignmentTaps, block_sides, resolve_alignment_block
 from protopnet.train.stages import backbone_blocks
 
-from test_train import tiny_config, tiny_data
+from conftest import tiny_config, tiny_data
 
 
 def identity(classes: list[int], k: int) -> torch.Tensor:

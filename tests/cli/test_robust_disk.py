@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from protopnet.cli import main
 
-from test_robust_kill import assert_whole, leftovers
+from conftest import assert_whole, leftovers
 
 loop = importlib.import_module("protopnet.train.loop")
 state = importlib.import_module("protopnet.train.state")  # the checkpoint writer
