@@ -72,6 +72,23 @@ def test_distinctiveness_is_the_share_of_own_class_neighbours_by_brute_force():
         assert chosen == [top_share]
 
 
+def test_with_the_cosine_distance_nearest_means_nearest_in_angle():
+    """Planted class parts at random lengths: with ``distance="cosine"`` scaling every patch of a
+    picture changes nothing about which patch is chosen (only the angle counts), and the chosen
+    prototype is still exactly the (scaled) patch."""
+    z, labels, cells = planted(seed=2)
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    scale = torch.linspace(0.2, 5.0, z.shape[0]).view(-1, 1, 1, 1)
+    _, picture, position = distinctive_patches(z, labels, classes, (1, 1), neighbours=3, distance="cosine")
+    prototypes, picture_s, position_s = distinctive_patches(z * scale, labels, classes, (1, 1), neighbours=3, distance="cosine")
+    assert torch.equal(picture, picture_s) and torch.equal(position, position_s)
+    for j in range(6):
+        r, c = divmod(int(position_s[j]), 5)
+        torch.testing.assert_close(prototypes[j, :, 0, 0], (z * scale)[picture_s[j], :, r, c])
+    with pytest.raises(ValueError, match="unknown distance 'manhattan'"):
+        distinctive_patches(z, labels, classes, (1, 1), distance="manhattan")
+
+
 def test_a_class_without_pictures_is_refused():
     z, labels, _ = planted(num_classes=2)
     with pytest.raises(ValueError, match="class 2 has no sampled training picture"):

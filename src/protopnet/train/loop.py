@@ -530,7 +530,7 @@ class Trainer(RunState):
             with autocast(self.device, self.precision):
                 latents.append(model.latent(images).float().cpu())
             labels.append(batch_labels.cpu())
-        prototypes, _, _ = distinctive_patches(torch.cat(latents), torch.cat(labels), model.prototype_classes.cpu(), tuple(model.prototype_size))
+        prototypes, _, _ = distinctive_patches(torch.cat(latents), torch.cat(labels), model.prototype_classes.cpu(), tuple(model.prototype_size), distance=model.distance)
         model.prototypes.copy_(prototypes.to(model.prototypes))
         model.train(was_training)
 

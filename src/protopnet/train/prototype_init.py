@@ -41,6 +41,7 @@ def distinctive_patches(
     *,
     neighbours: int = 10,
     chunk: int = 2048,
+    distance: str = "l2",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose a starting patch for every prototype: its class's most distinctive patches.
 
@@ -50,6 +51,8 @@ def distinctive_patches(
         prototype_classes: (M,) the class of each prototype.
         size: (h, w) of a prototype.
         neighbours: how many nearest patches (of other pictures) decide a patch's distinctiveness.
+        distance: the model's distance (``l2`` or ``cosine``), which decides "nearest": with
+            ``cosine`` the neighbours are searched among the patches scaled to unit length.
 
     Returns:
         ``(prototypes (M, D, h, w), picture (M,) index into z, position (M,) patch index in
@@ -66,13 +69,16 @@ def distinctive_patches(
     flat = patches.reshape(n * p, -1)  # (N*P, F)
     owner = torch.arange(n).repeat_interleave(p)  # (N*P,) picture of each patch
     patch_labels = labels.cpu().repeat_interleave(p)  # (N*P,)
-    norms = (flat * flat).sum(1)  # (N*P,)
+    if distance not in ("l2", "cosine"):
+        raise ValueError(f"unknown distance {distance!r}; choose one of ('l2', 'cosine')")
+    search = F.normalize(flat, dim=1) if distance == "cosine" else flat  # (N*P, F): what "nearest" measures
+    norms = (search * search).sum(1)  # (N*P,)
     k = min(neighbours, n * p - p)
     purity = torch.zeros(n * p)
     margin = torch.zeros(n * p)  # tie-break: how much nearer own-class neighbours are
     for start in range(0, n * p, chunk):
-        rows = flat[start : start + chunk]  # (C, F)
-        dist = norms[start : start + chunk, None] - 2 * rows @ flat.t() + norms[None, :]  # (C, N*P)
+        rows = search[start : start + chunk]  # (C, F)
+        dist = norms[start : start + chunk, None] - 2 * rows @ search.t() + norms[None, :]  # (C, N*P)
         dist.masked_fill_(owner[start : start + chunk, None] == owner[None, :], float("inf"))
         nearest_d, nearest = dist.topk(k, dim=1, largest=False)  # (C, k)
         same = patch_labels[nearest] == patch_labels[start : start + chunk, None]  # (C, k)
