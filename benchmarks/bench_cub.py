@@ -103,7 +103,7 @@ def train_baseline(config: Any, data: Any, progress: Any = None) -> tuple[Linear
     from protopnet.runtime import autocast, memory_format, resolve_device
     from protopnet.train.feature_cache import FrozenFeatureCache, split_backbone
     from protopnet.train.loader import IndexedSubset, ShardedBatchSampler, make_loader
-    from protopnet.train.loop import open_bar
+    from protopnet.runtime import open_bar
     from protopnet.train.stages import backbone_blocks, freeze_batchnorm, plan_schedule, take_averaged_weights
 
     cfg, o = config, config.optim

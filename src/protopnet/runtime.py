@@ -140,3 +140,25 @@ class RunFields(TypedDict, total=False):
     device: str | torch.device | None
     precision: str
     channels_last: bool
+
+
+def open_bar(progress_bars: ProgressBars | None, description: str, total: int) -> Any:
+    """``progress_bars(description, total)`` (a context manager with ``update``, ``set_postfix``),
+    or one that shows nothing when ``progress_bars`` is None."""
+    return NullBar() if progress_bars is None else progress_bars(description, total)
+
+
+class NullBar:
+    """A progress bar that shows nothing (what :func:`open_bar` gives without ``progress_bars``)."""
+
+    def __enter__(self) -> "NullBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        return None

@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,16 +50,16 @@ from ..checkpoint import (
 from ..config import Config
 from ..losses import LossCoefficients, alignment_cost, protopnet_loss
 from ..model_card import record_training_results
-from ..model.protopnet import ProtoPNet
-from ..runtime import ProgressBars, RunSettings, autocast, memory_format, resolve_device, resolve_precision
+from ..runtime import ProgressBars, RunSettings, autocast, memory_format, open_bar, resolve_device, resolve_precision
 from ..save import save_model
 from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .evaluate import accuracy_report, predict_logits
 from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
 from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
-from .loader import BadImageLog, BadItem, IndexedSubset, ShardedBatchSampler, make_loader, stream_batches
-from .prototype_init import distinctive_patches
+from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
+from .pretrain import PretrainNet
+from .prototype_init import start_on_distinctive_patches, start_on_patches
 from .push import push_prototypes
 from .run_data import RunData, backbone_normalisation, build_model, build_run_data
 from .state import STATE_VERSION, ResumeMismatchError, RunState  # noqa: F401 - the first two were defined here
@@ -127,7 +127,7 @@ class Trainer(RunState):
         # linear head on globally max-pooled features; the head is dropped afterwards.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed + 1)
-            self.pretrain_net = _PretrainNet(self.model.features, self.model.add_on[0].in_channels, len(self.data.class_names)).to(self.device)
+            self.pretrain_net = PretrainNet(self.model.features, self.model.add_on[0].in_channels, len(self.data.class_names)).to(self.device)
         self.optimizers = self._make_optimizers()
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -460,79 +460,19 @@ class Trainer(RunState):
     def _first_prototype_step(self) -> int | None:
         return next((s.index for s in self.plan if s.stage in ("warm", "joint")), None)
 
-    @torch.no_grad()
     def _initialise_prototypes(self) -> None:
-        """``model.prototype_init: patches``: prototype j of class k becomes the latent patch at
-        a random place of a random training picture of class k (add-on layers as initialised,
-        eval mode). Seeded by run.seed alone, so every process makes the same choice."""
-        if self.config.model.prototype_init == "distinctive":
-            self._initialise_distinctive_prototypes()
+        """Where the prototypes start (``model.prototype_init``): uniform noise as built, or
+        :func:`~protopnet.train.prototype_init.start_on_patches` /
+        :func:`~protopnet.train.prototype_init.start_on_distinctive_patches` on the training
+        pictures, seeded by run.seed alone so every process makes the same choice."""
+        how = self.config.model.prototype_init
+        if how == "uniform":
             return
-        if self.config.model.prototype_init != "patches":
-            return
-        model, clean = self.model, self.data.clean
-        generator = torch.Generator().manual_seed(self.config.run.seed * 7919 + 5)
-        by_class: dict[int, list[int]] = {}
-        for i in self.data.train_indices:
-            by_class.setdefault(int(clean.targets[i]), []).append(i)
-        classes = model.prototype_classes.tolist()
-
-        def picture_of(k: int) -> torch.Tensor:
-            pool = by_class.get(k, [])
-            for p in torch.randperm(len(pool), generator=generator).tolist():
-                try:
-                    return clean.to_tensor(clean.load_image(pool[p]))
-                except (OSError, ValueError, SyntaxError) as error:  # unreadable: try another
-                    self.bad_images.add([BadItem(pool[p], str(clean.path(pool[p])), str(error))])
-            raise ValueError(f"model.prototype_init: patches: class {model.class_names[k]!r} has no readable training picture")
-
-        h, w = model.prototype_size
-        was_training = model.training
-        model.eval()
-        fmt = memory_format(self.config.run.channels_last)
-        new = model.prototypes.detach().clone()
-        batch = self.config.data.test_batch_size
-        for start in range(0, len(classes), batch):
-            picked = classes[start : start + batch]
-            images = torch.stack([picture_of(k) for k in picked]).to(self.device).to(memory_format=fmt)
-            with autocast(self.device, self.precision):
-                z = model.latent(images).float()  # (B, D, H, W)
-            for b in range(len(picked)):
-                r = int(torch.randint(z.shape[2] - h + 1, (1,), generator=generator))
-                c = int(torch.randint(z.shape[3] - w + 1, (1,), generator=generator))
-                new[start + b] = z[b, :, r : r + h, c : c + w]
-        model.prototypes.copy_(new)
-        model.train(was_training)
-
-    @torch.no_grad()
-    def _initialise_distinctive_prototypes(self, patch_budget: int = 16384) -> None:
-        """``model.prototype_init: distinctive``: a seeded sample of training pictures per class
-        (as many as keep the patch count near ``patch_budget``, at least two prototypes' worth),
-        their latent patches with the add-on layers as initialised, and each prototype on one of
-        its class's most distinctive patches (:func:`distinctive_patches`)."""
-        model, clean = self.model, self.data.clean
-        generator = torch.Generator().manual_seed(self.config.run.seed * 7919 + 5)
-        by_class: dict[int, list[int]] = {}
-        for i in self.data.train_indices:
-            by_class.setdefault(int(clean.targets[i]), []).append(i)
-        grid = self.config.data.image_size // max(int(getattr(model, "stride", 0) or 1), 1)
-        per_picture = max(grid * grid, 1)
-        per_class = max(2 * self.config.model.prototypes_per_class, patch_budget // (per_picture * max(len(by_class), 1)))
-        sample: list[int] = []
-        for k in sorted(by_class):
-            pool = by_class[k]
-            sample += [pool[p] for p in torch.randperm(len(pool), generator=generator)[:per_class].tolist()]
-        was_training = model.training
-        model.eval()
-        latents, labels = [], []
-        batches = stream_batches(clean, indices=sample, settings=self.settings, bad_images=self.bad_images)
-        for images, batch_labels, _ in batches:
-            with autocast(self.device, self.precision):
-                latents.append(model.latent(images).float().cpu())
-            labels.append(batch_labels.cpu())
-        prototypes, _, _ = distinctive_patches(torch.cat(latents), torch.cat(labels), model.prototype_classes.cpu(), tuple(model.prototype_size), distance=model.distance)
-        model.prototypes.copy_(prototypes.to(model.prototypes))
-        model.train(was_training)
+        start = start_on_patches if how == "patches" else start_on_distinctive_patches
+        start(
+            self.model, self.data.clean, self.data.train_indices, seed=self.config.run.seed,
+            settings=self.settings, bad_images=self.bad_images,
+        )
 
     def _prune(self, step: Step) -> dict[str, Any]:
         """Paper Section 2.6 on the pushed model: drop the prototypes whose nearest training
@@ -795,45 +735,6 @@ class Trainer(RunState):
 
     def _write_metrics(self) -> None:
         atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
-
-
-class _PretrainOutput(NamedTuple):
-    logits: torch.Tensor
-
-
-class _PretrainNet(nn.Module):
-    """Backbone + global max pooling + a linear head: (B, 3, S, S) -> logits (B, K).
-
-    Max pooling, like ProtoPNet's own min-distance pooling, keeps the evidence of a small part
-    that average pooling would dilute among background cells."""
-
-    def __init__(self, features: nn.Module, channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.features = features
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> _PretrainOutput:
-        return _PretrainOutput(self.head(self.features(x).amax(dim=(2, 3))))
-
-
-def open_bar(progress_bars: ProgressBars | None, description: str, total: int) -> Any:
-    """``progress_bars(description, total)`` (a context manager with ``update``, ``set_postfix``),
-    or one that shows nothing when ``progress_bars`` is None."""
-    return _NullBar() if progress_bars is None else progress_bars(description, total)
-
-
-class _NullBar:
-    def __enter__(self) -> "_NullBar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def update(self, n: int = 1) -> None:
-        return None
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        return None
 
 
 def _check_writable(directory: Path) -> None:

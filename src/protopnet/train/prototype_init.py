@@ -20,8 +20,15 @@ patch positions per picture.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from ..data.base import ProtoDataset
+from ..model.protopnet import ProtoPNet
+from ..runtime import RunSettings, autocast
+from .loader import BadImageLog, BadItem, stream_batches
 
 
 def latent_patches(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -112,3 +119,106 @@ def distinctive_patches(
         chosen[slots] = torch.tensor(picks)
     prototypes = flat[chosen].reshape(m, d, h, w)
     return prototypes, owner[chosen], chosen % p
+
+
+def _pictures_by_class(dataset: ProtoDataset, indices: Sequence[int]) -> dict[int, list[int]]:
+    by_class: dict[int, list[int]] = {}
+    for i in indices:
+        by_class.setdefault(int(dataset.targets[i]), []).append(i)
+    return by_class
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 7919 + 5)
+
+
+@torch.no_grad()
+def start_on_patches(
+    model: ProtoPNet,
+    dataset: ProtoDataset,
+    indices: Sequence[int],
+    *,
+    seed: int,
+    settings: RunSettings,
+    bad_images: BadImageLog | None = None,
+) -> None:
+    """``model.prototype_init: patches``: prototype j of class k becomes the latent patch at a
+    random place of a random training picture of class k (add-on layers as initialised, eval
+    mode), in place. ``dataset`` is read without augmentation; ``indices`` are its training items;
+    ``settings`` gives the batch size, device, precision and layout; the choice is a function of
+    ``seed`` alone. Unreadable pictures are skipped (and recorded in
+    ``bad_images``).
+
+    Raises:
+        ValueError: a class has no readable training picture.
+    """
+    generator = _generator(seed)
+    by_class = _pictures_by_class(dataset, indices)
+    classes = model.prototype_classes.tolist()
+
+    def picture_of(k: int) -> torch.Tensor:
+        pool = by_class.get(k, [])
+        for p in torch.randperm(len(pool), generator=generator).tolist():
+            try:
+                return dataset.to_tensor(dataset.load_image(pool[p]))
+            except (OSError, ValueError, SyntaxError) as error:  # unreadable: try another
+                if bad_images is not None:
+                    bad_images.add([BadItem(pool[p], str(dataset.path(pool[p])), str(error))])
+        raise ValueError(f"model.prototype_init: patches: class {model.class_names[k]!r} has no readable training picture")
+
+    settings = settings.for_model(model)
+    h, w = model.prototype_size
+    was_training = model.training
+    model.eval()
+    new = model.prototypes.detach().clone()
+    for start in range(0, len(classes), settings.batch_size):
+        picked = classes[start : start + settings.batch_size]
+        images = torch.stack([picture_of(k) for k in picked]).to(settings.device).to(memory_format=settings.memory_format)
+        with autocast(settings.device, settings.precision):
+            z = model.latent(images).float()  # (B, D, H, W)
+        for b in range(len(picked)):
+            r = int(torch.randint(z.shape[2] - h + 1, (1,), generator=generator))
+            c = int(torch.randint(z.shape[3] - w + 1, (1,), generator=generator))
+            new[start + b] = z[b, :, r : r + h, c : c + w]
+    model.prototypes.copy_(new)
+    model.train(was_training)
+
+
+@torch.no_grad()
+def start_on_distinctive_patches(
+    model: ProtoPNet,
+    dataset: ProtoDataset,
+    indices: Sequence[int],
+    *,
+    seed: int,
+    settings: RunSettings,
+    bad_images: BadImageLog | None = None,
+    patch_budget: int = 16384,
+) -> None:
+    """``model.prototype_init: distinctive``, in place: a seeded sample of training pictures per
+    class (as many as keep the patch count near ``patch_budget``, at least two prototypes' worth),
+    their latent patches with the add-on layers as initialised, and each prototype on one of its
+    class's most distinctive patches (:func:`distinctive_patches`, with the model's distance)."""
+    generator = _generator(seed)
+    by_class = _pictures_by_class(dataset, indices)
+    grid = int(dataset.image_size) // max(int(getattr(model, "stride", 0) or 1), 1)
+    per_picture = max(grid * grid, 1)
+    prototypes_per_class = max(1, model.num_prototypes // max(model.num_classes, 1))
+    per_class = max(2 * prototypes_per_class, patch_budget // (per_picture * max(len(by_class), 1)))
+    sample: list[int] = []
+    for k in sorted(by_class):
+        pool = by_class[k]
+        sample += [pool[p] for p in torch.randperm(len(pool), generator=generator)[:per_class].tolist()]
+    settings = settings.for_model(model)
+    was_training = model.training
+    model.eval()
+    latents, labels = [], []
+    for images, batch_labels, _ in stream_batches(dataset, indices=sample, settings=settings, bad_images=bad_images):
+        with autocast(settings.device, settings.precision):
+            latents.append(model.latent(images).float().cpu())
+        labels.append(batch_labels.cpu())
+    prototypes, _, _ = distinctive_patches(
+        torch.cat(latents), torch.cat(labels), model.prototype_classes.cpu(), tuple(model.prototype_size), distance=model.distance
+    )
+    model.prototypes.copy_(prototypes.to(model.prototypes))
+    model.train(was_training)
