@@ -20,7 +20,7 @@ from torch import nn
 
 from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import Batch, IndexedSubset, ShardedBatchSampler, make_loader
-from .stages import backbone_blocks
+from .stages import backbone_blocks, backbone_segment
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def split_backbone(features: nn.Module, frozen_blocks: int | None) -> tuple[nn.M
     whole backbone is the prefix: ``frozen_blocks`` None)."""
     if frozen_blocks is None:
         return features, None
-    blocks = backbone_blocks(features)
-    return nn.Sequential(*blocks[:frozen_blocks]), nn.Sequential(*blocks[frozen_blocks:])
+    end = len(backbone_blocks(features))
+    return backbone_segment(features, 0, frozen_blocks), backbone_segment(features, frozen_blocks, end)
 
 
 class CachedForward(nn.Module):
@@ -165,7 +165,7 @@ class FrozenFeatureCache:
         end = len(blocks) if frozen_blocks is None else frozen_blocks
         if end < self.frozen_blocks:
             raise ValueError(f"frozen_blocks={frozen_blocks} is shorter than this cache's prefix ({self.frozen_blocks} blocks)")
-        between = nn.Sequential(*blocks[self.frozen_blocks:end])
+        between = backbone_segment(model.features, self.frozen_blocks, end)
         was_training = model.training
         model.eval()
         try:

@@ -93,6 +93,15 @@ def backbone_blocks(features: nn.Module) -> list[nn.Module]:
     return children or [module]
 
 
+def backbone_segment(features: nn.Module, start: int, end: int) -> nn.Module:
+    """The backbone's blocks ``start..end-1`` (:func:`backbone_blocks` order) as one module
+    mapping the output of block ``start - 1`` to that of block ``end - 1``; a backbone whose
+    output is not simply its last block's (``MultiScaleFeatures``) cuts itself."""
+    if hasattr(features, "segment"):
+        return features.segment(start, end)
+    return nn.Sequential(*backbone_blocks(features)[start:end])
+
+
 def set_trainable(model: nn.Module, stage: str, frozen_blocks: int = 0) -> None:
     """Freeze everything but what ``stage`` trains; the first ``frozen_blocks`` blocks of the
     backbone (:func:`backbone_blocks`) stay frozen even in the stages that train it."""
