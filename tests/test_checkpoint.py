@@ -36,6 +36,18 @@ def test_round_trip_rebuilds_the_same_model(tmp_path):
     assert not any(name.endswith((".pt", ".pth", ".pkl")) for name in files)
 
 
+def test_a_model_without_add_on_layers_round_trips(tmp_path):
+    data = ColourDataset()
+    model = tiny_model(prototype_dim=128, add_on="none", distance="cosine").eval()
+    push_prototypes(model, data)
+    save_model(model, tmp_path / "m", dataset=data)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.add_on_kind == "none" and len(loaded.add_on) == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, loaded(x).logits)
+
+
 def test_a_cosine_model_pushes_onto_real_patches_and_round_trips(tmp_path):
     """With the cosine distance, push still snaps every prototype onto a training patch (distance 0
     at its source); the saved model measures the angle again, and a model.json written before the

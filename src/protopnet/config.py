@@ -52,7 +52,7 @@ class ModelConfig:
     prototypes_per_class: int = 10
     prototype_dim: int = 128
     prototype_size: tuple[int, int] = (1, 1)
-    add_on: Literal["regular", "bottleneck"] = "regular"
+    add_on: Literal["regular", "bottleneck", "none"] = "regular"
     activation: Literal["log", "linear"] = "log"
     distance: Literal["l2", "cosine"] = "l2"
     prototype_init: Literal["uniform", "patches", "distinctive"] = "uniform"

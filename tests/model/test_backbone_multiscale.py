@@ -60,3 +60,29 @@ def test_mobilenet_v2_multiscale_stacks_block_13_onto_the_output():
     with torch.no_grad():
         prefix, suffix = split_backbone(net, 7)
         torch.testing.assert_close(suffix(prefix(x)), out)
+
+
+def test_the_shallow_grid_copies_each_deep_cell_onto_the_cells_it_covers():
+    blocks = _toy().blocks
+    net = MultiScaleFeatures(blocks, tap=1, grid="shallow").eval()
+    x = torch.randn(2, 3, 16, 16)
+    shallow = net.blocks[1](net.blocks[0](x))  # (2, 6, 8, 8)
+    deep = net.blocks[3](net.blocks[2](shallow))  # (2, 8, 4, 4)
+    out = net(x)
+    assert out.shape == (2, 14, 8, 8)
+    scale = (14 / 2) ** 0.5
+    torch.testing.assert_close(out[:, :6], F.normalize(shallow, dim=1) * scale)
+    # local cell (i, j) carries deep cell (i // 2, j // 2)
+    expected = F.normalize(deep, dim=1).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) * scale
+    torch.testing.assert_close(out[:, 6:], expected)
+    prefix, suffix = split_backbone(net, 1)
+    torch.testing.assert_close(suffix(prefix(x)), out)
+    with pytest.raises(ValueError, match="'deep' or 'shallow'"):
+        MultiScaleFeatures(blocks, tap=1, grid="coarse")
+
+
+def test_mobilenet_v2_multiscale14_has_block_13s_grid():
+    built = build_backbone("mobilenet_v2_multiscale14", pretrained=False)
+    assert built.out_channels == 1376 and built.stride == 16
+    out = built.module.eval()(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 1376, 4, 4)

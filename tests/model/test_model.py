@@ -167,6 +167,17 @@ def test_add_on_layers():
     assert sum(isinstance(m, torch.nn.Sigmoid) for m in bottleneck.add_on) == 1
 
 
+def test_add_on_none_puts_the_prototypes_in_the_backbones_own_space():
+    model = tiny_model(prototype_dim=128, add_on="none").eval()
+    assert len(model.add_on) == 0 and model.prototypes.shape[1] == 128
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.latent(x), model.features(x))
+    out = model(x)
+    torch.testing.assert_close(out.distances, brute_force_distances(model.features(x), model.prototypes.detach()).float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="prototype_dim must be 128, got 16"):
+        tiny_model(prototype_dim=16, add_on="none")
+
+
 def test_invalid_arguments_are_named():
     with pytest.raises(ValueError, match="unknown backbone 'resnet9'"):
         ProtoPNet(backbone="resnet9", num_classes=2, pretrained=False)

@@ -22,7 +22,7 @@ from .distances import ACTIVATIONS, DISTANCES, distance_maps, min_pool, paired_d
 
 logger = logging.getLogger(__name__)
 
-ADD_ONS = ("regular", "bottleneck")
+ADD_ONS = ("regular", "bottleneck", "none")
 
 
 class ProtoPNetOutput(NamedTuple):
@@ -45,8 +45,16 @@ def _add_on_layers(kind: str, in_channels: int, prototype_dim: int) -> nn.Sequen
     """1x1 convolutions with ReLU between and a sigmoid after the last (paper Section 2.1).
 
     ``regular``: C -> D -> D. ``bottleneck``: halve the channels step by step down to D, each step a
-    pair of 1x1 convolutions, as the reference implementation does.
+    pair of 1x1 convolutions, as the reference implementation does. ``none`` (beyond the paper): no
+    layers, the prototypes live in the backbone's own feature space (D must equal C), so whatever
+    structure the backbone keeps (parts, with an angle: ``distance="cosine"``) is not re-learned.
     """
+    if kind == "none":
+        if prototype_dim != in_channels:
+            raise ValueError(
+                f"add_on 'none' keeps the backbone's {in_channels} channels: prototype_dim must be {in_channels}, got {prototype_dim}"
+            )
+        return nn.Sequential()
     if kind == "regular":
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, prototype_dim, 1),
@@ -80,7 +88,7 @@ class ProtoPNet(nn.Module):
         prototypes_per_class: m_k, the same for every class (paper: 10).
         prototype_dim: D, channels of the latent space (paper: 128, 256 or 512).
         prototype_size: (h, w) of each prototype in latent cells (paper: (1, 1)).
-        add_on: ``regular`` or ``bottleneck``.
+        add_on: ``regular``, ``bottleneck`` or ``none`` (see :func:`_add_on_layers`).
         activation: ``log`` (paper) or ``linear``.
         distance: ``l2`` (paper: squared L2 distance) or ``cosine`` (one minus the cosine between
             prototype and patch, Huang et al. ICCV 2023): a patch's direction, not its norm, decides.
@@ -138,6 +146,7 @@ class ProtoPNet(nn.Module):
 
         built = build_backbone(backbone, pretrained=pretrained)
         self.features = built.module
+        self.feature_channels = int(built.out_channels)
         self.mean, self.std, self.stride = built.mean, built.std, built.stride
         self.add_on = _add_on_layers(add_on, built.out_channels, prototype_dim)
 

@@ -127,7 +127,7 @@ class Trainer(RunState):
         # linear head on globally max-pooled features; the head is dropped afterwards.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed + 1)
-            self.pretrain_net = PretrainNet(self.model.features, self.model.add_on[0].in_channels, len(self.data.class_names)).to(self.device)
+            self.pretrain_net = PretrainNet(self.model.features, self.model.feature_channels, len(self.data.class_names)).to(self.device)
         self.optimizers = self._make_optimizers()
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
