@@ -46,6 +46,24 @@ def test_cluster_gradient_flows_only_to_the_nearest_own_class_prototype():
     assert min_d.grad.tolist() == [[0.0, 1.0, 0.0]]
 
 
+def test_cluster_over_every_prototype_averages_each_own_class_prototypes_distance():
+    g = torch.Generator().manual_seed(2)
+    classes = [0, 0, 1, 1, 1]  # class 2 has no prototype (pruned away)
+    min_d = torch.rand(6, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 1])
+    expected = []
+    for i, label in enumerate(labels.tolist()):
+        own = [min_d[i, j] for j in range(len(classes)) if classes[j] == label]
+        expected.append(sum(own) / len(own) if own else torch.tensor(0.0))
+    torch.testing.assert_close(cluster_cost(min_d, labels, identity(classes, 3), over="every"), torch.stack(expected).mean())
+    # every own-class prototype gets its share of the gradient, the other class's none
+    d = torch.tensor([[0.3, 0.1, 0.05]], requires_grad=True)
+    cluster_cost(d, torch.tensor([0]), identity([0, 0, 1], 2), over="every").backward()
+    assert d.grad.tolist() == [[0.5, 0.5, 0.0]]
+    with pytest.raises(ValueError, match="'nearest', 'every'"):
+        cluster_cost(d, torch.tensor([0]), identity([0, 0, 1], 2), over="all")
+
+
 def test_l1_counts_only_wrong_class_weights():
     classes = [0, 1, 1]
     w = torch.tensor([[5.0, -2.0, 3.0], [-7.0, 11.0, 13.0]])  # (K=2, M=3)
@@ -73,3 +91,11 @@ def test_total_loss_uses_the_coefficients_with_separation_subtracted():
     assert set(terms) == {"ce", "l1", "cluster", "separation", "avg_separation", "loss"}
     last_only, terms = protopnet_loss(logits, min_d, labels, eye, w, c, use_cluster_separation=False)
     torch.testing.assert_close(last_only, F.cross_entropy(logits, labels) + 1e-4 * l1_wrong_class(w, eye))
+
+
+def test_the_config_names_a_bad_cluster_over():
+    from protopnet.config import Config, ConfigError
+
+    assert Config.from_dict({}, ["loss.cluster_over=every"]).loss.cluster_over == "every"
+    with pytest.raises(ConfigError, match="loss.cluster_over: expected 'nearest'.*got 'all'"):
+        Config.from_dict({}, ["loss.cluster_over=all"])

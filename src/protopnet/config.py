@@ -252,10 +252,13 @@ class LossConfig:
     cost of Huang et al. (ICCV 2023, :func:`protopnet.losses.alignment_cost`) in the joint
     epochs, with ``alignment_threshold`` its tolerance and ``alignment_block`` the backbone block
     whose output is the shallow feature (an index into the backbone's blocks; None: the last
-    block at stride 8 or finer, MobileNetV2's block 6, ResNet's layer2)."""
+    block at stride 8 or finer, MobileNetV2's block 6, ResNet's layer2). ``cluster_over: every``
+    pulls every own-class prototype towards each picture, not only the nearest
+    (:func:`protopnet.losses.cluster_cost`)."""
 
     ce: float = 1.0
     cluster: float = 0.8
+    cluster_over: str = "nearest"
     separation: float = -0.08
     l1: float = 1e-4
     alignment: float = 0.0
@@ -266,6 +269,8 @@ class LossConfig:
         for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"loss.{name}: expected a finite number, got {getattr(self, name)}")
+        if self.cluster_over not in ("nearest", "every"):
+            raise ConfigError(f"loss.cluster_over: expected 'nearest' (the paper) or 'every', got {self.cluster_over!r}")
         if self.alignment < 0:
             raise ConfigError(f"loss.alignment: expected a weight >= 0 (0 turns the alignment cost off), got {self.alignment}")
         if self.alignment_threshold < 0:

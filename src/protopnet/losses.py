@@ -26,17 +26,35 @@ class LossCoefficients:
     l1: float = 1e-4
 
 
-def cluster_cost(min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor) -> torch.Tensor:
+CLUSTER_OVER = ("nearest", "every")
+
+
+def cluster_cost(
+    min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor, over: str = "nearest"
+) -> torch.Tensor:
     """Mean over images of the smallest distance to a prototype of the image's own class.
+
+    With ``over="every"`` (beyond the paper) the mean over images of the *average*, over every
+    prototype of the image's class, of that prototype's smallest distance to the image: each
+    prototype is asked to find its match in every picture of its class, not only the one that is
+    already closest, so a prototype that fits only a few pictures (a background patch, one
+    bird's pose) is pulled towards what all of them share. An image whose class has no
+    prototype (after pruning) adds 0.
 
     Args:
         min_distances: (B, M) squared distances after min pooling.
         labels: (B,) class indices.
         class_identity: (M, K) one-hot prototype classes.
+        over: ``nearest`` (the paper) or ``every``.
 
     Returns:
         scalar tensor.
     """
+    if over not in CLUSTER_OVER:
+        raise ValueError(f"cluster cost over {over!r}: choose one of {CLUSTER_OVER}")
+    if over == "every":
+        correct = class_identity[:, labels].t().to(min_distances.dtype)  # (B, M)
+        return ((min_distances * correct).sum(dim=1) / correct.sum(dim=1).clamp_min(1)).mean()
     max_dist = _max_distance(min_distances)
     correct = class_identity[:, labels].t()  # (B, M)
     inverted = torch.amax((max_dist - min_distances) * correct, dim=1)  # (B,)
@@ -78,6 +96,7 @@ def protopnet_loss(
     last_layer_weight: torch.Tensor,
     coefficients: LossCoefficients = LossCoefficients(),
     use_cluster_separation: bool = True,
+    cluster_over: str = "nearest",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The total loss and each term's value (detached scalar tensors, for logging: no device sync).
 
@@ -85,13 +104,14 @@ def protopnet_loss(
         logits: (B, K). min_distances: (B, M). labels: (B,). class_identity: (M, K).
         last_layer_weight: (K, M).
         use_cluster_separation: False in the last-layer stage (CE + L1 only).
+        cluster_over: which own-class prototypes the cluster cost pulls (:func:`cluster_cost`).
     """
     ce = F.cross_entropy(logits.float(), labels)
     l1 = l1_wrong_class(last_layer_weight, class_identity)
     loss = coefficients.ce * ce + coefficients.l1 * l1
     terms = {"ce": ce.detach(), "l1": l1.detach()}
     if use_cluster_separation:
-        clst = cluster_cost(min_distances, labels, class_identity)
+        clst = cluster_cost(min_distances, labels, class_identity, cluster_over)
         sep = separation_cost(min_distances, labels, class_identity)
         loss = loss + coefficients.cluster * clst + coefficients.separation * sep
         with torch.no_grad():

@@ -335,7 +335,7 @@ class Trainer(RunState):
                     loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
                     terms = {"ce": loss.detach(), "loss": loss.detach()}
                 else:
-                    loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients)
+                    loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients, cluster_over=cfg.loss.cluster_over)
                     if taps is not None:
                         shallow, deep = taps.features(images)
                         aligned = alignment_cost(out.distances, labels, identity, shallow, deep, cfg.loss.alignment_threshold)
