@@ -86,3 +86,39 @@ def test_mobilenet_v2_multiscale14_has_block_13s_grid():
     assert built.out_channels == 1376 and built.stride == 16
     out = built.module.eval()(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 1376, 4, 4)
+
+
+def test_tiny_cnn_multiscale_stacks_the_stride_2_relu_averaged_over_each_cells_footprint():
+    """Brute force: run tiny_cnn's layers one by one, average the tapped ReLU's 32 x 32 map over
+    the 4 x 4 positions of each 8-pixel latent cell by hand, normalise both parts per cell and
+    scale each to sqrt((64 + 128) / 2)."""
+    torch.manual_seed(3)
+    built = build_backbone("tiny_cnn_multiscale", pretrained=False)
+    torch.manual_seed(3)
+    plain = build_backbone("tiny_cnn", pretrained=False)
+    net = built.module.eval()
+    assert built.out_channels == 64 + 128 and built.stride == 8
+    assert len(backbone_blocks(net)) == len(plain.module.layers) == 18
+    # the same layers and the same initial weights as tiny_cnn under the same seed
+    for a, b in zip(net.state_dict().values(), plain.module.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = net(x)
+        h = x.clone()
+        tapped = None
+        for index, layer in enumerate(plain.module.eval().layers):
+            h = layer(h)
+            if index == 9:
+                assert isinstance(layer, nn.ReLU)
+                tapped = h.clone()
+    assert tapped.shape == (2, 64, 32, 32) and h.shape == (2, 128, 8, 8)
+    pooled = torch.zeros(2, 64, 8, 8)
+    for i in range(8):
+        for j in range(8):
+            pooled[:, :, i, j] = tapped[:, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].mean(dim=(2, 3))
+    scale = (192 / 2) ** 0.5
+    expected = torch.cat([pooled / pooled.norm(dim=1, keepdim=True) * scale, h / h.norm(dim=1, keepdim=True) * scale], dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_backbone("tiny_cnn_multiscale", pretrained=True)

@@ -264,6 +264,28 @@ def _resnet_stride16(name: str, channels: int) -> Callable[[bool], Backbone]:
     return build
 
 
+#: The TinyCNN layer whose output :func:`_tiny_cnn_multiscale` stacks onto the last: the ReLU of
+#: the third convolution (stride 2, 64 channels, receptive field 12 pixels). Only a ReLU's output
+#: may be tapped: the ReLUs are in place, so a tapped convolution or batch-norm output would be
+#: overwritten by the ReLU after it.
+TINY_CNN_TAP = 9
+
+
+def _tiny_cnn_multiscale(pretrained: bool) -> Backbone:
+    """``tiny_cnn`` whose output also carries its stride-2 features (layer :data:`TINY_CNN_TAP`,
+    receptive field 12 px) averaged onto each latent cell's 8 x 8 pixel footprint
+    (:class:`MultiScaleFeatures`, each part L2-normalised): (B, 3, S, S) -> (B, 64 + 128, S/8, S/8).
+    The deep features (receptive field 26 px) say what a cell is near, the stacked ones what the
+    cell itself shows, so a prototype's nearest patch is the cell on the part, not the one beside
+    it. Same layers and initial weights as ``tiny_cnn``."""
+    if pretrained:
+        raise ValueError("backbone 'tiny_cnn_multiscale' has no pretrained weights: use pretrained=False")
+    net = TinyCNN(norm="batch")
+    tapped = net.layers[TINY_CNN_TAP - 1].num_features  # the batch-norm before the tapped ReLU
+    module = MultiScaleFeatures(nn.Sequential(*net.layers), TINY_CNN_TAP)
+    return Backbone(module, tapped + net.out_channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), stride=8)
+
+
 def _tiny_cnn(norm: str) -> Callable[[bool], Backbone]:
     name = "tiny_cnn" if norm == "batch" else "tiny_cnn_gn"
 
@@ -296,6 +318,7 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
     "resnet152_stride16": _resnet_stride16("resnet152", 2048),
     "tiny_cnn": _tiny_cnn("batch"),
     "tiny_cnn_gn": _tiny_cnn("group"),
+    "tiny_cnn_multiscale": _tiny_cnn_multiscale,
 }
 
 
