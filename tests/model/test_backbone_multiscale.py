@@ -122,3 +122,29 @@ def test_tiny_cnn_multiscale_stacks_the_stride_2_relu_averaged_over_each_cells_f
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_backbone("tiny_cnn_multiscale", pretrained=True)
+
+
+def test_tiny_cnn_multiscale4_copies_each_deep_cell_onto_the_four_stride_4_cells_it_covers():
+    """Brute force: the stride-4 ReLU's 16 x 16 map, and each 8 x 8 deep cell (i, j) repeated on
+    the 16 x 16 cells (2i + a, 2j + b), a, b in {0, 1}; both normalised per cell."""
+    torch.manual_seed(5)
+    built = build_backbone("tiny_cnn_multiscale4", pretrained=False)
+    net = built.module.eval()
+    assert built.out_channels == 128 + 128 and built.stride == 4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = net(x)
+        h = x.clone()
+        for index, layer in enumerate(net.blocks):
+            h = layer(h)
+            if index == 13:
+                assert isinstance(layer, nn.ReLU)
+                tapped = h.clone()
+    assert out.shape == (2, 256, 16, 16) and tapped.shape == (2, 128, 16, 16)
+    scale = (256 / 2) ** 0.5
+    for r in range(16):
+        for c in range(16):
+            local = tapped[:, :, r, c]
+            deep = h[:, :, r // 2, c // 2]
+            expected = torch.cat([local / local.norm(dim=1, keepdim=True), deep / deep.norm(dim=1, keepdim=True)], dim=1) * scale
+            torch.testing.assert_close(out[:, :, r, c], expected, rtol=1e-4, atol=1e-5)
