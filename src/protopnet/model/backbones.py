@@ -8,9 +8,7 @@ Names: ``vgg11 vgg11_bn vgg13 vgg13_bn vgg16 vgg16_bn vgg19 vgg19_bn resnet18 re
 resnet101 resnet152 densenet121 densenet161 densenet169 densenet201 mobilenet_v2``, the same at
 output stride 16 (a 14 x 14 latent grid at 224 px: ``mobilenet_v2_stride16``,
 ``resnet50_stride16``, ``resnet101_stride16``, ``resnet152_stride16``), the
-from-scratch ``tiny_cnn`` used by the demo (and ``tiny_cnn_gn``, the same with GroupNorm;
-``tiny_cnn_multiscale`` and ``tiny_cnn_multiscale4``, the same with its early features stacked
-onto the output), and
+from-scratch ``tiny_cnn`` used by the demo (and ``tiny_cnn_gn``, the same with GroupNorm), and
 ``timm/<name>`` for any timm model (optional extra).
 Pretrained weights come through torchvision's own weights API (``IMAGENET1K_V1``), so a machine
 whose ``$TORCH_HOME/hub/checkpoints/`` holds the file loads it without a network.
@@ -266,40 +264,6 @@ def _resnet_stride16(name: str, channels: int) -> Callable[[bool], Backbone]:
     return build
 
 
-#: The TinyCNN layers whose outputs :func:`_tiny_cnn_multiscale` can stack onto the last: the ReLU
-#: of the third convolution (stride 2, 64 channels, receptive field 12 pixels) and of the fourth
-#: (stride 4, 128 channels, 22 pixels). Only a ReLU's output may be tapped: the ReLUs are in
-#: place, so a tapped convolution or batch-norm output would be overwritten by the ReLU after it.
-TINY_CNN_TAPS = {2: 9, 4: 13}
-
-
-def _tiny_cnn_multiscale(tap_stride: int, grid: str) -> Callable[[bool], Backbone]:
-    """``tiny_cnn`` whose output also carries the features of its layer at stride ``tap_stride``
-    (:data:`TINY_CNN_TAPS`), each part L2-normalised (:class:`MultiScaleFeatures`):
-
-    * ``grid="deep"`` (``tiny_cnn_multiscale``): the stride-2 features averaged over each latent
-      cell's 8 x 8 pixel footprint, (B, 3, S, S) -> (B, 64 + 128, S/8, S/8);
-    * ``grid="shallow"`` (``tiny_cnn_multiscale4``): on the stride-4 layer's grid, each deep cell
-      copied onto the four cells it covers, (B, 3, S, S) -> (B, 128 + 128, S/4, S/4).
-
-    The deep features (receptive field 26 px) say what a cell is near, the stacked ones what the
-    cell itself shows, so a prototype's nearest patch can be the cell on the part, not the one
-    beside it. Same layers and initial weights as ``tiny_cnn``."""
-    name = "tiny_cnn_multiscale" if grid == "deep" else f"tiny_cnn_multiscale{tap_stride}"
-    tap = TINY_CNN_TAPS[tap_stride]
-
-    def build(pretrained: bool) -> Backbone:
-        if pretrained:
-            raise ValueError(f"backbone {name!r} has no pretrained weights: use pretrained=False")
-        net = TinyCNN(norm="batch")
-        tapped = net.layers[tap - 1].num_features  # the batch-norm before the tapped ReLU
-        module = MultiScaleFeatures(nn.Sequential(*net.layers), tap, grid=grid)
-        stride = 8 if grid == "deep" else tap_stride
-        return Backbone(module, tapped + net.out_channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), stride=stride)
-
-    return build
-
-
 def _tiny_cnn(norm: str) -> Callable[[bool], Backbone]:
     name = "tiny_cnn" if norm == "batch" else "tiny_cnn_gn"
 
@@ -332,8 +296,6 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
     "resnet152_stride16": _resnet_stride16("resnet152", 2048),
     "tiny_cnn": _tiny_cnn("batch"),
     "tiny_cnn_gn": _tiny_cnn("group"),
-    "tiny_cnn_multiscale": _tiny_cnn_multiscale(2, "deep"),
-    "tiny_cnn_multiscale4": _tiny_cnn_multiscale(4, "shallow"),
 }
 
 
