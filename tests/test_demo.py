@@ -105,7 +105,8 @@ def test_torchrun_trains_the_demo_with_pruning_and_every_rank_keeps_the_same_pro
         assert 0.5 * total <= count <= total, (name, kept)
 
 
-# Floors for the localisation figures (see test_the_demo_reaches_its_figures): the lowest values
-# bench_demo.py measured over seeds 0-2 with the default and the AVX2 kernels (0.647 after pruning,
-# 0.440 before), less about one prototype's worth. Chance is 0.03.
-DEMO_FLOORS = {"after": 0.60, "before": 0.40}
+# Floors for the localisation figures (see test_the_demo_reaches_its_figures): bench_demo.py
+# --threads 1 measured at least 0.711 after pruning and 0.600 before over seeds 0-2 with the default
+# and the AVX2 kernels (docs/demo-experiments.md); a CPU with yet other kernels (AVX-512 without
+# AMX) moves them too, so the floors sit a few prototypes lower. Chance is 0.03.
+DEMO_FLOORS = {"after": 0.65, "before": 0.50}
