@@ -7,7 +7,7 @@ this process, so they do not share the server's interpreter):
 * the demo model (``protopnet demo`` / ``make demo``: ``demo-out/model``), with pictures of the
   synthetic test split;
 * a MobileNetV2 ProtoPNet at 224 px (ImageNet weights from ``$TORCH_HOME``, 30 classes x 10
-  prototypes, 128 channels, as ``configs/cub200_mobilenet_v2.yaml``), with 500 x 375 JPEG
+  prototypes, 128 channels, as ``configs/cub200_mobilenet_v2_paper.yaml``), with 500 x 375 JPEG
   pictures. It is not trained: the cost of an explanation does not depend on the weights' values.
 
     TORCH_HOME=... python benchmarks/bench_serve.py --demo-model demo-out/model [--requests 400 --clients 8 --threads 2]
