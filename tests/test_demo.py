@@ -20,7 +20,7 @@ from protopnet.data import build_dataset
 from protopnet.demo import demo_config_path
 from protopnet.interpretability import prototype_localization
 
-from conftest import train_both
+from conftest import load_benchmark, train_both
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # trains the demo twice, once under torchrun
 
@@ -56,6 +56,20 @@ def test_the_demo_reaches_its_figures(demo_runs):
     assert after["chance"] < 0.05
     assert after["localization"] >= DEMO_FLOORS["after"], after
     assert before["localization"] >= DEMO_FLOORS["before"], before
+
+
+def test_demo_where_sorts_every_prototype_and_agrees_with_the_localisation_figure(demo_runs):
+    """benchmarks/demo_where.py: every prototype (kept and pruned) lands in exactly one place, and
+    the kept ones on their glyph are the share ``prototype_localization`` reports."""
+    config, single, _, _ = demo_runs
+    counts, cells_on, total = load_benchmark("demo_where").where(single)
+    model = load_model(single / "model")
+    assert total == config["data"]["synthetic_classes"] * config["model"]["prototypes_per_class"]
+    assert sum(counts.values()) == total and 0 <= cells_on <= total
+    kept = sum(n for (fate, _), n in counts.items() if fate == "kept")
+    assert kept == model.prototypes.shape[0]
+    after = prototype_localization(model, _push_images(config, model))["localization"]
+    assert counts[("kept", "glyph")] / kept == pytest.approx(after)
 
 
 def test_torchrun_trains_the_demo_with_pruning_and_every_rank_keeps_the_same_prototypes(demo_runs):
