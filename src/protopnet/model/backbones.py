@@ -167,6 +167,9 @@ def _mobilenet_v2_stride16(pretrained: bool) -> Backbone:
     return Backbone(features, 1280, stride=16)
 
 
+MULTISCALE_GRIDS = ("deep", "shallow")
+
+
 def multiscale_concat(shallow: torch.Tensor, deep: torch.Tensor, grid: str = "deep") -> torch.Tensor:
     """(B, Cs, Hs, Ws) local and (B, Cd, H, W) deep features -> (B, Cs + Cd, H, W) with
     ``grid="deep"`` (the local features averaged onto the deep grid), or -> (B, Cs + Cd, Hs, Ws)
@@ -174,7 +177,7 @@ def multiscale_concat(shallow: torch.Tensor, deep: torch.Tensor, grid: str = "de
     neighbour). Each part is L2-normalised per cell and scaled to the same length
     ``sqrt((Cs + Cd) / 2)`` (so neither part outweighs the other in an angle, and a channel is
     about 1 in size, as the add-on's initialisation expects), then stacked as channels."""
-    if grid not in ("deep", "shallow"):
+    if grid not in MULTISCALE_GRIDS:
         raise ValueError(f"grid must be 'deep' or 'shallow', got {grid!r}")
     if shallow.shape[-2:] != deep.shape[-2:]:
         if grid == "deep":
@@ -205,7 +208,7 @@ class MultiScaleFeatures(nn.Module):
         super().__init__()
         if not 0 <= tap < len(blocks) - 1:
             raise ValueError(f"tap must be a block before the last (0..{len(blocks) - 2}), got {tap}")
-        if grid not in ("deep", "shallow"):
+        if grid not in MULTISCALE_GRIDS:
             raise ValueError(f"grid must be 'deep' or 'shallow', got {grid!r}")
         self.blocks = blocks
         self.tap = int(tap)
