@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from protopnet.data import build_dataset
     from protopnet.train import Trainer, build_run_data
     from protopnet.train.run_data import backbone_normalisation
+    from protopnet.runtime import resolve_device, resolve_precision
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"protopnet", "baseline"}:
@@ -451,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run.threads={args.threads}")
     overrides += args.overrides
     config = load_config(args.config, overrides)
+    precision = resolve_precision(resolve_device(config.run.device), config.run.precision)
+    if precision != config.run.precision:  # 'auto' (or bf16 on an old GPU): both models use what it resolves to
+        overrides.append(f"run.precision={precision}")
+        config = load_config(args.config, overrides)
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
     progress = progress_factory(args.quiet)

@@ -283,6 +283,12 @@ class LossConfig:
 class RunConfig:
     """How to run: seed, device and arithmetic.
 
+    ``precision``: ``fp32``; ``bf16`` (autocast of the backbone and add-on; the prototype
+    distances stay float32); ``fp16`` (GPUs only, with loss scaling); or ``auto``: ``bf16``
+    where the hardware computes bfloat16 natively (a CPU with AMX or AVX-512 BF16, a GPU with
+    bf16), ``fp32`` elsewhere, logged at the start of the run
+    (:func:`protopnet.runtime.resolve_precision`).
+
     ``tensorboard``: also write the run to ``<output dir>/tensorboard/`` (the optional extra
     ``pip install 'protopnet[tensorboard]'``): every scalar of ``metrics.jsonl`` (which stays the
     record), the learning rates, and at each push a grid of the prototypes' source patches. Only
@@ -290,7 +296,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     channels_last: bool = False
     threads: int = 0
     tensorboard: bool = False

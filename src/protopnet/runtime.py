@@ -14,6 +14,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: What ``run.precision`` may say: a precision, or ``auto`` (:func:`native_bf16`).
+PRECISION_CHOICES = (*PRECISIONS, "auto")
 
 #: What a parameter named ``progress`` is, everywhere in the package: called with the number of
 #: items (images) just finished, once per batch; None reports nothing. ``bar.update`` of a tqdm
@@ -42,15 +44,38 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bfloat16 in hardware, and what says so: a CUDA GPU with bf16
+    (Ampere or later), a CPU with AMX tiles or AVX-512 BF16 (``torch.cpu``'s own checks). Apple
+    MPS and other devices: no."""
+    if device.type == "cuda":
+        supported = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        return supported, "this GPU has bfloat16" if supported else "this GPU has no bfloat16"
+    if device.type == "cpu":
+        if torch.cpu._is_amx_tile_supported():
+            return True, "this CPU has AMX"
+        if torch.cpu._is_avx512_bf16_supported():
+            return True, "this CPU has AVX-512 BF16"
+        return False, "this CPU has neither AMX nor AVX-512 BF16"
+    return False, f"bfloat16 autocast is not used on {device.type}"
+
+
 def resolve_precision(device: torch.device, precision: str) -> str:
     """The arithmetic a run uses on ``device`` for the configured ``precision``.
 
-    ``bf16`` on a CUDA GPU without bfloat16 (before Ampere) becomes ``fp16`` (the trainer then
-    scales the loss with a GradScaler); ``fp16`` on a CPU is refused (use bf16: CPUs with
-    AVX-512 BF16 or AMX run it natively). Everything else is returned unchanged.
+    ``auto`` is ``bf16`` where the hardware computes bfloat16 natively (:func:`native_bf16`) and
+    ``fp32`` elsewhere; the choice and its reason are logged. ``bf16`` on a CUDA GPU without
+    bfloat16 (before Ampere) becomes ``fp16`` (the trainer then scales the loss with a
+    GradScaler); ``fp16`` on a CPU is refused (use bf16: CPUs with AVX-512 BF16 or AMX run it
+    natively). Everything else is returned unchanged.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISION_CHOICES}")
+    if precision == "auto":
+        native, reason = native_bf16(device)
+        chosen = "bf16" if native else "fp32"
+        logger.info("precision auto: %s on %s (%s)", chosen, device.type, reason)
+        return chosen
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision fp16 needs a GPU; on a CPU use bf16 or fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

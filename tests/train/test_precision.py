@@ -161,3 +161,40 @@ def test_one_settings_object_runs_a_pass_as_the_separate_keywords_do():
     assert RunSettings().for_model(model).device == torch.device("cpu")
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.batch_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected",
+    [(True, False, "bf16"), (False, True, "bf16"), (True, True, "bf16"), (False, False, "fp32")],
+)
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_native_bfloat16(monkeypatch, caplog, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    with caplog.at_level("INFO", logger="protopnet.runtime"):
+        assert resolve_precision(torch.device("cpu"), "auto") == expected
+    assert f"precision auto: {expected} on cpu" in caplog.text  # the choice is logged with its reason
+    # an explicit value still wins, whatever the hardware
+    assert resolve_precision(torch.device("cpu"), "fp32") == "fp32"
+    assert resolve_precision(torch.device("cpu"), "bf16") == "bf16"
+
+
+def test_auto_precision_is_fp32_on_a_gpu_without_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision(torch.device("cuda"), "auto") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision(torch.device("cuda"), "auto") == "bf16"
+
+
+def test_a_trainer_with_auto_precision_runs_what_the_cpu_supports(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert Trainer(_config(tmp_path, "auto", False), data=_data()).precision == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    trainer = Trainer(_config(tmp_path / "b", "auto", True), data=_data())
+    assert trainer.precision == "bf16" and trainer.settings.precision == "bf16"
+
+
+def test_an_unknown_precision_names_the_choices():
+    with pytest.raises(ValueError, match="auto"):
+        resolve_precision(torch.device("cpu"), "fp8")
