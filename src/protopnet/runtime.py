@@ -52,9 +52,10 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         supported = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         return supported, "this GPU has bfloat16" if supported else "this GPU has no bfloat16"
     if device.type == "cpu":
-        if torch.cpu._is_amx_tile_supported():
+        # torch.cpu's checks are private: a PyTorch without one reads as "no such feature"
+        if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
             return True, "this CPU has AMX"
-        if torch.cpu._is_avx512_bf16_supported():
+        if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
             return True, "this CPU has AVX-512 BF16"
         return False, "this CPU has neither AMX nor AVX-512 BF16"
     return False, f"bfloat16 autocast is not used on {device.type}"
