@@ -254,7 +254,9 @@ class LossConfig:
     whose output is the shallow feature (an index into the backbone's blocks; None: the last
     block at stride 8 or finer, MobileNetV2's block 6, ResNet's layer2). ``cluster_over: every``
     pulls every own-class prototype towards each picture, not only the nearest
-    (:func:`protopnet.losses.cluster_cost`)."""
+    (:func:`protopnet.losses.cluster_cost`). ``focal`` weighs ProtoPool's focal similarity as a
+    cost in the warm-up and joint epochs (:func:`protopnet.losses.focal_cost`: each own-class
+    prototype's best cell should stand out from the picture's mean; cosine distance only)."""
 
     ce: float = 1.0
     cluster: float = 0.8
@@ -264,15 +266,18 @@ class LossConfig:
     alignment: float = 0.0
     alignment_threshold: float = 0.1
     alignment_block: int | None = None
+    focal: float = 0.0
 
     def validate(self) -> None:
-        for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold"):
+        for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold", "focal"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"loss.{name}: expected a finite number, got {getattr(self, name)}")
         if self.cluster_over not in ("nearest", "every"):
             raise ConfigError(f"loss.cluster_over: expected 'nearest' (the paper) or 'every', got {self.cluster_over!r}")
         if self.alignment < 0:
             raise ConfigError(f"loss.alignment: expected a weight >= 0 (0 turns the alignment cost off), got {self.alignment}")
+        if self.focal < 0:
+            raise ConfigError(f"loss.focal: expected a weight >= 0 (0 turns the focal cost off), got {self.focal}")
         if self.alignment_threshold < 0:
             raise ConfigError(f"loss.alignment_threshold: expected a tolerance >= 0, got {self.alignment_threshold}")
         if self.alignment_block is not None and self.alignment_block < 0:
@@ -335,6 +340,11 @@ class Config:
     def validate(self) -> "Config":
         for f in fields(self):
             getattr(self, f.name).validate()
+        if self.loss.focal > 0 and self.model.distance != "cosine":
+            raise ConfigError(
+                f"loss.focal needs model.distance: cosine (a bounded distance); with {self.model.distance!r} "
+                "the cost has no lower bound. Set loss.focal: 0 or model.distance: cosine"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -121,6 +121,32 @@ def protopnet_loss(
     return loss, terms
 
 
+def focal_cost(distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor) -> torch.Tensor:
+    """ProtoPool's focal similarity as a cost (Rymarczyk et al., ECCV 2022; beyond the paper).
+
+    ProtoPool scores a prototype by its largest similarity *minus its mean similarity* over the
+    picture, which asks for one clear peak instead of a prototype that is nearly as close to
+    every cell. Here the score stays the paper's (the largest similarity); the same ask is a
+    cost on the distance maps: for every image and every prototype of its class, the smallest
+    distance minus the mean distance over the cells, ``min(d) - mean(d) <= 0``, averaged.
+    Minimising it pushes a prototype away from the picture's typical cell while the cluster cost
+    keeps its best cell close. With the linear similarity (``-d``) ``mean(d) - min(d)`` is exactly
+    ProtoPool's focal similarity. Meant for the bounded cosine distance (for squared L2 it has
+    no lower bound, so :class:`protopnet.config.Config` refuses that combination).
+
+    Args:
+        distances: (B, M, H, W) prototype distance maps.
+        labels: (B,) class indices. class_identity: (M, K) one-hot prototype classes.
+
+    Returns:
+        scalar tensor <= 0 (0 when no image has a prototype of its class).
+    """
+    flat = distances.flatten(2).float()  # (B, M, H*W)
+    contrast = flat.amin(dim=2) - flat.mean(dim=2)  # (B, M) <= 0
+    own = class_identity[:, labels].t().to(contrast.dtype)  # (B, M)
+    return (contrast * own).sum() / own.sum().clamp_min(1.0)
+
+
 def to_latent_grid(shallow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, Hs, Ws) shallow features -> (B, C', H, W) on the latent grid ``size``: each latent
     cell gets the shallow cells it covers stacked as channels (space-to-depth,

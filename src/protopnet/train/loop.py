@@ -48,7 +48,7 @@ from ..checkpoint import (
     atomic_write_text,
 )
 from ..config import Config
-from ..losses import LossCoefficients, alignment_cost, protopnet_loss
+from ..losses import LossCoefficients, alignment_cost, focal_cost, protopnet_loss
 from ..model_card import record_training_results
 from ..runtime import ProgressBars, RunSettings, autocast, memory_format, open_bar, resolve_device, resolve_precision
 from ..save import save_model
@@ -336,6 +336,10 @@ class Trainer(RunState):
                     terms = {"ce": loss.detach(), "loss": loss.detach()}
                 else:
                     loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients, cluster_over=cfg.loss.cluster_over)
+                    if cfg.loss.focal > 0:
+                        focal = focal_cost(out.distances, labels, identity)
+                        loss = loss + cfg.loss.focal * focal
+                        terms.update(focal=focal.detach(), loss=loss.detach())
                     if taps is not None:
                         shallow, deep = taps.features(images)
                         aligned = alignment_cost(out.distances, labels, identity, shallow, deep, cfg.loss.alignment_threshold)
