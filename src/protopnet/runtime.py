@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, TypedDict, Unpack
 
@@ -44,14 +45,29 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+#: oneDNN instruction-set caps (``ONEDNN_MAX_CPU_ISA``) that still include bfloat16 arithmetic.
+_BF16_ISA_CAPS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_", "ALL", "DEFAULT")
+
+
+def _onednn_isa_cap() -> str | None:
+    """The instruction set oneDNN is capped at (``ONEDNN_MAX_CPU_ISA``, or its older name
+    ``DNNL_MAX_CPU_ISA``), or None when uncapped."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip() or None if cap else None
+
+
 def native_bf16(device: torch.device) -> tuple[bool, str]:
     """Whether ``device`` computes bfloat16 in hardware, and what says so: a CUDA GPU with bf16
-    (Ampere or later), a CPU with AMX tiles or AVX-512 BF16 (``torch.cpu``'s own checks). Apple
-    MPS and other devices: no."""
+    (Ampere or later), a CPU with AMX tiles or AVX-512 BF16 (``torch.cpu``'s own checks) whose
+    oneDNN is not capped below them (``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN emulate bfloat16,
+    slowly). Apple MPS and other devices: no."""
     if device.type == "cuda":
         supported = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         return supported, "this GPU has bfloat16" if supported else "this GPU has no bfloat16"
     if device.type == "cpu":
+        cap = _onednn_isa_cap()
+        if cap is not None and not cap.upper().startswith(_BF16_ISA_CAPS):
+            return False, f"ONEDNN_MAX_CPU_ISA={cap} caps oneDNN below bfloat16"
         # torch.cpu's checks are private: a PyTorch without one reads as "no such feature"
         if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
             return True, "this CPU has AMX"

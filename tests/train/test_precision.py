@@ -163,11 +163,36 @@ def test_one_settings_object_runs_a_pass_as_the_separate_keywords_do():
         settings.batch_size = 1  # type: ignore[misc]
 
 
+def _uncapped(monkeypatch):
+    """No oneDNN instruction-set cap (the CI's AVX2 pass sets one)."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+
+
+@pytest.mark.parametrize(
+    "cap, expected",
+    [("AVX2", "fp32"), ("avx512_core", "fp32"), ("SSE41", "fp32"), ("AVX512_CORE_BF16", "bf16"), ("AVX512_CORE_AMX", "bf16"), ("ALL", "bf16"), ("", "bf16")],
+)
+def test_auto_precision_follows_a_onednn_instruction_set_cap(monkeypatch, caplog, cap, expected):
+    _uncapped(monkeypatch)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    with caplog.at_level("INFO", logger="protopnet.runtime"):
+        assert resolve_precision(torch.device("cpu"), "auto") == expected
+    if expected == "fp32":
+        assert f"ONEDNN_MAX_CPU_ISA={cap} caps oneDNN below bfloat16" in caplog.text
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)  # oneDNN's older name for the same cap
+    assert resolve_precision(torch.device("cpu"), "auto") == expected
+
+
 @pytest.mark.parametrize(
     "amx, avx512_bf16, expected",
     [(True, False, "bf16"), (False, True, "bf16"), (True, True, "bf16"), (False, False, "fp32")],
 )
 def test_auto_precision_is_bf16_exactly_where_the_cpu_has_native_bfloat16(monkeypatch, caplog, amx, avx512_bf16, expected):
+    _uncapped(monkeypatch)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     with caplog.at_level("INFO", logger="protopnet.runtime"):
@@ -187,6 +212,7 @@ def test_auto_precision_is_fp32_on_a_gpu_without_bfloat16(monkeypatch):
 
 
 def test_a_trainer_with_auto_precision_runs_what_the_cpu_supports(tmp_path, monkeypatch):
+    _uncapped(monkeypatch)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert Trainer(_config(tmp_path, "auto", False), data=_data()).precision == "fp32"
