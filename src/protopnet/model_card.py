@@ -448,7 +448,8 @@ def _data_and_protocol(config: dict[str, Any]) -> list[str]:
         ("learning rates (Adam)", ", ".join(f"{key.removesuffix('_lr').replace('_', ' ')} {_number(value)}" for key, value in optim.items()
                                             if key.endswith("_lr") and (key != "pretrain_lr" or schedule.get("pretrain_epochs")))),
         ("loss", ", ".join(f"{key} {_number(value)}" for key, value in loss.items())),
-        ("arithmetic", f"{run.get('precision', 'fp32')} on {run.get('device', 'auto')}"),
+        ("arithmetic", (("auto (bf16 where the hardware computes it natively, else fp32)" if run.get("precision") == "auto"
+                         else str(run.get("precision", "fp32"))) + f" on {run.get('device', 'auto')}")),
         ("prototypes start as", "latent patches of training pictures of their class" if model.get("prototype_init") == "patches"
                                 else "uniform noise in [0, 1)"),
     ]

@@ -4,6 +4,8 @@ stages compute stays close to float32."""
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -219,6 +221,11 @@ def test_a_trainer_with_auto_precision_runs_what_the_cpu_supports(tmp_path, monk
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     trainer = Trainer(_config(tmp_path / "b", "auto", True), data=_data())
     assert trainer.precision == "bf16" and trainer.settings.precision == "bf16"
+    result = trainer.fit()
+    # the run records what 'auto' became; the saved config keeps 'auto' (retraining elsewhere re-resolves)
+    assert json.loads((result.out_dir / "results.json").read_text())["precision"] == "bf16"
+    assert "precision: auto" in (result.model_dir / "config.yaml").read_text()
+    assert "auto (bf16 where the hardware computes it natively, else fp32) on cpu" in (result.model_dir / "README.md").read_text()
 
 
 def test_an_unknown_precision_names_the_choices():

@@ -724,6 +724,7 @@ class Trainer(RunState):
                 "validation": val,
                 "test": test,
                 "seconds": round(seconds, 2),
+                "precision": self.precision,  # what run.precision resolved to here ('auto' -> bf16 or fp32)
                 "bad_images": len(self.bad_images),
             }
             try:
