@@ -49,11 +49,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 _BF16_ISA_CAPS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_", "ALL", "DEFAULT")
 
 
-def _onednn_isa_cap() -> str | None:
-    """The instruction set oneDNN is capped at (``ONEDNN_MAX_CPU_ISA``, or its older name
-    ``DNNL_MAX_CPU_ISA``), or None when uncapped."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return cap.strip() or None if cap else None
+def _onednn_isa_cap() -> tuple[str, str] | None:
+    """``(variable, value)`` of the instruction-set cap oneDNN reads (``ONEDNN_MAX_CPU_ISA``, or
+    its older name ``DNNL_MAX_CPU_ISA``), or None when uncapped."""
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return variable, value
+    return None
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
@@ -66,8 +69,8 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         return supported, "this GPU has bfloat16" if supported else "this GPU has no bfloat16"
     if device.type == "cpu":
         cap = _onednn_isa_cap()
-        if cap is not None and not cap.upper().startswith(_BF16_ISA_CAPS):
-            return False, f"ONEDNN_MAX_CPU_ISA={cap} caps oneDNN below bfloat16"
+        if cap is not None and not cap[1].upper().startswith(_BF16_ISA_CAPS):
+            return False, f"{cap[0]}={cap[1]} caps oneDNN below bfloat16"
         # torch.cpu's checks are private: a PyTorch without one reads as "no such feature"
         if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
             return True, "this CPU has AMX"

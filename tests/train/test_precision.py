@@ -186,7 +186,11 @@ def test_auto_precision_follows_a_onednn_instruction_set_cap(monkeypatch, caplog
         assert f"ONEDNN_MAX_CPU_ISA={cap} caps oneDNN below bfloat16" in caplog.text
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)  # oneDNN's older name for the same cap
-    assert resolve_precision(torch.device("cpu"), "auto") == expected
+    caplog.clear()
+    with caplog.at_level("INFO", logger="protopnet.runtime"):
+        assert resolve_precision(torch.device("cpu"), "auto") == expected
+    if expected == "fp32":
+        assert f"DNNL_MAX_CPU_ISA={cap} caps oneDNN below bfloat16" in caplog.text
 
 
 @pytest.mark.parametrize(
