@@ -1,8 +1,8 @@
 """Training speed: every stage of a ProtoPNet run, timed against its floor — the backbone's own cost.
 
     python benchmarks/bench_speed.py [--backbones resnet18,vgg16,mobilenet_v2] [--sizes 112,224]
-        [--precision fp32[,bf16]] [--channels-last] [--ddp] [--threads 2] [--repeats 2]
-        [--cache] [--json results.json] [--quick]
+        [--precision fp32[,bf16|,auto]] [--channels-last] [--compile] [--ddp] [--threads 2]
+        [--repeats 2] [--cache] [--json results.json] [--quick]
 
 One fixed workload: 10 classes, 30 training and 10 test images per class (photo-like random
 JPEGs of 500 x 375 on disk, decoded every epoch unless ``--cache``), 10 prototypes per class of
@@ -10,6 +10,12 @@ JPEGs of 500 x 375 on disk, decoded every epoch unless ``--cache``), 10 prototyp
 (with ``--ddp``, 2 processes of threads / 2 each). Weights are random (speed does not depend on
 them). For each backbone, size, precision and mode (single process; 2-process DDP on gloo or
 NCCL with ``--ddp``), a fresh process measures, after an untimed warm-up:
+
+(``--precision auto`` is the best arithmetic the machine has: bf16 where it computes bfloat16
+natively, as ``run.precision: auto`` picks; it is dropped when that is fp32 and fp32 is already
+listed. ``--compile`` also measures every precision with ``run.compile: true``: the stages then
+run through ``torch.compile``, their floors stay the eager backbone, and the untimed warm-up pays
+for compiling.)
 
 * ``backbone forward``: the backbone alone (eval mode, no grad) over the training images, and over
   the test images — the floor of push, the last-layer stage and evaluation;
@@ -34,6 +40,7 @@ The full tables (takes a while on a CPU; run on a quiet machine)::
 
     python benchmarks/bench_speed.py --ddp --json speed-fp32.json
     python benchmarks/bench_speed.py --ddp --precision bf16 --channels-last --json speed-bf16.json
+    python benchmarks/bench_speed.py --backbones resnet18 --sizes 224 --precision fp32,auto --channels-last --compile
 """
 
 from __future__ import annotations
@@ -95,7 +102,8 @@ def run_config(spec: dict[str, Any], out: Path, epochs: int = 1, warm: int = 1, 
                      "cache": spec["cache"], "cache_dir": str(Path(spec["root"]) / ".cache")},
             "schedule": {"epochs": epochs, "warm_epochs": warm, "push_start": epochs, "push_every": 1, "push_at_end": push_at_end,
                          "last_layer_iterations": spec["last_layer_iterations"]},
-            "run": {"seed": 0, "device": spec["device"], "precision": spec["precision"], "channels_last": spec["channels_last"]},
+            "run": {"seed": 0, "device": spec["device"], "precision": spec["precision"], "channels_last": spec["channels_last"],
+                    "compile": spec.get("compile", False)},
             "output": {"dir": str(out), "keep_checkpoints": 1, "save_prototype_images": False},
         }
     )
@@ -199,7 +207,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from protopnet.train.stages import Step
 
     rank, world = _world()
-    work = Path(spec["work"]) / f"{spec['backbone']}-{spec['size']}-{spec['precision']}-{world}"
+    work = Path(spec["work"]) / f"{spec['backbone']}-{spec['size']}-{spec['precision']}-{int(spec.get('compile', False))}-{world}"
     trainer = Trainer(run_config(spec, work / "stages"), work / "stages")
     device = trainer.device
     train_idx = trainer.data.train_indices
@@ -284,7 +292,7 @@ def _free_port() -> int:
 
 
 def launch(spec: dict[str, Any], processes: int, tmp: Path) -> dict[str, Any] | None:
-    tag = f"{spec['backbone']}-{spec['size']}-{spec['precision']}-{processes}"
+    tag = f"{spec['backbone']}-{spec['size']}-{spec['precision']}{'-compile' if spec.get('compile') else ''}-{processes}"
     spec = dict(spec, result=str(tmp / f"{tag}.json"), threads=max(1, spec["threads"] // processes))
     spec_path = tmp / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -324,7 +332,8 @@ def table(rows: list[tuple[dict[str, Any], str, dict[str, Any]]], epochs_in_sche
                 ratio = f"{value:.2f}"
                 if target is not None:
                     goal = f"<= {target:.2f} {'met' if value <= target else 'missed'}"
-            lines.append(f"| {spec['backbone']} | {spec['size']} | {spec['precision']}{' CL' if spec['channels_last'] else ''} | {mode} | "
+            arithmetic = f"{spec['precision']}{' CL' if spec['channels_last'] else ''}{' compiled' if spec.get('compile') else ''}"
+            lines.append(f"| {spec['backbone']} | {spec['size']} | {arithmetic} | {mode} | "
                          f"{stage} | {s[stage]:.2f} | {count / s[stage]:.1f} | {ratio} | {goal} | {peaks[stage]:.0f} |")
     return "\n".join(lines)
 
@@ -333,8 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="resnet18,vgg16,mobilenet_v2")
     parser.add_argument("--sizes", default="112,224")
-    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16 (GPU)")
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16 (GPU), auto (the best "
+                        "this machine computes natively)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also measure each precision with run.compile (torch.compile)")
     parser.add_argument("--ddp", action="store_true", help="also run 2-process DistributedDataParallel")
     parser.add_argument("--threads", type=int, default=2, help="threads in all (split among DDP processes)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -349,9 +360,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args.worker)
         return
-    from protopnet.runtime import resolve_device
+    from protopnet.runtime import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
+    precisions: list[str] = []
+    for name in args.precision.split(","):
+        resolved = resolve_precision(device, name.strip())
+        if resolved not in precisions:
+            precisions.append(resolved)
     classes, train, test, iterations = (3, 4, 2, 2) if args.quick else (10, 30, 10, 20)
     sizes = [int(s) for s in args.sizes.split(",")] if (args.sizes != parser.get_default("sizes") or not args.quick) else [64]
     repeats = 1 if args.quick else args.repeats
@@ -366,17 +382,19 @@ def main(argv: list[str] | None = None) -> None:
         write_jpegs(root, classes, train, test)
         for backbone in args.backbones.split(","):
             for size in sizes:
-                for precision in args.precision.split(","):
-                    for processes in modes:
-                        spec = {"backbone": backbone, "size": size, "precision": precision, "channels_last": args.channels_last,
-                                "root": str(root), "cache": args.cache, "device": str(device), "threads": args.threads,
-                                "repeats": repeats, "last_layer_iterations": iterations, "work": str(tmp / "work"),
-                                "cpu_time": args.cpu_time}
-                        t0 = time.perf_counter()
-                        result = launch(spec, processes, tmp)
-                        print(f"<!-- {backbone} {size} px {precision} x{processes}: {time.perf_counter() - t0:.0f} s -->", file=sys.stderr)
-                        if result is not None:
-                            rows.append((spec, "DDP x2" if processes > 1 else "1", result))
+                for precision in precisions:
+                    for compiled in ([False, True] if args.compile else [False]):
+                        for processes in modes:
+                            spec = {"backbone": backbone, "size": size, "precision": precision, "channels_last": args.channels_last,
+                                    "compile": compiled, "root": str(root), "cache": args.cache, "device": str(device),
+                                    "threads": args.threads, "repeats": repeats, "last_layer_iterations": iterations,
+                                    "work": str(tmp / "work"), "cpu_time": args.cpu_time}
+                            t0 = time.perf_counter()
+                            result = launch(spec, processes, tmp)
+                            print(f"<!-- {backbone} {size} px {precision}{' compiled' if compiled else ''} x{processes}: "
+                                  f"{time.perf_counter() - t0:.0f} s -->", file=sys.stderr)
+                            if result is not None:
+                                rows.append((spec, "DDP x2" if processes > 1 else "1", result))
     devices = sorted({r["device"] for _, _, r in rows})
     print(f"# ProtoPNet stage speed — {', '.join(devices)}; {classes} classes x ({train} train + {test} test) JPEGs, "
           f"10 prototypes/class x 128 ch, batch 16, {args.threads} threads in all, median of {repeats}"
@@ -385,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     print(f"\nx floor: the stage's time over the backbone's own cost on the same images at the same precision "
           f"(forward for evaluation, push, warm-up and last layer; forward + backward for a joint epoch; the whole "
-          f"schedule over the sum of its stages' floors). Last layer: {iterations} iterations. CL: channels_last.")
+          f"schedule over the sum of its stages' floors). Last layer: {iterations} iterations. CL: channels_last. "
+          f"compiled: run.compile (torch.compile) for the stages; their floors stay the eager backbone.")
     if args.json:
         Path(args.json).write_text(json.dumps([{"spec": {k: v for k, v in spec.items() if k not in ("root", "work")}, "mode": mode, **result}
                                                for spec, mode, result in rows], indent=1))

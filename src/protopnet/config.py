@@ -256,7 +256,13 @@ class LossConfig:
     pulls every own-class prototype towards each picture, not only the nearest
     (:func:`protopnet.losses.cluster_cost`). ``focal`` weighs ProtoPool's focal similarity as a
     cost in the warm-up and joint epochs (:func:`protopnet.losses.focal_cost`: each own-class
-    prototype's best cell should stand out from the picture's mean; cosine distance only)."""
+    prototype's best cell should stand out from the picture's mean; cosine distance only).
+    ``stability`` weighs stability training (Zheng et al., CVPR 2016) in the warm-up and joint
+    epochs (:func:`protopnet.losses.stability_cost`): each own-class prototype's distance map on a
+    picture and on the picture plus Gaussian noise of ``stability_noise`` (standard deviation on
+    the normalised picture, clipped to 1.25 of it) should agree. It costs a second forward and
+    backward pass per batch; with ``data.feature_cache`` each view gets one fixed noisy copy,
+    cached beside it."""
 
     ce: float = 1.0
     cluster: float = 0.8
@@ -267,15 +273,21 @@ class LossConfig:
     alignment_threshold: float = 0.1
     alignment_block: int | None = None
     focal: float = 0.0
+    stability: float = 0.0
+    stability_noise: float = 0.2
 
     def validate(self) -> None:
-        for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold", "focal"):
+        for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold", "focal", "stability", "stability_noise"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"loss.{name}: expected a finite number, got {getattr(self, name)}")
         if self.cluster_over not in ("nearest", "every"):
             raise ConfigError(f"loss.cluster_over: expected 'nearest' (the paper) or 'every', got {self.cluster_over!r}")
         if self.alignment < 0:
             raise ConfigError(f"loss.alignment: expected a weight >= 0 (0 turns the alignment cost off), got {self.alignment}")
+        if self.stability < 0:
+            raise ConfigError(f"loss.stability: expected a weight >= 0 (0 turns stability training off), got {self.stability}")
+        if not 0 < self.stability_noise <= 1:
+            raise ConfigError(f"loss.stability_noise: expected a standard deviation in (0, 1] (normalised units), got {self.stability_noise}")
         if self.focal < 0:
             raise ConfigError(f"loss.focal: expected a weight >= 0 (0 turns the focal cost off), got {self.focal}")
         if self.alignment_threshold < 0:
@@ -297,7 +309,12 @@ class RunConfig:
     ``tensorboard``: also write the run to ``<output dir>/tensorboard/`` (the optional extra
     ``pip install 'protopnet[tensorboard]'``): every scalar of ``metrics.jsonl`` (which stays the
     record), the learning rates, and at each push a grid of the prototypes' source patches. Only
-    rank 0 writes."""
+    rank 0 writes.
+
+    ``compile``: run the warm-up, joint and pre-training forward and backward passes through
+    :func:`torch.compile` (TorchInductor; on a CPU it needs a C++ compiler). Compiling takes
+    seconds to minutes at the start of each stage; whether it pays depends on the backbone and
+    the hardware (``benchmarks/bench_speed.py --compile`` measures it)."""
 
     seed: int = 0
     device: str = "auto"
@@ -305,6 +322,7 @@ class RunConfig:
     channels_last: bool = False
     threads: int = 0
     tensorboard: bool = False
+    compile: bool = False
 
     def validate(self) -> None:
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):

@@ -147,6 +147,35 @@ def focal_cost(distances: torch.Tensor, labels: torch.Tensor, class_identity: to
     return (contrast * own).sum() / own.sum().clamp_min(1.0)
 
 
+def stability_cost(clean: torch.Tensor, noisy: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor) -> torch.Tensor:
+    """Stability training (Zheng et al., CVPR 2016; beyond the paper): a prototype's distance map
+    on a picture should not change when small Gaussian noise is added to the picture.
+
+    For every image and every prototype of its class, the squared change of the map over its
+    cells divided by the clean map's spread over its cells (``sum (d_noisy - d_clean)^2 /
+    sum (d_clean - mean d_clean)^2``), averaged: a noise-to-signal ratio of the map, free of the
+    distance's scale. It is small when the noise moves no cell by much compared with how much
+    the cells differ, so the peak (and where upsampling puts it) stays. Gradients reach both maps.
+
+    Args:
+        clean: (B, M, H, W) distance maps of the pictures. noisy: (B, M, H, W) of the same
+            pictures with noise added.
+        labels: (B,) class indices. class_identity: (M, K) one-hot prototype classes.
+
+    Returns:
+        scalar tensor >= 0 (0 when no image has a prototype of its class).
+    """
+    if clean.shape != noisy.shape:
+        raise ValueError(f"clean and noisy distance maps differ in shape: {tuple(clean.shape)} vs {tuple(noisy.shape)}")
+    c = clean.flatten(2).float()  # (B, M, H*W)
+    n = noisy.flatten(2).float()
+    change = (n - c).pow(2).sum(dim=2)  # (B, M)
+    spread = (c - c.mean(dim=2, keepdim=True)).pow(2).sum(dim=2)
+    ratio = change / spread.clamp_min(1e-6)
+    own = class_identity[:, labels].t().to(ratio.dtype)  # (B, M)
+    return (ratio * own).sum() / own.sum().clamp_min(1.0)
+
+
 def to_latent_grid(shallow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, Hs, Ws) shallow features -> (B, C', H, W) on the latent grid ``size``: each latent
     cell gets the shallow cells it covers stacked as channels (space-to-depth,

@@ -137,10 +137,11 @@ def seeded_generator(seed: int, stream: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def perturbation(shape: Sequence[int], seed: int, index: int, std: float = NOISE_STD, clip: float = NOISE_CLIP) -> torch.Tensor:
+def perturbation(shape: Sequence[int], seed: int, index: int, std: float = NOISE_STD, clip: float = NOISE_CLIP, stream: int = 1) -> torch.Tensor:
     """The stability noise of image ``index``: ``N(0, std^2)`` clipped to ``[-clip, clip]``,
-    shape ``shape`` (3, S, S), float32 on the CPU."""
-    noise = torch.randn(tuple(shape), generator=seeded_generator(seed, 1, index)) * float(std)
+    shape ``shape`` (3, S, S), float32 on the CPU. ``stream`` 1 is the metric's; training's
+    stability cost draws from stream 2, so it never sees the metric's noise."""
+    noise = torch.randn(tuple(shape), generator=seeded_generator(seed, stream, index)) * float(std)
     return noise.clamp(-float(clip), float(clip))
 
 

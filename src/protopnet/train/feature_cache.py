@@ -49,22 +49,36 @@ class CachedForward(nn.Module):
         return self.model.head(self.model.add_on(z))
 
 
+def training_noise(images: torch.Tensor, indices: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    """The fixed noise of ``loss.stability`` for dataset items ``indices`` (B,): (B, 3, S, S)
+    like ``images``, ``N(0, std^2)`` clipped to ``1.25 std``, a pure function of ``(seed, index)``
+    drawn from a stream the interpretability metric's noise never uses."""
+    from ..interpretability.parts import perturbation
+
+    noise = torch.stack([perturbation(images.shape[1:], seed, int(i), std, 1.25 * std, stream=2) for i in indices])
+    return noise.to(images.device, images.dtype)
+
+
 class FrozenFeatureCache:
     """The prefix's output for every training item: ``tensors`` (N, C, H, W) on the training
     device, in the dtype the prefix produced (bf16 under bf16 autocast), ``labels`` (N,) and
-    ``ok`` (N,) (False for unreadable pictures).
+    ``ok`` (N,) (False for unreadable pictures); with ``noise_std`` (``loss.stability``) also
+    ``noisy`` (N, C, H, W), the prefix's output for each picture plus its fixed noise
+    (:func:`training_noise`), else None.
 
     Args:
         frozen_blocks: how many backbone blocks the prefix holds; None: the whole backbone.
     """
 
-    def __init__(self, frozen_blocks: int | None, tensors: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor) -> None:
+    def __init__(self, frozen_blocks: int | None, tensors: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
+                 noisy: torch.Tensor | None = None) -> None:
         self.frozen_blocks = frozen_blocks
-        self.tensors, self.labels, self.ok = tensors, labels, ok
+        self.tensors, self.labels, self.ok, self.noisy = tensors, labels, ok, noisy
 
     @property
     def nbytes(self) -> int:
-        return self.tensors.numel() * self.tensors.element_size()
+        noisy = 0 if self.noisy is None else self.noisy.numel() * self.noisy.element_size()
+        return self.tensors.numel() * self.tensors.element_size() + noisy
 
     @classmethod
     @torch.no_grad()
@@ -79,9 +93,13 @@ class FrozenFeatureCache:
         max_bytes: float,
         bad_images: Any = None,
         progress: Progress | None = None,
+        noise_std: float = 0.0,
+        noise_seed: int = 0,
         **fields: Unpack[RunFields],
     ) -> "FrozenFeatureCache | None":
-        """Run the prefix over ``dataset`` items ``items`` (every process runs all of them).
+        """Run the prefix over ``dataset`` items ``items`` (every process runs all of them); with
+        ``noise_std`` > 0 also over each picture plus its noise (:func:`training_noise` with
+        ``noise_seed``), into ``noisy``.
 
         Returns None — the caller trains without the cache — when the tensors would take more
         than ``max_bytes`` or when running the blocks one after the other does not reproduce the
@@ -99,7 +117,7 @@ class FrozenFeatureCache:
         try:
             fmt = run.memory_format
             loader = make_loader(IndexedSubset(dataset, items), run.batch_size, shuffle=False, num_workers=run.num_workers)
-            tensors = labels = ok = None
+            tensors = labels = ok = noisy = None
             checked = suffix is None
             for batch in loader:
                 if bad_images is not None:
@@ -121,7 +139,7 @@ class FrozenFeatureCache:
                     checked = True
                 if tensors is None:
                     per_item = out[0].numel() * out.element_size()
-                    need = per_item * len(items)
+                    need = per_item * len(items) * (2 if noise_std > 0 else 1)
                     if need > max_bytes:
                         logger.warning(
                             "data.feature_cache: %d items x %s would take %.1f GB, more than data.feature_cache_max_gb (%.1f): training without the cache",
@@ -131,15 +149,22 @@ class FrozenFeatureCache:
                     tensors = torch.zeros((len(items), *out.shape[1:]), dtype=out.dtype, device=device)
                     labels = torch.zeros(len(items), dtype=torch.long, device=device)
                     ok = torch.zeros(len(items), dtype=torch.bool, device=device)
+                    noisy = torch.zeros_like(tensors) if noise_std > 0 else None
                     position = {index: p for p, index in enumerate(items)}
                 where = torch.tensor([position[int(i)] for i in batch.indices], device=device)
                 tensors[where] = out.to(memory_format=torch.contiguous_format)
+                if noisy is not None:
+                    with autocast(device, precision):
+                        noisy_out = prefix(images + training_noise(images, batch.indices, noise_std, noise_seed))
+                    noisy[where] = noisy_out.to(memory_format=torch.contiguous_format)
                 labels[where] = batch.labels.to(device)
                 ok[where] = True
             if tensors is None:
                 return None
-            logger.info("feature cache: %d items x %s (%s), %.2f GB", len(items), tuple(tensors.shape[1:]), tensors.dtype, tensors.numel() * tensors.element_size() / 1e9)
-            return cls(frozen_blocks, tensors, labels, ok)
+            cache = cls(frozen_blocks, tensors, labels, ok, noisy)
+            logger.info("feature cache: %d items x %s (%s)%s, %.2f GB", len(items), tuple(tensors.shape[1:]), tensors.dtype,
+                        " with a noisy copy of each" if noisy is not None else "", cache.nbytes / 1e9)
+            return cache
         finally:
             model.train(was_training)
 
@@ -157,7 +182,8 @@ class FrozenFeatureCache:
         used: the tensors stay where they are); a field given as a keyword replaces that of
         ``settings``.
 
-        Shapes: ``tensors`` (N, C, H, W) -> the returned cache's (N, C', H', W')."""
+        Shapes: ``tensors`` (N, C, H, W) -> the returned cache's (N, C', H', W'); ``noisy`` likewise
+        when this cache has it."""
         run = RunSettings.merged(settings, **fields)
         if self.frozen_blocks is None:
             raise ValueError("the cache already holds the whole backbone's output")
@@ -170,26 +196,31 @@ class FrozenFeatureCache:
         model.eval()
         try:
             device = self.tensors.device
-            tensors: torch.Tensor | None = None
-            for start in range(0, len(self), run.batch_size):
-                chunk = self.tensors[start:start + run.batch_size].to(memory_format=run.memory_format)
-                with autocast(device, run.precision):
-                    out = between(chunk)
-                if tensors is None:
-                    need = out[0].numel() * out.element_size() * len(self)
-                    if need > max_bytes:
-                        logger.warning("data.feature_cache: %d items x %s would take %.1f GB, more than data.feature_cache_max_gb (%.1f): training without the cache",
-                                       len(self), tuple(out.shape[1:]), need / 1e9, max_bytes / 1e9)
-                        return None
-                    tensors = torch.zeros((len(self), *out.shape[1:]), dtype=out.dtype, device=device)
-                tensors[start:start + len(out)] = out.to(memory_format=torch.contiguous_format)
-            assert tensors is not None, "an empty cache has nothing to extend"
-            tensors[~self.ok] = 0  # unreadable items stay zeros, as build leaves them
+            sources = [self.tensors] if self.noisy is None else [self.tensors, self.noisy]
+            outputs: list[torch.Tensor] = []
+            for source in sources:
+                tensors: torch.Tensor | None = None
+                for start in range(0, len(self), run.batch_size):
+                    chunk = source[start:start + run.batch_size].to(memory_format=run.memory_format)
+                    with autocast(device, run.precision):
+                        out = between(chunk)
+                    if tensors is None:
+                        need = out[0].numel() * out.element_size() * len(self) * len(sources)
+                        if need > max_bytes:
+                            logger.warning("data.feature_cache: %d items x %s would take %.1f GB, more than data.feature_cache_max_gb (%.1f): training without the cache",
+                                           len(self), tuple(out.shape[1:]), need / 1e9, max_bytes / 1e9)
+                            return None
+                        tensors = torch.zeros((len(self), *out.shape[1:]), dtype=out.dtype, device=device)
+                    tensors[start:start + len(out)] = out.to(memory_format=torch.contiguous_format)
+                assert tensors is not None, "an empty cache has nothing to extend"
+                tensors[~self.ok] = 0  # unreadable items stay zeros, as build leaves them
+                outputs.append(tensors)
         finally:
             model.train(was_training)
-        logger.info("feature cache: %d items x %s (%s), %.2f GB, from the first %d blocks' cache", len(self), tuple(tensors.shape[1:]),
-                    tensors.dtype, tensors.numel() * tensors.element_size() / 1e9, self.frozen_blocks)
-        return type(self)(frozen_blocks, tensors, self.labels, self.ok)
+        cache = type(self)(frozen_blocks, outputs[0], self.labels, self.ok, outputs[1] if len(outputs) > 1 else None)
+        logger.info("feature cache: %d items x %s (%s)%s, %.2f GB, from the first %d blocks' cache", len(self), tuple(cache.tensors.shape[1:]),
+                    cache.tensors.dtype, " with a noisy copy of each" if cache.noisy is not None else "", cache.nbytes / 1e9, self.frozen_blocks)
+        return cache
 
     def batches(self, order: list[int], batch_size: int, rank: int, world: int) -> Iterator[Batch]:
         """Batches in the order of positions ``order`` (this rank's slice of each global batch,

@@ -48,14 +48,14 @@ from ..checkpoint import (
     atomic_write_text,
 )
 from ..config import Config
-from ..losses import LossCoefficients, alignment_cost, focal_cost, protopnet_loss
+from ..losses import LossCoefficients, alignment_cost, focal_cost, protopnet_loss, stability_cost
 from ..model_card import record_training_results
 from ..runtime import ProgressBars, RunSettings, autocast, memory_format, open_bar, resolve_device, resolve_precision
 from ..save import save_model
 from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .evaluate import accuracy_report, predict_logits
-from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone
+from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone, training_noise
 from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
 from .pretrain import PretrainNet
@@ -138,6 +138,7 @@ class Trainer(RunState):
         self.bad_images = BadImageLog()
         self.next_step = 0
         self._ddp: dict[str, nn.Module] | None = None
+        self._compiled: dict[str, nn.Module] = {}  # run.compile: one torch.compile wrapper per stage
         self.alignment_block: int | None = None  # loss.alignment's shallow block, resolved when first needed
         # data.feature_cache: "warm" (the whole backbone's output) and "prefix" (the frozen
         # blocks' output); a key present with None means the cache could not be built
@@ -234,12 +235,14 @@ class Trainer(RunState):
         with self._bar(f"caching the frozen {what}", len(items)) as bar:
             return FrozenFeatureCache.build(
                 self.model, blocks, self.data.train, items, settings=self.settings, max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
+                noise_std=cfg.loss.stability_noise if cfg.loss.stability > 0 else 0.0, noise_seed=cfg.run.seed,
             )
 
     def _forward_model(self, stage: str = "joint", cache: FrozenFeatureCache | None = None) -> nn.Module:
         """The module to call in training (the pre-training net in ``pretrain``; the network
         after the cached layers when training on a feature ``cache``): the DDP wrapper when
-        distributed.
+        distributed, compiled with :func:`torch.compile` when ``run.compile`` is set (DDP first, so
+        its bucketed all-reduces are compiled around).
 
         One wrapper per stage: DDP synchronises only the parameters that require gradients when
         it is built, and each stage trains a different set (a wrapper built in ``warm`` would
@@ -257,7 +260,12 @@ class Trainer(RunState):
                 self._ddp[key] = nn.parallel.DistributedDataParallel(
                     module, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=False
                 )
-            return self._ddp[key]
+            module = self._ddp[key]
+        if self.config.run.compile:
+            if key not in self._compiled:
+                logger.info("run.compile: compiling the %s forward pass with torch.compile (the first batches wait for it)", key)
+                self._compiled[key] = torch.compile(module)
+            module = self._compiled[key]
         return module
 
     def _sampler(self, indices: list[int], shuffle: bool, seed: int) -> Any:
@@ -304,6 +312,7 @@ class Trainer(RunState):
         seen = torch.zeros((), device=self.device)
         total = cfg.schedule.pretrain_epochs if step.stage == "pretrain" else cfg.schedule.epochs
         taps = self._alignment_taps(step, cache)
+        stability = cfg.loss.stability > 0 and step.stage in ("warm", "joint")
         with taps or contextlib.nullcontext(), self._bar(f"epoch {step.epoch + 1}/{total} {step.stage}", len(sampler)) as bar:
             for batch in loader:
                 self.bad_images.add(batch.bad)
@@ -329,8 +338,14 @@ class Trainer(RunState):
                     share = torch.zeros(1, device=self.device)
                 images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
                 labels = batch.labels.to(self.device, non_blocking=True)
+                noisy = self._noisy_inputs(step, cache, batch, images) if stability else None
                 with autocast(self.device, self.precision):
-                    out = forward(images)
+                    # stability training: the noisy copies ride in the same pass (one forward, one
+                    # backward: what DDP and torch.compile expect), then the outputs are split
+                    out = forward(images if noisy is None else torch.cat([images, noisy]))
+                if noisy is not None:
+                    both, out = out, type(out)(*(t[:len(images)] for t in out))
+                    noisy_distances = both.distances[len(images):]
                 if step.stage == "pretrain":
                     loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
                     terms = {"ce": loss.detach(), "loss": loss.detach()}
@@ -340,8 +355,13 @@ class Trainer(RunState):
                         focal = focal_cost(out.distances, labels, identity)
                         loss = loss + cfg.loss.focal * focal
                         terms.update(focal=focal.detach(), loss=loss.detach())
+                    if noisy is not None:
+                        steady = stability_cost(out.distances, noisy_distances, labels, identity)
+                        loss = loss + cfg.loss.stability * steady
+                        terms.update(stability=steady.detach(), loss=loss.detach())
                     if taps is not None:
                         shallow, deep = taps.features(images)
+                        shallow, deep = shallow[:len(images)], deep[:len(images)]
                         aligned = alignment_cost(out.distances, labels, identity, shallow, deep, cfg.loss.alignment_threshold)
                         loss = loss + cfg.loss.alignment * aligned
                         terms.update(alignment=aligned.detach(), loss=loss.detach())
@@ -375,6 +395,20 @@ class Trainer(RunState):
             self.scheduler.step()
         self._share_model_from_main()
         return record
+
+    def _noisy_inputs(self, step: Step, cache: FrozenFeatureCache | None, batch: Any, images: torch.Tensor) -> torch.Tensor:
+        """``loss.stability``'s noisy copies of a batch's inputs (B, ...) like ``images``: the
+        cached prefix outputs of the noisy pictures, or the pictures plus their fixed noise
+        (:func:`~protopnet.train.feature_cache.training_noise`). A distributed zero-weight
+        stand-in (no items) gets its own inputs back."""
+        if len(batch.indices) != len(images):
+            return images
+        if cache is not None:
+            if cache.noisy is None:
+                raise RuntimeError("loss.stability: the feature cache holds no noisy copies")
+            noisy = cache.noisy[batch.indices.to(cache.noisy.device)]
+            return noisy.to(self.device, non_blocking=True).to(memory_format=memory_format(self.config.run.channels_last))
+        return images + training_noise(images, batch.indices, self.config.loss.stability_noise, self.config.run.seed)
 
     def _alignment_taps(self, step: Step, cache: FrozenFeatureCache | None) -> AlignmentTaps | None:
         """The hooks that feed ``loss.alignment`` in the joint epochs (None when it is off or in
