@@ -2,7 +2,7 @@
 against protopnet's on the same workload.
 
     python benchmarks/reference_schedule.py [--backbone resnet18] [--size 224] [--threads 2]
-        [--no-monitoring] [--no-push-images] [--cpu-time] [--quick]
+        [--reference DIR] [--no-monitoring] [--no-push-images] [--cpu-time] [--quick]
 
 The reference (github.com/cfchen-duke/ProtoPNet: main.py, model.py, train_and_test.py, push.py,
 helpers.py, save.py) is not a package and needs CUDA, so this script re-implements what it does —
@@ -33,6 +33,16 @@ optimised on similarity vectors computed once, push in one vectorised pass, chec
 every step, and one test evaluation at the end. ``--no-monitoring`` drops the reference's test
 passes and saves, leaving only its training work. Prints a markdown table of seconds per stage
 and the ratio reference / protopnet.
+
+``--reference DIR`` times the reference's own code as well: DIR is a checkout of
+github.com/cfchen-duke/ProtoPNet (nothing of it is copied here; it needs its own dependencies,
+``pip install opencv-python-headless matplotlib``). Its ``model.construct_PPNet`` (without
+pretrained weights), ``train_and_test`` and ``push.push_prototypes`` run as its ``main.py`` runs
+them (``DataParallel``, torchvision ``ImageFolder`` loaders, the test pass and conditional save
+after every epoch, push and last-layer iteration, the prototype pictures), on the same pictures.
+On a CPU it is patched at run time only: ``Tensor.cuda`` and ``Module.cuda`` return their object
+unchanged while it runs. The table then has a column for the real code, one for the
+re-implementation and the ratio between them, so the re-implementation's figures can be checked.
 """
 
 from __future__ import annotations
@@ -253,6 +263,118 @@ def reference_schedule(root: Path, backbone: str, size: int, device: torch.devic
     return times
 
 
+def real_reference_schedule(reference: Path, root: Path, backbone: str, size: int, device: torch.device, workers: int,
+                            monitoring: bool, push_images: bool, work: Path, epochs: int = 3, warm: int = 1,
+                            iterations: int = 20) -> dict[str, float]:
+    """Seconds per stage of the reference's own code in ``reference`` (a checkout), driven as its
+    main.py drives it, on the workload; 'whole schedule' is the sum of everything timed."""
+    import contextlib
+    import importlib
+    import warnings
+
+    # main.py steps its scheduler before the optimiser; PyTorch warns about it on every run
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+
+    from torchvision import datasets, transforms
+
+    @contextlib.contextmanager
+    def on_this_device() -> Any:
+        """The reference calls .cuda() on tensors and modules: on a CPU, make it the identity."""
+        if device.type == "cuda":
+            yield
+            return
+        saved = torch.Tensor.cuda, nn.Module.cuda
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+        nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            torch.Tensor.cuda, nn.Module.cuda = saved  # type: ignore[method-assign]
+
+    names = ("model", "train_and_test", "push", "save", "preprocess")
+    before = set(sys.modules)
+    shadowed = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path.insert(0, str(reference))
+    try:
+        modules = {name: importlib.import_module(name) for name in names}
+    finally:
+        sys.path.remove(str(reference))
+        for name in set(sys.modules) - before:  # the reference's modules (and their imports) are not kept
+            if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(reference)):
+                del sys.modules[name]
+        sys.modules.update(shadowed)
+    model, tnt, push_module, save, preprocess = (modules[n] for n in names)
+    quiet = lambda *args, **kwargs: None  # noqa: E731  (the reference's log: formatted, then dropped)
+    torch.manual_seed(0)
+    normalize = transforms.Normalize(mean=preprocess.mean, std=preprocess.std)
+    resize = transforms.Resize(size=(size, size))
+    train = datasets.ImageFolder(str(root / "train"), transforms.Compose([resize, transforms.ToTensor(), normalize]))
+    train_push = datasets.ImageFolder(str(root / "train"), transforms.Compose([resize, transforms.ToTensor()]))
+    test = datasets.ImageFolder(str(root / "test"), transforms.Compose([resize, transforms.ToTensor(), normalize]))
+    train_loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, num_workers=workers, pin_memory=False)
+    push_loader = torch.utils.data.DataLoader(train_push, batch_size=16, shuffle=False, num_workers=workers, pin_memory=False)
+    test_loader = torch.utils.data.DataLoader(test, batch_size=16, shuffle=False, num_workers=workers, pin_memory=False)
+    classes = len(train.classes)
+    times: dict[str, float] = {"warm-up epoch": 0.0, "joint epoch": 0.0, "push": 0.0, "last layer": 0.0, "monitoring": 0.0}
+    work.mkdir(parents=True, exist_ok=True)
+    image_dir = work / "img"
+    image_dir.mkdir(exist_ok=True)
+    with on_this_device():
+        ppnet = model.construct_PPNet(base_architecture=backbone, pretrained=False, img_size=size, prototype_shape=(classes * 10, 128, 1, 1),
+                                      num_classes=classes, prototype_activation_function="log", add_on_layers_type="regular").to(device)
+        multi = torch.nn.DataParallel(ppnet)  # without a GPU it calls the module directly
+        joint = torch.optim.Adam([{"params": ppnet.features.parameters(), "lr": 1e-4, "weight_decay": 1e-3},
+                                  {"params": ppnet.add_on_layers.parameters(), "lr": 3e-3, "weight_decay": 1e-3},
+                                  {"params": ppnet.prototype_vectors, "lr": 3e-3}])
+        scheduler = torch.optim.lr_scheduler.StepLR(joint, step_size=5, gamma=0.1)
+        warm_opt = torch.optim.Adam([{"params": ppnet.add_on_layers.parameters(), "lr": 3e-3, "weight_decay": 1e-3},
+                                     {"params": ppnet.prototype_vectors, "lr": 3e-3}])
+        last = torch.optim.Adam([{"params": ppnet.last_layer.parameters(), "lr": 1e-4}])
+        coefs = {"crs_ent": 1, "clst": 0.8, "sep": -0.08, "l1": 1e-4}
+
+        def monitor(tag: str) -> None:
+            if not monitoring:
+                return
+            t0 = CLOCK()
+            accuracy = tnt.test(model=multi, dataloader=test_loader, class_specific=True, log=quiet)
+            save.save_model_w_condition(model=ppnet, model_dir=str(work), model_name=tag, accu=accuracy, target_accu=0.70, log=quiet)
+            times["monitoring"] += CLOCK() - t0
+
+        start = CLOCK()
+        for epoch in range(epochs):
+            t0 = CLOCK()
+            if epoch < warm:
+                tnt.warm_only(model=multi, log=quiet)
+                tnt.train(model=multi, dataloader=train_loader, optimizer=warm_opt, class_specific=True, coefs=coefs, log=quiet)
+                times["warm-up epoch"] += CLOCK() - t0
+            else:
+                tnt.joint(model=multi, log=quiet)
+                scheduler.step()
+                tnt.train(model=multi, dataloader=train_loader, optimizer=joint, class_specific=True, coefs=coefs, log=quiet)
+                times["joint epoch"] += CLOCK() - t0
+            monitor(f"{epoch}nopush")
+            if epoch == epochs - 1:
+                t0 = CLOCK()
+                push_module.push_prototypes(
+                    push_loader, prototype_network_parallel=multi, class_specific=True,
+                    preprocess_input_function=preprocess.preprocess_input_function, prototype_layer_stride=1,
+                    root_dir_for_saving_prototypes=str(image_dir) if push_images else None, epoch_number=epoch,
+                    prototype_img_filename_prefix="prototype-img", prototype_self_act_filename_prefix="prototype-self-act",
+                    proto_bound_boxes_filename_prefix="bb", save_prototype_class_identity=True, log=quiet,
+                )
+                times["push"] += CLOCK() - t0
+                monitor(f"{epoch}push")
+                tnt.last_only(model=multi, log=quiet)
+                for i in range(iterations):
+                    t0 = CLOCK()
+                    tnt.train(model=multi, dataloader=train_loader, optimizer=last, class_specific=True, coefs=coefs, log=quiet)
+                    times["last layer"] += CLOCK() - t0
+                    monitor(f"{epoch}_{i}push")
+        times["whole schedule"] = CLOCK() - start
+    times["joint epoch"] /= max(epochs - warm, 1)
+    return times
+
+
 def protopnet_schedule(root: Path, backbone: str, size: int, device: str, work: Path, iterations: int = 20) -> dict[str, float]:
     from protopnet.train import Trainer
 
@@ -290,7 +412,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-time", action="store_true", help="CPU time instead of wall time (a busy shared machine)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the two schedules this many times; each stage's minimum is kept")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 classes x (4 + 2) images, 64 px, 2 last-layer iterations")
+    parser.add_argument("--reference", type=Path, help="a checkout of github.com/cfchen-duke/ProtoPNet: also time its own code")
     args = parser.parse_args(argv)
+    if args.reference is not None and not (args.reference / "train_and_test.py").is_file():
+        parser.error(f"--reference {args.reference}: not a checkout of the reference (no train_and_test.py there)")
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         CLOCK = time.process_time
@@ -306,20 +431,38 @@ def main(argv: list[str] | None = None) -> None:
         # warm-up: files in the page cache, kernels chosen (untimed)
         reference_schedule(root, args.backbone, size, device, args.workers, True, False, work / "warm", epochs=2, warm=1, iterations=1)
         runs: dict[str, list[dict[str, float]]] = {"ours": [], "reference": []}
+        if args.reference is not None:
+            real_reference_schedule(args.reference, root, args.backbone, size, device, args.workers, True, False, work / "warm-real",
+                                    epochs=2, warm=1, iterations=1)
+            runs["real"] = []
         for r in range(args.repeats):  # alternated: a change of load on a shared machine hits both
             runs["ours"].append(protopnet_schedule(root, args.backbone, size, str(device), work / f"ours{r}", iterations))
             runs["reference"].append(reference_schedule(root, args.backbone, size, device, args.workers, not args.no_monitoring,
                                                         not args.no_push_images, (work / f"reference{r}"), iterations=iterations))
-        ours, reference = ({k: min(run[k] for run in runs[who]) for k in runs[who][0]} for who in ("ours", "reference"))
+            if args.reference is not None:
+                runs["real"].append(real_reference_schedule(args.reference, root, args.backbone, size, device, args.workers,
+                                                            not args.no_monitoring, not args.no_push_images, work / f"real{r}",
+                                                            iterations=iterations))
+        best = {who: {k: min(run[k] for run in runs[who]) for k in runs[who][0]} for who in runs}
+        ours, reference = best["ours"], best["reference"]
     print(f"# Reference schedule vs protopnet — {args.backbone}, {size} px, {classes} classes x ({train} train + {test} test) JPEGs, "
           f"batch 16, {args.threads} threads, {device}{', CPU time' if args.cpu_time else ''}, best of {args.repeats}"
           f"{', reference without monitoring' if args.no_monitoring else ''}\n")
-    print("| stage | reference (s) | protopnet (s) | reference / protopnet |")
-    print("|---|---|---|---|")
+    real = best.get("real")
+    if real is None:
+        print("| stage | reference (s) | protopnet (s) | reference / protopnet |")
+        print("|---|---|---|---|")
+    else:
+        print("| stage | reference's code (s) | re-implementation (s) | re-implementation / code | protopnet (s) | code / protopnet |")
+        print("|---|---|---|---|---|---|")
     for stage in ("warm-up epoch", "joint epoch", "push", "last layer", "monitoring", "whole schedule"):
         r, o = reference.get(stage), ours.get(stage)
-        ratio = f"{r / o:.2f}" if r is not None and o else ""
-        print(f"| {stage} | {r:.2f} | {'' if o is None else f'{o:.2f}'} | {ratio} |")
+        shown = "" if o is None else f"{o:.2f}"
+        if real is None:
+            print(f"| {stage} | {r:.2f} | {shown} | {f'{r / o:.2f}' if r is not None and o else ''} |")
+        else:
+            c = real[stage]
+            print(f"| {stage} | {c:.2f} | {r:.2f} | {r / c:.2f} | {shown} | {f'{c / o:.2f}' if o else ''} |")
     print(f"\nwhole schedule: 1 warm-up + 2 joint epochs, push, {iterations} last-layer iterations; protopnet's includes "
           f"its checkpoints and final test evaluation, the reference's its test passes and conditional saves (monitoring).")
 
