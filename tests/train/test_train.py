@@ -105,6 +105,33 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_after):
     assert [r["stage"] for r in full.metrics] == [r["stage"] for r in resumed.metrics]
 
 
+def test_a_checkpoint_keeps_only_the_optimisers_later_steps_use(tmp_path, monkeypatch):
+    """A finished stage's Adam moments are not written again after every later step; resuming
+    right after the last joint epoch (no joint state kept) still ends with the same weights."""
+    config = tiny_config(tmp_path / "full")
+    config.output.keep_checkpoints = 100
+    full = Trainer(config, data=tiny_data())
+    result = full.fit()
+    plan = full.plan
+    for path in sorted((tmp_path / "full" / "run" / "checkpoints").iterdir()):
+        index = int(path.name.split("-")[1])
+        stored = {name for name, _ in json.loads((path / "state.json").read_text())["optimizers"]["__dict__"]}
+        later = {s.stage for s in plan[index + 1:]} & {"warm", "joint", "last_layer", "pretrain"}
+        assert stored <= later, (index, stored, later)
+        if "joint" in later and index >= 1:  # the joint Adam has moments once a joint step ran
+            assert "joint" in stored, index
+    last_joint = max(s.index for s in plan if s.stage == "joint")
+    assert last_joint < len(plan) - 1
+    interrupt_after(monkeypatch, tiny_config(tmp_path / "cut"), last_joint)
+    cut = tmp_path / "cut" / "run" / "checkpoints"
+    newest = sorted(cut.iterdir())[-1]
+    assert "joint" not in {name for name, _ in json.loads((newest / "state.json").read_text())["optimizers"]["__dict__"]}
+    resumed = Trainer(tiny_config(tmp_path / "cut"), data=tiny_data()).fit(resume=True)
+    wa = load_file(result.model_dir / "model.safetensors")
+    wb = load_file(resumed.model_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):
     full = Trainer(tiny_config(tmp_path / "full"), data=tiny_data()).fit()
     interrupt_after(monkeypatch, tiny_config(tmp_path / "cut"), 3)

@@ -43,7 +43,11 @@ class RunState:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        opt_skeleton, opt_tensors = flatten_state({k: o.state_dict() for k, o in self.optimizers.items()}, "optim")
+        # Only the optimisers a later step uses: a finished stage's Adam moments (for the joint
+        # stage twice the backbone's size) would be written after every step for nothing.
+        remaining = {s.stage for s in self.plan[self.next_step:]}
+        needed = {k: o.state_dict() for k, o in self.optimizers.items() if k in remaining}
+        opt_skeleton, opt_tensors = flatten_state(needed, "optim")
         opt_tensors.update({f"pretrain_head.{k}": v for k, v in self.pretrain_net.head.state_dict().items()})
         if self.weight_average is not None:
             opt_tensors.update({f"weight_average.{k}": v for k, v in self.weight_average.state_dict().items()})
@@ -121,7 +125,8 @@ class RunState:
         optim_states = unflatten_state(state["optimizers"], other)
         self.optimizers = self._make_optimizers()
         for k, o in self.optimizers.items():
-            o.load_state_dict(optim_states[k])
+            if k in optim_states:  # absent: no step after the checkpoint uses it
+                o.load_state_dict(optim_states[k])
         self.scheduler = self._make_scheduler()
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.scaler.is_enabled():
