@@ -131,6 +131,13 @@ def tiny_model(num_classes: int = 3, prototypes_per_class: int = 2, prototype_di
     return model
 
 
+def class_identity(classes: list[int], k: int) -> torch.Tensor:
+    """(M, K) one-hot prototype classes: prototype ``j`` belongs to class ``classes[j]``."""
+    eye = torch.zeros(len(classes), k)
+    eye[torch.arange(len(classes)), torch.tensor(classes)] = 1
+    return eye
+
+
 @pytest.fixture
 def torch_home(tmp_path_factory):
     """A TORCH_HOME holding the shared MobileNetV2 checkpoint, or skip."""

@@ -12,13 +12,7 @@ from protopnet.config import Config, ConfigError
 from protopnet.losses import focal_cost
 from protopnet.train import Trainer
 
-from conftest import tiny_config, tiny_data
-
-
-def _identity(classes: list[int], k: int) -> torch.Tensor:
-    eye = torch.zeros(len(classes), k)
-    eye[torch.arange(len(classes)), torch.tensor(classes)] = 1
-    return eye
+from conftest import class_identity, tiny_config, tiny_data
 
 
 def test_the_cost_is_min_minus_mean_over_own_class_pairs():
@@ -33,12 +27,12 @@ def test_the_cost_is_min_minus_mean_over_own_class_pairs():
         if classes[j] == int(labels[i])
     ]
     expected = sum(terms) / len(terms)
-    assert focal_cost(distances, labels, _identity(classes, k)).item() == pytest.approx(expected, rel=1e-6)
+    assert focal_cost(distances, labels, class_identity(classes, k)).item() == pytest.approx(expected, rel=1e-6)
     assert expected < 0
 
 
 def test_a_flat_map_costs_nothing_and_a_peaked_one_costs_less():
-    identity = _identity([0], 1)
+    identity = class_identity([0], 1)
     labels = torch.tensor([0])
     flat = torch.full((1, 1, 3, 3), 0.7)
     assert focal_cost(flat, labels, identity).item() == pytest.approx(0.0, abs=1e-7)
@@ -51,7 +45,7 @@ def test_other_classes_prototypes_get_no_gradient_and_no_own_prototype_costs_zer
     classes = [0, 1, 1]
     distances = torch.rand(2, 3, 3, 3, requires_grad=True)
     labels = torch.tensor([1, 1])
-    focal_cost(distances, labels, _identity(classes, 2)).backward()
+    focal_cost(distances, labels, class_identity(classes, 2)).backward()
     assert torch.all(distances.grad[:, 0] == 0)  # the class-0 prototype is not in either picture's class
     assert torch.any(distances.grad[:, 1:] != 0)
     # gradient of min - mean: the best cell is pulled closer, every cell pushed away by 1 / cells
@@ -61,7 +55,7 @@ def test_other_classes_prototypes_get_no_gradient_and_no_own_prototype_costs_zer
     assert grad[best].item() == pytest.approx((1 - 1 / cells) / 4)  # 4 own-class pairs
     others = torch.cat([grad[:best], grad[best + 1 :]])
     torch.testing.assert_close(others, torch.full_like(others, -1 / cells / 4))
-    empty = focal_cost(torch.rand(2, 3, 3, 3), torch.tensor([2, 2]), _identity(classes, 3))
+    empty = focal_cost(torch.rand(2, 3, 3, 3), torch.tensor([2, 2]), class_identity(classes, 3))
     assert empty.item() == 0.0
 
 

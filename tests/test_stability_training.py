@@ -15,13 +15,7 @@ from protopnet.losses import stability_cost
 from protopnet.train import Trainer
 from protopnet.train.feature_cache import FrozenFeatureCache, split_backbone, training_noise
 
-from conftest import tiny_config, tiny_data, tiny_model
-
-
-def _identity(classes: list[int], k: int) -> torch.Tensor:
-    eye = torch.zeros(len(classes), k)
-    eye[torch.arange(len(classes)), torch.tensor(classes)] = 1
-    return eye
+from conftest import class_identity, tiny_config, tiny_data, tiny_model
 
 
 def test_the_cost_is_the_maps_noise_to_signal_ratio_over_own_class_pairs():
@@ -37,12 +31,12 @@ def test_the_cost_is_the_maps_noise_to_signal_ratio_over_own_class_pairs():
                 c, n = clean[i, j].flatten().double(), noisy[i, j].flatten().double()
                 terms.append(float(((n - c) ** 2).sum() / ((c - c.mean()) ** 2).sum()))
     expected = sum(terms) / len(terms)
-    assert stability_cost(clean, noisy, labels, _identity(classes, k)).item() == pytest.approx(expected, rel=1e-5)
+    assert stability_cost(clean, noisy, labels, class_identity(classes, k)).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_cost_is_zero_for_unchanged_maps_scale_free_and_ignores_other_classes():
     g = torch.Generator().manual_seed(1)
-    identity, labels = _identity([0, 1], 2), torch.tensor([0, 0])
+    identity, labels = class_identity([0, 1], 2), torch.tensor([0, 0])
     clean = torch.rand(2, 2, 3, 3, generator=g)
     assert stability_cost(clean, clean.clone(), labels, identity).item() == 0.0
     noisy = clean + 0.05 * torch.randn(clean.shape, generator=g)
