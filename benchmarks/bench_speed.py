@@ -22,9 +22,10 @@ for compiling.)
 * ``backbone fwd+bwd``: the backbone alone, forward and backward (train mode; no optimiser step)
   over the training images — the floor of a joint epoch;
 * ``warm-up epoch``, ``joint epoch`` (``Trainer._train_epoch``), ``evaluation`` (test images),
-  ``push`` and ``last layer (20 it.)`` (one pass to collect similarity vectors, then 20
-  iterations), each also as a ratio to its floor (goals: joint <= 1.10 x fwd+bwd, push <= 1.25 x
-  forward);
+  ``push``, ``push with pictures`` (push, then its prototypes' pictures drawn and written as a saved
+  model writes them) and ``last layer (20 it.)`` (one pass to collect similarity
+  vectors, then 20 iterations), each also as a ratio to its floor (goals: joint <= 1.10 x
+  fwd+bwd, push with pictures <= 1.25 x forward);
 * ``whole schedule``: ``Trainer.fit`` on 1 warm-up + 2 joint epochs, push, 20 last-layer
   iterations, checkpoints and the final test evaluation; its floor is the sum of its stages'
   floors (images/s: training images x epochs / s).
@@ -50,6 +51,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -64,12 +66,13 @@ import torch
 from PIL import Image
 
 STAGES = ("backbone forward", "backbone forward (test)", "backbone fwd+bwd", "warm-up epoch", "joint epoch",
-          "evaluation", "push", "last layer", "whole schedule")
+          "evaluation", "push", "push with pictures", "last layer", "whole schedule")
 FLOORS = {  # stage -> (floor stage, goal ratio or None)
     "warm-up epoch": ("backbone forward", None),
     "joint epoch": ("backbone fwd+bwd", 1.10),
     "evaluation": ("backbone forward (test)", None),
-    "push": ("backbone forward", 1.25),
+    "push": ("backbone forward", None),
+    "push with pictures": ("backbone forward", 1.25),
     "last layer": ("backbone forward", None),
     "whole schedule": ("schedule floor", None),
 }
@@ -200,6 +203,17 @@ def backbone_forward_backward(trainer: Any, backbone: torch.nn.Module, indices: 
             p.grad = None
 
 
+def write_pictures(trainer: Any, directory: Path) -> None:
+    """The prototypes' pictures after a push, drawn and written as a saved model writes them
+    (``prototypes/<j>_<kind>.png``), without the weights."""
+    from protopnet.checkpoint import _write_prototype_pictures, model_metadata
+    from protopnet.visualize import draw_prototype_pictures
+
+    provenance = model_metadata(trainer.model)["provenance"]
+    shutil.rmtree(directory, ignore_errors=True)
+    _write_prototype_pictures(provenance, draw_prototype_pictures(provenance, trainer.data.clean), directory)
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Every stage's (seconds, peak MiB) on this process (rank 0's figures are reported)."""
     from protopnet.train import Trainer
@@ -226,6 +240,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                                              channels_last=trainer.config.run.channels_last,
                                              sampler=trainer._sampler(test_idx, False, 0)),
         "push": lambda: trainer._push(Step(2, "push", 1)),
+        "push with pictures": lambda: (trainer._push(Step(2, "push", 1)), rank == 0 and write_pictures(trainer, work / "pictures")),
         "last layer": lambda: trainer._last_layer(Step(3, "last_layer", 1)),
     }
     for fn in stages.values():  # warm-up: files in the page cache, kernels picked, memory allocated

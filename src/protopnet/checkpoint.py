@@ -330,18 +330,32 @@ def save_model(
     return path
 
 
+#: zlib level of the prototype PNGs: 1 encodes about a third faster than Pillow's default 6 for
+#: files about 7 % larger (photographs compress little either way).
+PNG_COMPRESS_LEVEL = 1
+
+
 def _write_prototype_pictures(provenance: list[dict[str, Any]], pictures: Iterable[tuple[int, Mapping[str, Any]]], directory: Path) -> None:
     """Write ``prototypes/<j>_<kind>.png`` under ``directory`` and record the relative paths in
-    the provenance entry of prototype ``j``; prototypes without pictures keep their entry as is."""
+    the provenance entry of prototype ``j``; prototypes without pictures keep their entry as is.
+
+    PNG encoding is most of the cost of a model's pictures and Pillow releases the GIL while it
+    encodes, so the files are written by a few threads while the next pictures are drawn."""
+    from concurrent.futures import ThreadPoolExecutor
+
     (directory / "prototypes").mkdir(parents=True, exist_ok=True)
     entries = {int(entry["prototype"]): entry for entry in provenance}
-    for j, drawn in pictures:
-        entry = entries[int(j)]
-        entry["images"] = {}
-        for kind, image in drawn.items():
-            relative = f"prototypes/{int(j):04d}_{kind}.png"
-            image.save(directory / relative)
-            entry["images"][kind] = relative
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="protopnet-png") as pool:
+        writes = []
+        for j, drawn in pictures:
+            entry = entries[int(j)]
+            entry["images"] = {}
+            for kind, image in drawn.items():
+                relative = f"prototypes/{int(j):04d}_{kind}.png"
+                writes.append(pool.submit(image.save, directory / relative, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
+                entry["images"][kind] = relative
+        for write in writes:
+            write.result()  # the first failed write raises here: the directory is not renamed into place
 
 
 def _copy_prototype_images(source: Path, target: Path, provenance: list[dict[str, Any]]) -> None:
