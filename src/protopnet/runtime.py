@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, TypedDict, Unpack
+from typing import Any, Callable, ContextManager, Sequence, TypedDict, Unpack
 
 import torch
 
@@ -207,3 +207,24 @@ class NullBar:
 
     def set_postfix(self, **kwargs: Any) -> None:
         return None
+
+
+# -- per-item randomness ---------------------------------------------------------------------------
+# Streams of seeded_generator in use: 1 the stability metric's noise, 2 the deletion metric's random
+# order (protopnet.interpretability), 3 the noise of stability training (protopnet.train).
+
+
+def seeded_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A CPU generator that is a pure function of ``(seed, stream, index)``: per-item randomness
+    that does not depend on batching."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(seed), int(stream), int(index)]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def seeded_gaussian(shape: Sequence[int], seed: int, stream: int, index: int, std: float, clip: float) -> torch.Tensor:
+    """``N(0, std^2)`` clipped to ``[-clip, clip]``, of ``shape``, float32 on the CPU, drawn from
+    :func:`seeded_generator` ``(seed, stream, index)``."""
+    noise = torch.randn(tuple(int(v) for v in shape), generator=seeded_generator(seed, stream, index)) * float(std)
+    return noise.clamp(-float(clip), float(clip))

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .parts import seeded_generator, upsample_maps
+from ..runtime import seeded_generator
+from .parts import upsample_maps
 
 if TYPE_CHECKING:
     from ..ensemble import Ensemble

@@ -34,11 +34,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..regions import UPSAMPLING, box_center
+from ..runtime import seeded_gaussian
 
 REFERENCE_SIZE = 224
 REFERENCE_HALF_SIZE = 36
@@ -130,19 +130,10 @@ def consistency_from_counts(covered: torch.Tensor, visible: torch.Tensor, thresh
     return frequency, (frequency >= threshold).any(dim=1)
 
 
-def seeded_generator(seed: int, stream: int, index: int) -> torch.Generator:
-    """A CPU generator that is a pure function of ``(seed, stream, index)``: per-image randomness
-    that does not depend on batching."""
-    state = np.random.SeedSequence([int(seed), int(stream), int(index)]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def perturbation(shape: Sequence[int], seed: int, index: int, std: float = NOISE_STD, clip: float = NOISE_CLIP, stream: int = 1) -> torch.Tensor:
+def perturbation(shape: Sequence[int], seed: int, index: int, std: float = NOISE_STD, clip: float = NOISE_CLIP) -> torch.Tensor:
     """The stability noise of image ``index``: ``N(0, std^2)`` clipped to ``[-clip, clip]``,
-    shape ``shape`` (3, S, S), float32 on the CPU. ``stream`` 1 is the metric's; training's
-    stability cost draws from stream 2, so it never sees the metric's noise."""
-    noise = torch.randn(tuple(shape), generator=seeded_generator(seed, stream, index)) * float(std)
-    return noise.clamp(-float(clip), float(clip))
+    shape ``shape`` (3, S, S), float32 on the CPU (random stream 1 of :func:`seeded_generator`)."""
+    return seeded_gaussian(shape, seed, 1, index, std, clip)
 
 
 class PartCounter:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Unpack
 import torch
 from torch import nn
 
-from ..runtime import Progress, RunFields, RunSettings, autocast
+from ..runtime import Progress, RunFields, RunSettings, autocast, seeded_gaussian
 from .loader import Batch, IndexedSubset, ShardedBatchSampler, make_loader
 from .stages import backbone_blocks, backbone_segment
 
@@ -53,9 +53,7 @@ def training_noise(images: torch.Tensor, indices: torch.Tensor, std: float, seed
     """The fixed noise of ``loss.stability`` for dataset items ``indices`` (B,): (B, 3, S, S)
     like ``images``, ``N(0, std^2)`` clipped to ``1.25 std``, a pure function of ``(seed, index)``
     drawn from a stream the interpretability metric's noise never uses."""
-    from ..interpretability.parts import perturbation
-
-    noise = torch.stack([perturbation(images.shape[1:], seed, int(i), std, 1.25 * std, stream=2) for i in indices])
+    noise = torch.stack([seeded_gaussian(images.shape[1:], seed, 3, int(i), std, 1.25 * std) for i in indices])
     return noise.to(images.device, images.dtype)
 
 
