@@ -338,7 +338,7 @@ class Trainer(RunState):
                     share = torch.zeros(1, device=self.device)
                 images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
                 labels = batch.labels.to(self.device, non_blocking=True)
-                noisy = self._noisy_inputs(step, cache, batch, images) if stability else None
+                noisy = self._noisy_inputs(cache, batch, images) if stability else None
                 with autocast(self.device, self.precision):
                     # stability training: the noisy copies ride in the same pass (one forward, one
                     # backward: what DDP and torch.compile expect), then the outputs are split
@@ -396,7 +396,7 @@ class Trainer(RunState):
         self._share_model_from_main()
         return record
 
-    def _noisy_inputs(self, step: Step, cache: FrozenFeatureCache | None, batch: Any, images: torch.Tensor) -> torch.Tensor:
+    def _noisy_inputs(self, cache: FrozenFeatureCache | None, batch: Any, images: torch.Tensor) -> torch.Tensor:
         """``loss.stability``'s noisy copies of a batch's inputs (B, ...) like ``images``: the
         cached prefix outputs of the noisy pictures, or the pictures plus their fixed noise
         (:func:`~protopnet.train.feature_cache.training_noise`). A distributed zero-weight
