@@ -169,6 +169,13 @@ class ScheduleConfig:
     patches from its own class (reference: 6 and 3) — the prototypes that settled on background
     or on parts every class shares. The last-layer stage that follows re-fits the remaining
     connections. Off by default (the paper's Table 1 is before pruning).
+
+    ``restart`` (beyond the paper): after every push but the last, the prototypes that pruning's
+    rule (``prune_k``, ``prune_threshold``) would remove start again on their class's most
+    class-distinctive patches (as ``model.prototype_init: distinctive`` chooses them, under the
+    trained network; :func:`protopnet.train.prototype_init.restart_on_distinctive_patches`), and
+    training goes on with them — instead of leaving them on background until pruning drops them.
+    Off by default.
     """
 
     epochs: int = 30
@@ -185,6 +192,7 @@ class ScheduleConfig:
     prune: bool = False
     prune_k: int = 6
     prune_threshold: int = 3
+    restart: bool = False
 
     def is_push_epoch(self, epoch: int) -> bool:
         """Whether prototypes are pushed after ``epoch`` (0-based)."""
@@ -202,6 +210,8 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.prune_threshold: expected an integer in [0, prune_k={self.prune_k}], got {_show(self.prune_threshold)}")
         if self.prune and not any(self.is_push_epoch(e) for e in range(self.epochs)):
             raise ConfigError("schedule.prune: needs a push to prune after; this schedule never pushes (set push_at_end: true)")
+        if self.restart and sum(self.is_push_epoch(e) for e in range(self.epochs)) < 2:
+            raise ConfigError("schedule.restart: restarts prototypes after every push but the last; this schedule pushes at most once (lower push_start or push_every)")
         _positive("schedule.joint_lr_step", self.joint_lr_step)
         _positive("schedule.joint_lr_gamma", self.joint_lr_gamma)
 

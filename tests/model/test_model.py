@@ -211,11 +211,11 @@ def test_pretrained_weights_load_offline_through_torchvision(torch_home, monkeyp
     torch.testing.assert_close(model.features[0][0].weight, reference["features.0.0.weight"])
 
 
-def test_tiny_cnn_grid_receptive_field_and_cell_centres():
+@pytest.mark.parametrize("name, stride, field", [("tiny_cnn", 8, 26), ("tiny_cnn_rf14", 8, 14)])
+def test_tiny_cnn_grid_receptive_field_and_cell_centres(name, stride, field):
     """The latent cell (i, j) sees a field-pixel square centred where bicubic upsampling
     (align_corners=False) puts the cell: pixel stride * j + (stride - 1) / 2. (BatchNorm in eval
     mode; GroupNorm's statistics would make every cell depend on the whole image.)"""
-    name, stride, field = "tiny_cnn", 8, 26
     from protopnet.model.backbones import build_backbone
 
     built = build_backbone(name, pretrained=False)

@@ -11,6 +11,8 @@ from protopnet.config import load_config
 from protopnet.train import Trainer
 from protopnet.train.prototype_init import distinctive_patches, latent_patches
 
+from conftest import tiny_model
+
 
 def planted(num_classes=3, per_class=4, d=8, size=5, seed=0):
     """Latent maps of shared background (every class draws from the same distribution) with one
@@ -118,3 +120,111 @@ def test_a_run_with_distinctive_init_starts_from_real_training_patches(tmp_path)
             z = model.latent(torch.stack([data.clean[i][0] for i in own]))
             d = ((latent_patches(z, (1, 1)) - model.prototypes[j].flatten()) ** 2).sum(-1)  # (N, P)
             assert float(d.min()) < 1e-8
+
+
+# -- schedule.restart: prototypes pruning would remove start again on distinctive patches --------
+
+def synthetic_model_and_data(seed=0):
+    from protopnet.data.synthetic import SyntheticParts
+
+    model = tiny_model(seed=seed).eval()
+    data = SyntheticParts("train", num_classes=3, images_per_class=6, image_size=32, seed=seed)
+    return model, data
+
+
+def test_restarted_prototypes_become_own_class_patches_others_unchanged():
+    from protopnet.runtime import RunSettings
+    from protopnet.train.prototype_init import restart_on_distinctive_patches
+
+    model, data = synthetic_model_and_data()
+    before = model.prototypes.detach().clone()
+    with torch.no_grad():
+        model.last_layer.weight.uniform_(-3, 3)
+    weights = model.last_layer.weight.detach().clone()
+    which = [0, 3]
+    chosen = restart_on_distinctive_patches(model, data, list(range(len(data))), which, seed=1, settings=RunSettings(batch_size=8))
+    assert len(chosen) == 2
+    with torch.no_grad():
+        for j, (index, position) in zip(which, chosen):
+            assert data.targets[index] == int(model.prototype_classes[j])  # a picture of its own class
+            z = model.latent(data[index][0][None])  # (1, D, H, W)
+            patch = latent_patches(z, (1, 1))[0, position]
+            assert torch.allclose(model.prototypes[j].flatten(), patch, atol=1e-6)  # exactly that patch
+            column = torch.full((3,), -0.5)
+            column[int(model.prototype_classes[j])] = 1.0
+            assert torch.equal(model.last_layer.weight[:, j], column)  # the paper's initial connection
+    others = [j for j in range(model.num_prototypes) if j not in which]
+    assert torch.equal(model.prototypes[others], before[others])
+    assert torch.equal(model.last_layer.weight[:, others], weights[:, others])
+
+
+def test_a_restart_skips_the_patch_another_prototype_of_its_class_holds():
+    from protopnet.runtime import RunSettings
+    from protopnet.train.prototype_init import restart_on_distinctive_patches
+
+    model, data = synthetic_model_and_data()
+    items = list(range(len(data)))
+    settings = RunSettings(batch_size=8)
+    assert int(model.prototype_classes[0]) == int(model.prototype_classes[1])
+    (first,) = restart_on_distinctive_patches(model, data, items, [0], seed=1, settings=settings)
+    grid = model.latent(data[0][0][None]).shape[-1]
+    held = {"dataset_index": first[0], "position": list(divmod(first[1], grid))}
+    model.provenance = [None, held, None, None, None, None]  # prototype 1 (same class) holds that patch
+    (second,) = restart_on_distinctive_patches(model, data, items, [0], seed=1, settings=settings)
+    assert second != first
+    assert restart_on_distinctive_patches(model, data, items, [], seed=1, settings=settings) == []
+
+
+def restart_run(tmp_path, restart=True, threshold=6):
+    config = {
+        "model": {"backbone": "tiny_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8,
+                  "prototype_init": "distinctive"},
+        "data": {"root": "synthetic", "image_size": 32, "augment": False, "val_fraction": 0.2, "batch_size": 8,
+                 "synthetic_classes": 3, "synthetic_train_per_class": 6, "synthetic_test_per_class": 2},
+        "schedule": {"epochs": 3, "warm_epochs": 1, "push_start": 1, "push_every": 1, "last_layer_iterations": 2,
+                     "restart": restart, "prune_k": 6, "prune_threshold": threshold},
+        "run": {"seed": 0, "device": "cpu", "threads": 1},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(config))
+    return Trainer(load_config(path), tmp_path / "run")
+
+
+def test_a_run_restarts_after_every_push_but_the_last(tmp_path, monkeypatch):
+    """With the strictest rule (all 6 nearest patches of its own class) prototypes restart after
+    the pushes of epochs 1 and 2 but not after the final one; each restarted prototype is then
+    exactly a training patch of its class (the push that follows moves it by nothing)."""
+    import sys
+
+    loop = sys.modules[Trainer.__module__]  # protopnet.train.loop
+    pushes = []
+    real_push = loop.push_prototypes
+
+    def recording_push(model, *args, **kwargs):
+        provenance = real_push(model, *args, **kwargs)
+        pushes.append([dict(p) for p in provenance])
+        return provenance
+
+    monkeypatch.setattr(loop, "push_prototypes", recording_push)
+    trainer = restart_run(tmp_path)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    push_records = [r for r in records if r["stage"] == "push"]
+    assert [r["epoch"] for r in push_records] == [1, 2]
+    assert "restarted" in push_records[0] and "restarted" not in push_records[1]
+    events = [e for e in trainer.model.history if e.get("event") == "restart"]
+    assert len(events) == 1 and len(events[0]["prototypes"]) == push_records[0]["restarted"] > 0
+    # the push right after the restart: every restarted prototype is a real patch of its own class
+    after_restart = pushes[1]
+    for j in events[0]["prototypes"]:
+        entry = after_restart[j]
+        assert entry["distance"] < 1e-6
+        assert trainer.data.clean.targets[entry["dataset_index"]] == entry["class_index"]
+    assert len(pushes) == 3  # push, push again after the restart, the final push
+
+
+def test_restart_needs_two_pushes(tmp_path):
+    from protopnet.config import ConfigError
+
+    with pytest.raises(ConfigError, match="schedule.restart"):
+        load_config(None, ["schedule.restart=true", "schedule.epochs=3", "schedule.push_start=5"])

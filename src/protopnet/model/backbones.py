@@ -8,7 +8,8 @@ Names: ``vgg11 vgg11_bn vgg13 vgg13_bn vgg16 vgg16_bn vgg19 vgg19_bn resnet18 re
 resnet101 resnet152 densenet121 densenet161 densenet169 densenet201 mobilenet_v2``, the same at
 output stride 16 (a 14 x 14 latent grid at 224 px: ``mobilenet_v2_stride16``,
 ``resnet50_stride16``, ``resnet101_stride16``, ``resnet152_stride16``), the
-from-scratch ``tiny_cnn`` used by the demo (and ``tiny_cnn_gn``, the same with GroupNorm), and
+from-scratch ``tiny_cnn`` (``tiny_cnn_gn``, the same with GroupNorm; ``tiny_cnn_rf14``, with a
+smaller receptive field: the demo's), and
 ``timm/<name>`` for any timm model (optional extra).
 Pretrained weights come through torchvision's own weights API (``IMAGENET1K_V1``), so a machine
 whose ``$TORCH_HOME/hub/checkpoints/`` holds the file loads it without a network.
@@ -76,8 +77,15 @@ class TinyCNN(nn.Module):
     """A small from-scratch CNN (stride 8) for the offline demo: (B, 3, S, S) -> (B, 128, S/8, S/8).
 
     At 64 px its 8 x 8 map gives each latent cell an 8-pixel footprint, fine enough for part boxes.
-    Its receptive field is 26 pixels (four 3x3 convolutions, three 2x2 max pools, a 1x1), so a
-    latent cell describes a part and its immediate surroundings, not most of the image.
+    Its receptive field is 26 pixels by default (four 3x3 convolutions, three 2x2 max pools, a
+    1x1), so a latent cell describes a part and its immediate surroundings, not most of the image.
+
+    ``receptive_field``: 26 (``tiny_cnn``) or 14 (``tiny_cnn_rf14``, the demo's): the second and
+    third convolutions are 1 x 1 instead of 3 x 3, so a cell's receptive field reaches only 3
+    pixels past its 8-pixel footprint on each side. A part somewhat larger than a cell is then
+    seen whole only from the cell on its centre, and in part from its neighbours, so the nearest
+    patch to a part prototype is the cell on the part, not the one beside it
+    (docs/demo-experiments.md).
 
     ``norm``: ``batch`` (BatchNorm, the demo's) or ``group`` (GroupNorm with 8 groups: each image
     is normalised on its own, so a batch split across processes computes exactly what one process
@@ -85,10 +93,13 @@ class TinyCNN(nn.Module):
     BatchNorm in DistributedDataParallel, needs GPUs).
     """
 
-    def __init__(self, width: int = 32, norm: str = "batch") -> None:
+    def __init__(self, width: int = 32, norm: str = "batch", receptive_field: int = 26) -> None:
         super().__init__()
         if norm not in ("batch", "group"):
             raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+        if receptive_field not in (14, 26):
+            raise ValueError(f"receptive_field must be 14 or 26, got {receptive_field!r}")
+        kernel = 3 if receptive_field == 26 else 1  # of the second and third convolutions
 
         def block(cin: int, cout: int, stride: int, kernel: int = 3) -> list[nn.Module]:
             layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(min(8, cout), cout)
@@ -102,13 +113,13 @@ class TinyCNN(nn.Module):
             *block(3, width, 1),  # receptive field 3
             nn.MaxPool2d(2),  # 4
             *block(width, 2 * width, 1),  # 8
-            *block(2 * width, 2 * width, 1),  # 12
-            nn.MaxPool2d(2),  # 14
-            *block(2 * width, 4 * width, 1),  # 22
-            nn.MaxPool2d(2),  # 26
-            *block(4 * width, 4 * width, 1, kernel=1),  # 26
+            *block(2 * width, 2 * width, 1, kernel=kernel),  # 12 (8 with 1 x 1 kernels)
+            nn.MaxPool2d(2),  # 14 (10)
+            *block(2 * width, 4 * width, 1, kernel=kernel),  # 22 (10)
+            nn.MaxPool2d(2),  # 26 (14)
+            *block(4 * width, 4 * width, 1, kernel=1),  # 26 (14)
         )
-        self.receptive_field = 26
+        self.receptive_field = receptive_field
         self.out_channels = 4 * width
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -267,13 +278,13 @@ def _resnet_stride16(name: str, channels: int) -> Callable[[bool], Backbone]:
     return build
 
 
-def _tiny_cnn(norm: str) -> Callable[[bool], Backbone]:
-    name = "tiny_cnn" if norm == "batch" else "tiny_cnn_gn"
+def _tiny_cnn(norm: str, receptive_field: int = 26) -> Callable[[bool], Backbone]:
+    name = ("tiny_cnn" if norm == "batch" else "tiny_cnn_gn") + ("" if receptive_field == 26 else f"_rf{receptive_field}")
 
     def build(pretrained: bool) -> Backbone:
         if pretrained:
             raise ValueError(f"backbone {name!r} has no pretrained weights: use pretrained=False")
-        net = TinyCNN(norm=norm)
+        net = TinyCNN(norm=norm, receptive_field=receptive_field)
         return Backbone(net, net.out_channels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), stride=8)
 
     return build
@@ -299,6 +310,7 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
     "resnet152_stride16": _resnet_stride16("resnet152", 2048),
     "tiny_cnn": _tiny_cnn("batch"),
     "tiny_cnn_gn": _tiny_cnn("group"),
+    "tiny_cnn_rf14": _tiny_cnn("batch", receptive_field=14),
 }
 
 

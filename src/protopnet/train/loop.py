@@ -59,7 +59,7 @@ from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone, tr
 from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
 from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
 from .pretrain import PretrainNet
-from .prototype_init import start_on_distinctive_patches, start_on_patches
+from .prototype_init import restart_on_distinctive_patches, start_on_distinctive_patches, start_on_patches
 from .push import push_prototypes
 from .run_data import RunData, backbone_normalisation, build_model, build_run_data
 from .state import STATE_VERSION, ResumeMismatchError, RunState  # noqa: F401 - the first two were defined here
@@ -493,7 +493,51 @@ class Trainer(RunState):
             )
         moved = [p["distance"] for p in provenance]
         self.model.history.append({"event": "push", "step": step.index, "epoch": step.epoch, "time": _now()})
-        return {"push_mean_distance": sum(moved) / len(moved), "push_max_distance": max(moved)}
+        record = {"push_mean_distance": sum(moved) / len(moved), "push_max_distance": max(moved)}
+        last_push = max(s.index for s in self.plan if s.stage == "push")
+        if cfg.schedule.restart and step.index < last_push:
+            record["restarted"] = self._restart(step)
+        return record
+
+    def _restart(self, step: Step) -> int:
+        """``schedule.restart`` after a push that is not the last: the prototypes pruning's rule
+        would remove (fewer than ``prune_threshold`` of their ``prune_k`` nearest training
+        patches from their own class: background, shared distractors) start again on their
+        class's most distinctive patches (:func:`restart_on_distinctive_patches`), and push runs
+        once more so their provenance is recorded. Rank 0 decides; every rank takes its model.
+        Returns how many restarted."""
+        from ..prune import find_nearest_patches
+
+        cfg = self.config
+        settings = self.settings.replace(batch_size=cfg.data.push_batch_size)
+
+        def decide() -> list[int]:
+            with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} restart", len(self.data.train_indices)) as bar:
+                nearest, _, _, _ = find_nearest_patches(
+                    self.model, self.data.clean, k=cfg.schedule.prune_k, indices=self.data.train_indices,
+                    settings=settings, progress=bar.update,
+                )
+            which = torch.nonzero(nearest.same_class_count() < cfg.schedule.prune_threshold).flatten().tolist()
+            if which:
+                restart_on_distinctive_patches(
+                    self.model, self.data.clean, self.data.train_indices, which,
+                    seed=cfg.run.seed * 1009 + step.epoch + 1, settings=self.settings, bad_images=self.bad_images,
+                )
+            return [int(j) for j in which]
+
+        decision = [_run_on_main(decide)]
+        if _world() > 1:
+            dist.broadcast_object_list(decision, src=0)
+            self._share_model_from_main()
+        which = decision[0]
+        if which:
+            push_prototypes(
+                self.model, self.data.clean, indices=self.data.train_indices, settings=settings,
+                sampler=self._sampler(self.data.train_indices, False, 0), bad_images=self.bad_images,
+            )
+            logger.info("restarted %d prototypes on distinctive patches: %s", len(which), which)
+        self.model.history.append({"event": "restart", "step": step.index, "epoch": step.epoch, "prototypes": which, "time": _now()})
+        return len(which)
 
     def _first_prototype_step(self) -> int | None:
         return next((s.index for s in self.plan if s.stage in ("warm", "joint")), None)

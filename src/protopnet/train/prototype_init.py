@@ -184,6 +184,42 @@ def start_on_patches(
     model.train(was_training)
 
 
+def _sampled_latents(
+    model: ProtoPNet,
+    dataset: ProtoDataset,
+    indices: Sequence[int],
+    *,
+    seed: int,
+    settings: RunSettings,
+    bad_images: BadImageLog | None,
+    patch_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A seeded sample of training pictures per class (as many as keep the patch count near
+    ``patch_budget``, at least two prototypes' worth) and their latent maps, eval mode:
+    ``(z (N, D, H, W) float32 on the CPU, labels (N,), dataset index of each row)``."""
+    generator = _generator(seed)
+    by_class = _pictures_by_class(dataset, indices)
+    grid = int(dataset.image_size) // max(int(getattr(model, "stride", 0) or 1), 1)
+    per_picture = max(grid * grid, 1)
+    prototypes_per_class = max(1, model.num_prototypes // max(model.num_classes, 1))
+    per_class = max(2 * prototypes_per_class, patch_budget // (per_picture * max(len(by_class), 1)))
+    sample: list[int] = []
+    for k in sorted(by_class):
+        pool = by_class[k]
+        sample += [pool[p] for p in torch.randperm(len(pool), generator=generator)[:per_class].tolist()]
+    settings = settings.for_model(model)
+    was_training = model.training
+    model.eval()
+    latents, labels, items = [], [], []
+    for images, batch_labels, batch_items in stream_batches(dataset, indices=sample, settings=settings, bad_images=bad_images):
+        with autocast(settings.device, settings.precision):
+            latents.append(model.latent(images).float().cpu())
+        labels.append(batch_labels.cpu())
+        items += [int(i) for i in batch_items]
+    model.train(was_training)
+    return torch.cat(latents), torch.cat(labels), items
+
+
 @torch.no_grad()
 def start_on_distinctive_patches(
     model: ProtoPNet,
@@ -199,26 +235,64 @@ def start_on_distinctive_patches(
     class (as many as keep the patch count near ``patch_budget``, at least two prototypes' worth),
     their latent patches with the add-on layers as initialised, and each prototype on one of its
     class's most distinctive patches (:func:`distinctive_patches`, with the model's distance)."""
-    generator = _generator(seed)
-    by_class = _pictures_by_class(dataset, indices)
-    grid = int(dataset.image_size) // max(int(getattr(model, "stride", 0) or 1), 1)
-    per_picture = max(grid * grid, 1)
-    prototypes_per_class = max(1, model.num_prototypes // max(model.num_classes, 1))
-    per_class = max(2 * prototypes_per_class, patch_budget // (per_picture * max(len(by_class), 1)))
-    sample: list[int] = []
-    for k in sorted(by_class):
-        pool = by_class[k]
-        sample += [pool[p] for p in torch.randperm(len(pool), generator=generator)[:per_class].tolist()]
-    settings = settings.for_model(model)
-    was_training = model.training
-    model.eval()
-    latents, labels = [], []
-    for images, batch_labels, _ in stream_batches(dataset, indices=sample, settings=settings, bad_images=bad_images):
-        with autocast(settings.device, settings.precision):
-            latents.append(model.latent(images).float().cpu())
-        labels.append(batch_labels.cpu())
-    prototypes, _, _ = distinctive_patches(
-        torch.cat(latents), torch.cat(labels), model.prototype_classes.cpu(), tuple(model.prototype_size), distance=model.distance
+    z, labels, _ = _sampled_latents(
+        model, dataset, indices, seed=seed, settings=settings, bad_images=bad_images, patch_budget=patch_budget
     )
+    prototypes, _, _ = distinctive_patches(z, labels, model.prototype_classes.cpu(), tuple(model.prototype_size), distance=model.distance)
     model.prototypes.copy_(prototypes.to(model.prototypes))
-    model.train(was_training)
+
+
+@torch.no_grad()
+def restart_on_distinctive_patches(
+    model: ProtoPNet,
+    dataset: ProtoDataset,
+    indices: Sequence[int],
+    which: Sequence[int],
+    *,
+    seed: int,
+    settings: RunSettings,
+    bad_images: BadImageLog | None = None,
+    patch_budget: int = 16384,
+) -> list[tuple[int, int]]:
+    """``schedule.restart``: prototypes ``which`` start again, in place, on their class's most
+    distinctive patches under the current network (as :func:`start_on_distinctive_patches`
+    chooses them), skipping the patches the class's other prototypes hold (``model.provenance``,
+    as push left it). Their last-layer columns go back to the paper's initialisation (+1 to their
+    class, -0.5 to the others).
+
+    Returns:
+        for each prototype of ``which``, in order, ``(dataset index, patch index)`` of the patch
+        it now is (patch index ``row * W' + col``).
+    """
+    which = [int(j) for j in which]
+    if not which:
+        return []
+    z, labels, items = _sampled_latents(
+        model, dataset, indices, seed=seed, settings=settings, bad_images=bad_images, patch_budget=patch_budget
+    )
+    classes = model.prototype_classes.cpu()
+    candidates, picture, position = distinctive_patches(z, labels, classes, tuple(model.prototype_size), distance=model.distance)
+    width = z.shape[3] - int(model.prototype_size[1]) + 1
+    held: set[tuple[int, int]] = set()
+    for j, entry in enumerate(model.provenance or []):
+        if entry is not None and j not in which:
+            row, col = entry["position"]
+            held.add((int(entry["dataset_index"]), int(row) * width + int(col)))
+    chosen: list[tuple[int, int]] = []
+    new = model.prototypes.detach().clone()
+    for k in sorted({int(classes[j]) for j in which}):
+        slots = [j for j in which if int(classes[j]) == k]
+        # the class's candidate patches, best first (one per picture), less those already held
+        free = [i for i in torch.nonzero(classes == k).flatten().tolist() if (items[int(picture[i])], int(position[i])) not in held]
+        for n, j in enumerate(slots):
+            i = free[n % len(free)] if free else int(torch.nonzero(classes == k).flatten()[0])
+            new[j] = candidates[i].to(new)
+            chosen.append((items[int(picture[i])], int(position[i])))
+    model.prototypes.copy_(new)
+    weight = model.last_layer.weight
+    for j in which:
+        column = torch.full((model.num_classes,), -0.5, device=weight.device, dtype=weight.dtype)
+        column[int(classes[j])] = 1.0
+        weight[:, j] = column
+    by_slot = dict(zip([j for k in sorted({int(classes[j]) for j in which}) for j in which if int(classes[j]) == k], chosen))
+    return [by_slot[j] for j in which]
