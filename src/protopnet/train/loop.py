@@ -494,8 +494,7 @@ class Trainer(RunState):
         moved = [p["distance"] for p in provenance]
         self.model.history.append({"event": "push", "step": step.index, "epoch": step.epoch, "time": _now()})
         record = {"push_mean_distance": sum(moved) / len(moved), "push_max_distance": max(moved)}
-        last_push = max(s.index for s in self.plan if s.stage == "push")
-        if cfg.schedule.restart and step.index < last_push:
+        if cfg.schedule.restart and any(s.stage == "push" and s.index > step.index for s in self.plan):
             record["restarted"] = self._restart(step)
         return record
 
