@@ -210,8 +210,6 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.prune_threshold: expected an integer in [0, prune_k={self.prune_k}], got {_show(self.prune_threshold)}")
         if self.prune and not any(self.is_push_epoch(e) for e in range(self.epochs)):
             raise ConfigError("schedule.prune: needs a push to prune after; this schedule never pushes (set push_at_end: true)")
-        if self.restart and sum(self.is_push_epoch(e) for e in range(self.epochs)) < 2:
-            raise ConfigError("schedule.restart: restarts prototypes after every push but the last; this schedule pushes at most once (lower push_start or push_every)")
         _positive("schedule.joint_lr_step", self.joint_lr_step)
         _positive("schedule.joint_lr_gamma", self.joint_lr_gamma)
 

@@ -223,8 +223,13 @@ def test_a_run_restarts_after_every_push_but_the_last(tmp_path, monkeypatch):
     assert len(pushes) == 3  # push, push again after the restart, the final push
 
 
-def test_restart_needs_two_pushes(tmp_path):
-    from protopnet.config import ConfigError
+def test_restart_with_a_single_push_says_it_does_nothing(tmp_path, caplog):
+    """A schedule that pushes once (the demo config with fewer epochs, say) still trains; the
+    restart, which never comes, is reported."""
+    trainer = restart_run(tmp_path)
+    trainer.config.schedule.push_start = 5
+    import logging
 
-    with pytest.raises(ConfigError, match="schedule.restart"):
-        load_config(None, ["schedule.restart=true", "schedule.epochs=3", "schedule.push_start=5"])
+    with caplog.at_level(logging.WARNING):
+        Trainer(trainer.config, tmp_path / "again")
+    assert "schedule.restart has no effect" in caplog.text

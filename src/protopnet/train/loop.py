@@ -112,6 +112,8 @@ class Trainer(RunState):
         )
         self.is_main = _rank() == 0
         self.plan = plan_schedule(config.schedule)
+        if config.schedule.restart and sum(s.stage == "push" for s in self.plan) < 2:
+            logger.warning("schedule.restart has no effect: it acts after every push but the last, and this schedule pushes at most once")
         mean, std = backbone_normalisation(config)
         if data is None and config.data.cache and _world() > 1:
             # Rank 0 decodes the images into the cache; the other ranks then read it.
