@@ -204,3 +204,54 @@ def test_storage_takes_the_pictures_its_caller_drew(tmp_path):
     drawn, stored = files(tmp_path / "drawn" / "m"), files(tmp_path / "stored" / "m")
     assert sum(name.startswith("prototypes/") for name in drawn) == 3 * model.num_prototypes
     assert drawn == stored
+
+
+def test_pictures_drawn_in_chunks_equal_those_drawn_one_by_one_and_skip_unreadable_sources():
+    """draw_prototype_pictures reads sources on threads and upsamples a chunk's maps in one call;
+    each prototype's pictures must be exactly prototype_pictures of its own entry, in
+    provenance order, whatever the chunk size, and a prototype whose source cannot be read is
+    left out (the others are still drawn)."""
+    import numpy as np
+
+    from protopnet.visualize import draw_prototype_pictures, prototype_pictures
+
+    data = ColourDataset()
+    model = tiny_model(class_names=["a", "b", "c"]).eval()
+    provenance = push_prototypes(model, data)
+    expected = [(e["prototype"], prototype_pictures(data.load_image(e["dataset_index"]), e["activation"], e["box"])) for e in provenance]
+    for chunk in (1, 4, 64):
+        drawn = list(draw_prototype_pictures(provenance, data, chunk=chunk, workers=2))
+        assert [j for j, _ in drawn] == [j for j, _ in expected]
+        for (_, got), (_, want) in zip(drawn, expected):
+            assert set(got) == {"patch", "source", "overlay"}
+            for kind in want:
+                assert np.array_equal(np.asarray(got[kind]), np.asarray(want[kind])), kind
+
+    broken = provenance[2]["dataset_index"]
+
+    class Unreadable(ColourDataset):
+        def load_image(self, index):
+            if index == broken:
+                raise OSError("truncated file")
+            return super().load_image(index)
+
+    drawn = [j for j, _ in draw_prototype_pictures(provenance, Unreadable(), chunk=4)]
+    assert drawn == [e["prototype"] for e in provenance if e["dataset_index"] != broken]
+
+
+def test_heatmap_colours_are_matplotlibs():
+    """The table lookup gives exactly the colours of calling the colormap on the normalised map
+    (edges, constant maps and the top value included)."""
+    import matplotlib
+    import numpy as np
+
+    from protopnet.visualize import heatmap
+
+    g = np.random.default_rng(0)
+    for up in (g.normal(size=(30, 40)), np.full((5, 5), 2.0), np.linspace(0, 1, 1200).reshape(30, 40)):
+        up = up.astype(np.float32)
+        lo, hi = float(up.min()), float(up.max())
+        norm = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+        for name in ("jet", "viridis"):
+            want = (matplotlib.colormaps[name](norm)[..., :3] * 255).astype(np.uint8)
+            assert np.array_equal(np.asarray(heatmap(up, name)), want)

@@ -6,28 +6,44 @@ patch positions; nothing here runs the network.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .regions import upsample_activation
+from .regions import upsample_activation, upsample_activations
 
 logger = logging.getLogger(__name__)
 
 BOX_COLOUR = (255, 215, 0)
 
 
-def heatmap(upsampled: np.ndarray, colormap: str = "jet") -> Image.Image:
-    """Colour an (H, W) map (normalised to its own range) with a matplotlib colormap."""
+@functools.lru_cache(maxsize=8)
+def _colour_table(colormap: str) -> np.ndarray:
+    """(N, 3) uint8: the RGB of each of the matplotlib colormap's N entries, as ``heatmap``
+    writes them."""
     import matplotlib
 
+    cmap = matplotlib.colormaps[colormap]
+    return (cmap(np.arange(cmap.N))[:, :3] * 255).astype(np.uint8)
+
+
+def heatmap(upsampled: np.ndarray, colormap: str = "jet") -> Image.Image:
+    """Colour an (H, W) map (normalised to its own range) with a matplotlib colormap.
+
+    The colours are those of calling the colormap on the normalised map (value x takes entry
+    ``min(floor(x * N), N - 1)``), looked up in a table of its N entries rather than computed
+    per pixel."""
+    table = _colour_table(colormap)
     lo, hi = float(upsampled.min()), float(upsampled.max())
     norm = (upsampled - lo) / (hi - lo) if hi > lo else np.zeros_like(upsampled)
-    rgba = matplotlib.colormaps[colormap](norm)  # (H, W, 4) floats
-    return Image.fromarray((rgba[..., :3] * 255).astype(np.uint8))
+    index = np.clip((norm * len(table)).astype(np.int64), 0, len(table) - 1)  # (H, W)
+    return Image.fromarray(table[index])
 
 
 def overlay(picture: Image.Image, upsampled: np.ndarray, alpha: float = 0.45) -> Image.Image:
@@ -57,7 +73,10 @@ def crop_box(picture: Image.Image, box: Sequence[float]) -> Image.Image:
 def prototype_pictures(picture: Image.Image, activation: Any, box: Sequence[float]) -> dict[str, Image.Image]:
     """The three pictures of a pushed prototype: its patch, its source image with the box, and
     the activation overlay on its source image."""
-    upsampled = upsample_activation(activation, (picture.height, picture.width))
+    return _pictures(picture, upsample_activation(activation, (picture.height, picture.width)), box)
+
+
+def _pictures(picture: Image.Image, upsampled: np.ndarray, box: Sequence[float]) -> dict[str, Image.Image]:
     return {
         "patch": crop_box(picture, box),
         "source": draw_box(picture, box),
@@ -65,21 +84,44 @@ def prototype_pictures(picture: Image.Image, activation: Any, box: Sequence[floa
     }
 
 
-def draw_prototype_pictures(provenance: list[dict[str, Any]], dataset: Any) -> Iterator[tuple[int, dict[str, Image.Image]]]:
-    """The pictures of every pushed prototype, one prototype at a time: pairs of the prototype's
+def draw_prototype_pictures(
+    provenance: list[dict[str, Any]], dataset: Any, *, chunk: int = 64, workers: int | None = None
+) -> Iterator[tuple[int, dict[str, Image.Image]]]:
+    """The pictures of every pushed prototype, in provenance order: pairs of the prototype's
     index (``entry["prototype"]``) and its :func:`prototype_pictures` (``patch``, ``source``,
     ``overlay``), drawn from its source image in ``dataset``. Hand them to
     :func:`protopnet.checkpoint.save_model` (``pictures=``), which stores them.
 
-    Prototypes whose source image can no longer be read are skipped with a warning.
+    ``chunk`` prototypes at a time: their source images are read by ``workers`` threads (default:
+    up to 4, the CPU's cores; decoding releases the GIL) and their activation maps upsampled in
+    one call, so memory stays bounded however many prototypes there are. Prototypes whose source
+    image can no longer be read are skipped with a warning.
     """
-    cache: dict[int, Image.Image] = {}
-    for entry in provenance:
-        index = int(entry["dataset_index"])
+    workers = workers or min(4, os.cpu_count() or 1)
+
+    def load(index: int) -> Image.Image | Exception:
         try:
-            if index not in cache:
-                cache[index] = dataset.load_image(index)
+            return dataset.load_image(index)
         except (OSError, ValueError) as error:
-            logger.warning("cannot draw prototype %d: source image %s unreadable (%s)", entry["prototype"], entry["path"], error)
-            continue
-        yield int(entry["prototype"]), prototype_pictures(cache[index], entry["activation"], entry["box"])
+            return error
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="protopnet-draw") as pool:
+        for start in range(0, len(provenance), chunk):
+            entries = provenance[start : start + chunk]
+            indices = sorted({int(entry["dataset_index"]) for entry in entries})
+            pictures = dict(zip(indices, pool.map(load, indices)))
+            groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}  # (map shape, picture size) -> positions
+            for n, entry in enumerate(entries):
+                picture = pictures[int(entry["dataset_index"])]
+                if not isinstance(picture, Exception):
+                    groups.setdefault((np.shape(entry["activation"]), (picture.height, picture.width)), []).append(n)
+            upsampled: dict[int, np.ndarray] = {}
+            for (_, size), members in groups.items():
+                maps = np.asarray([entries[n]["activation"] for n in members], dtype=np.float32)  # (P, H', W')
+                upsampled.update(zip(members, upsample_activations(maps, size).numpy()))
+            for n, entry in enumerate(entries):
+                picture = pictures[int(entry["dataset_index"])]
+                if isinstance(picture, Exception):
+                    logger.warning("cannot draw prototype %d: source image %s unreadable (%s)", entry["prototype"], entry["path"], picture)
+                    continue
+                yield int(entry["prototype"]), _pictures(picture, upsampled[n], entry["box"])
