@@ -102,6 +102,16 @@ def remove_prototypes(model: ProtoPNet, indices: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
+def reset_connection(model: ProtoPNet, index: int, *, incorrect_class_connection: float = -0.5) -> None:
+    """Prototype ``index``'s last-layer column back to the paper's initialisation, in place: +1 to
+    its class, ``incorrect_class_connection`` to every other."""
+    weight = model.last_layer.weight
+    column = torch.full((model.num_classes,), float(incorrect_class_connection), device=weight.device, dtype=weight.dtype)
+    column[int(model.prototype_classes[index])] = 1.0
+    weight[:, index] = column
+
+
+@torch.no_grad()
 def relabel_prototype(model: ProtoPNet, index: int, new_class: int, *, incorrect_class_connection: float = -0.5) -> int:
     """Move prototype ``index`` to class ``new_class`` in place.
 
@@ -117,9 +127,7 @@ def relabel_prototype(model: ProtoPNet, index: int, new_class: int, *, incorrect
         logger.info("prototype %d already belongs to class %d: not relabelled", j, k)
         return old
     model.prototype_classes[j] = k
-    column = torch.full((model.num_classes,), float(incorrect_class_connection), device=model.last_layer.weight.device)
-    column[k] = 1.0
-    model.last_layer.weight[:, j] = column
+    reset_connection(model, j, incorrect_class_connection=incorrect_class_connection)
     if model.provenance is not None and model.provenance[j] is not None:
         entry = dict(model.provenance[j])
         entry["class_index"], entry["class_name"] = k, model.class_names[k]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..data.base import ProtoDataset
 from ..model.protopnet import ProtoPNet
+from ..model.surgery import reset_connection
 from ..runtime import RunSettings, autocast
 from .loader import BadImageLog, BadItem, stream_batches
 
@@ -278,21 +279,16 @@ def restart_on_distinctive_patches(
         if entry is not None and j not in which:
             row, col = entry["position"]
             held.add((int(entry["dataset_index"]), int(row) * width + int(col)))
-    chosen: list[tuple[int, int]] = []
+    chosen: dict[int, tuple[int, int]] = {}  # prototype -> (dataset index, patch index)
     new = model.prototypes.detach().clone()
     for k in sorted({int(classes[j]) for j in which}):
-        slots = [j for j in which if int(classes[j]) == k]
-        # the class's candidate patches, best first (one per picture), less those already held
-        free = [i for i in torch.nonzero(classes == k).flatten().tolist() if (items[int(picture[i])], int(position[i])) not in held]
-        for n, j in enumerate(slots):
-            i = free[n % len(free)] if free else int(torch.nonzero(classes == k).flatten()[0])
+        own = torch.nonzero(classes == k).flatten().tolist()  # the class's candidates, best first, one per picture
+        free = [i for i in own if (items[int(picture[i])], int(position[i])) not in held] or own[:1]
+        for n, j in enumerate(j for j in which if int(classes[j]) == k):
+            i = free[n % len(free)]
             new[j] = candidates[i].to(new)
-            chosen.append((items[int(picture[i])], int(position[i])))
+            chosen[j] = (items[int(picture[i])], int(position[i]))
     model.prototypes.copy_(new)
-    weight = model.last_layer.weight
     for j in which:
-        column = torch.full((model.num_classes,), -0.5, device=weight.device, dtype=weight.dtype)
-        column[int(classes[j])] = 1.0
-        weight[:, j] = column
-    by_slot = dict(zip([j for k in sorted({int(classes[j]) for j in which}) for j in which if int(classes[j]) == k], chosen))
-    return [by_slot[j] for j in which]
+        reset_connection(model, j)
+    return [chosen[j] for j in which]
