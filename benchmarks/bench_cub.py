@@ -306,7 +306,7 @@ def evaluate(model: Any, dataset: Any, config: Any, precision: str) -> dict[str,
 
 
 #: What bench_cub measures on each ProtoPNet besides accuracy (consistency brings its two reference points).
-INTERPRETABILITY_METRICS = ("consistency", "stability", "purity")
+INTERPRETABILITY_METRICS = ("consistency", "stability", "purity", "duplicates")
 #: The columns of the ProtoPNet table: (key of the per-seed row, header).
 COLUMNS = (
     ("top1", "top-1"),
@@ -315,17 +315,22 @@ COLUMNS = (
     ("consistency_random_peak", "random peak"),
     ("stability", "stability"),
     ("purity", "purity"),
+    ("duplicates", "duplicates"),
+    ("consistency_distinct", "consistency (distinct)"),
+    ("stability_distinct", "stability (distinct)"),
     ("seconds", "wall time"),
 )
 
 
 def measure_protopnet(model: Any, test: Any, train: Any, batch_size: int = 64) -> dict[str, Any]:
-    """Consistency, stability, purity and the two consistency reference points of ``model`` on
+    """Consistency, stability, purity, duplicates (prototypes whose source patch another has,
+    with consistency and stability over the distinct ones) and the two consistency reference points of ``model`` on
     ``test`` (purity's nearest patches come from ``train``), measured with a fixed seed (0) so
     that several training seeds are compared on the same noise and the same random peaks.
 
     Returns:
-        ``{consistency, stability, purity, consistency_fixed_cell, consistency_random_peak}``
+        ``{consistency, stability, purity, duplicates, consistency_distinct, stability_distinct,
+        consistency_fixed_cell, consistency_random_peak}``
         (None where the data cannot support one: no part annotations, say), ``fixed_cell``
         (the chosen cell ``[row, col]`` of the activation grid), ``random_peak_standard_error``,
         ``skipped`` (metric -> why) and ``seconds``.
@@ -336,7 +341,8 @@ def measure_protopnet(model: Any, test: Any, train: Any, batch_size: int = 64) -
     figures = evaluate_interpretability(model, test, train_dataset=train, metrics=INTERPRETABILITY_METRICS, batch_size=batch_size, device="cpu", seed=0)
     baselines = figures["details"].get("consistency_baselines") or {}
     return {
-        **{key: figures[key] for key in ("consistency", "consistency_fixed_cell", "consistency_random_peak", "stability", "purity")},
+        **{key: figures[key] for key in ("consistency", "consistency_fixed_cell", "consistency_random_peak", "stability", "purity",
+                                            "duplicates", "consistency_distinct", "stability_distinct")},
         "fixed_cell": (baselines.get("fixed_cell") or {}).get("cell"),
         "random_peak_standard_error": (baselines.get("random_peak") or {}).get("standard_error"),
         "skipped": figures["skipped"],
@@ -363,7 +369,7 @@ def protopnet_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = run["results"].get("protopnet")
         if r is None:
             continue
-        rows.append({"seed": run["seed"], "top1": r["test_fp32"]["top1"], **{k: r["interpretability"][k] for k, _ in COLUMNS[1:-1]},
+        rows.append({"seed": run["seed"], "top1": r["test_fp32"]["top1"], **{k: r["interpretability"].get(k) for k, _ in COLUMNS[1:-1]},
                      "seconds": r["seconds"]})
     return rows
 
@@ -377,6 +383,8 @@ def protopnet_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     def cell(key: str, value: float | None) -> str:
         if value is None:
             return "n/a"
+        if key == "duplicates":
+            return f"{value:.1f}" if value != int(value) else f"{int(value)}"
         return minutes(value) if key == "seconds" else f"{100 * value:.1f} %"
 
     lines = ["| ProtoPNet | " + " | ".join(header for _, header in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
@@ -521,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in run["results"].values():
             label = f"{r['label']}, seed {run['seed']}" if several else r["label"]
             lines.append(f"| {label} | {100 * r['test_fp32']['top1']:.1f} % | {100 * r['test_fp32']['top5']:.1f} % | {minutes(r['seconds'])} |")
-    targets: dict[str, Any] = {"total_seconds": round(total, 1), "total_within_30_min": total <= 1800}
+    targets: dict[str, Any] = {"total_seconds": round(total, 1), "total_within_40_min": total <= 2400}
     notes = [
         f"{len(data.class_names)} classes, {n_train} training / {n_test} test images ({n_items} training items per epoch), "
         f"{config.data.image_size} px bounding-box crops; "
@@ -533,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     top1 = {name: spread([run["results"][name]["test_fp32"]["top1"] for run in runs]) for name in models}
     if {"protopnet", "baseline"} <= set(models):
         gap = 100 * (top1["protopnet"]["mean"] - top1["baseline"]["mean"])
-        targets.update(protopnet_top1_at_least_80=top1["protopnet"]["mean"] >= 0.80,
-                       gap_points=round(gap, 2), within_2_points_of_baseline=gap >= -2.0)
+        targets.update(protopnet_top1_at_least_81=top1["protopnet"]["mean"] >= 0.81,
+                       gap_points=round(gap, 2), within_3_points_of_baseline=gap >= -3.0)
         notes.append(f"ProtoPNet - baseline: {gap:+.1f} points" + (" (means over seeds)." if several else "."))
     parts = ["\n".join(lines + [""] + notes)]
     summary: dict[str, Any] = {}

@@ -270,7 +270,10 @@ class LossConfig:
     picture and on the picture plus Gaussian noise of ``stability_noise`` (standard deviation on
     the normalised picture, clipped to 1.25 of it) should agree. It costs a second forward and
     backward pass per batch; with ``data.feature_cache`` each view gets one fixed noisy copy,
-    cached beside it."""
+    cached beside it. ``diversity`` weighs a cost that keeps a class's prototypes apart in the
+    warm-up and joint epochs (:func:`protopnet.losses.diversity_cost`): every pair of one class
+    whose cosine similarity exceeds ``diversity_margin`` pays the squared excess, so push does
+    not snap several prototypes onto one patch."""
 
     ce: float = 1.0
     cluster: float = 0.8
@@ -283,9 +286,11 @@ class LossConfig:
     focal: float = 0.0
     stability: float = 0.0
     stability_noise: float = 0.2
+    diversity: float = 0.0
+    diversity_margin: float = 0.5
 
     def validate(self) -> None:
-        for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold", "focal", "stability", "stability_noise"):
+        for name in ("ce", "cluster", "separation", "l1", "alignment", "alignment_threshold", "focal", "stability", "stability_noise", "diversity", "diversity_margin"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"loss.{name}: expected a finite number, got {getattr(self, name)}")
         if self.cluster_over not in ("nearest", "every"):
@@ -296,6 +301,10 @@ class LossConfig:
             raise ConfigError(f"loss.stability: expected a weight >= 0 (0 turns stability training off), got {self.stability}")
         if not 0 < self.stability_noise <= 1:
             raise ConfigError(f"loss.stability_noise: expected a standard deviation in (0, 1] (normalised units), got {self.stability_noise}")
+        if self.diversity < 0:
+            raise ConfigError(f"loss.diversity: expected a weight >= 0 (0 turns the diversity cost off), got {self.diversity}")
+        if not -1 <= self.diversity_margin < 1:
+            raise ConfigError(f"loss.diversity_margin: expected a cosine similarity in [-1, 1), got {self.diversity_margin}")
         if self.focal < 0:
             raise ConfigError(f"loss.focal: expected a weight >= 0 (0 turns the focal cost off), got {self.focal}")
         if self.alignment_threshold < 0:

@@ -237,3 +237,35 @@ def alignment_cost(
     excess = F.relu(gap - float(threshold)).mean(dim=2)  # (B, M)
     weight = own.to(excess.dtype)
     return (excess * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def diversity_cost(prototypes: torch.Tensor, class_identity: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Keeps a class's prototypes apart (beyond the paper; akin to TesNet's orthogonality,
+    Wang et al., ICCV 2021, and Deformable ProtoPNet's, Donnelly et al., CVPR 2022, with a margin).
+
+    A class's prototypes are trained by the same pictures towards the same evidence, and push
+    snaps each to its nearest training patch: prototypes that drifted together land on the *same*
+    patch, and the score sheet shows one part several times. For every pair of prototypes of one
+    class whose cosine similarity exceeds ``margin``, the cost is the squared excess,
+    ``relu(cos(p_j, p_l) - margin)^2``, summed over the class's unordered pairs and averaged over
+    the classes. Pairs at most ``margin`` alike cost nothing, so prototypes of related parts may
+    stay close; copies (cosine 1) cost most. It depends on the prototypes alone, not the batch. Exact copies
+    are a stationary point (the cosine's gradient vanishes at 1), so the cost keeps prototypes
+    from drifting together during training; it does not part copies a push has already made.
+
+    Args:
+        prototypes: (M, D, h, w) prototype vectors (or any (M, ...); flattened per prototype).
+        class_identity: (M, K) one-hot prototype classes.
+        margin: the cosine similarity in [-1, 1) a pair may reach at no cost.
+
+    Returns:
+        scalar tensor >= 0 (0 when no class has two prototypes closer than the margin).
+    """
+    if not -1.0 <= margin < 1.0:
+        raise ValueError(f"diversity margin {margin}: expected a cosine similarity in [-1, 1)")
+    unit = F.normalize(prototypes.flatten(1).float(), dim=1)  # (M, D*h*w)
+    cosine = unit @ unit.t()  # (M, M)
+    identity = class_identity.to(cosine.dtype)
+    same_class = torch.triu(identity @ identity.t(), diagonal=1)  # (M, M): pairs j < l of one class
+    excess = F.relu(cosine - float(margin)).pow(2) * same_class
+    return excess.sum() / max(class_identity.shape[1], 1)

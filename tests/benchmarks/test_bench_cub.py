@@ -158,19 +158,23 @@ def test_protopnet_table_per_seed_mean_and_spread():
     bench = _bench_module()
     runs = [
         {"seed": 0, "results": {"protopnet": {"test_fp32": {"top1": 0.5}, "seconds": 30.0, "interpretability": {
-            "consistency": 0.25, "consistency_fixed_cell": 0.1, "consistency_random_peak": 0.0, "stability": 0.5, "purity": None}}}},
+            "consistency": 0.25, "consistency_fixed_cell": 0.1, "consistency_random_peak": 0.0, "stability": 0.5, "purity": None,
+            "duplicates": 3, "consistency_distinct": 0.5, "stability_distinct": 0.25}}}},
         {"seed": 7, "results": {"protopnet": {"test_fp32": {"top1": 0.75}, "seconds": 90.0, "interpretability": {
-            "consistency": 0.75, "consistency_fixed_cell": 0.1, "consistency_random_peak": 0.0, "stability": 0.7, "purity": None}},
+            "consistency": 0.75, "consistency_fixed_cell": 0.1, "consistency_random_peak": 0.0, "stability": 0.7, "purity": None,
+            "duplicates": 0, "consistency_distinct": 0.75, "stability_distinct": 0.7}},
             "baseline": {"test_fp32": {"top1": 0.9}}}},
     ]
     rows = bench.protopnet_rows(runs)
     assert [r["seed"] for r in rows] == [0, 7] and rows[1]["top1"] == 0.75 and rows[1]["seconds"] == 90.0
     table, summary = bench.protopnet_table(rows)
     lines = table.splitlines()
-    assert lines[0] == "| ProtoPNet | top-1 | consistency | fixed cell | random peak | stability | purity | wall time |"
-    assert lines[2] == "| seed 0 | 50.0 % | 25.0 % | 10.0 % | 0.0 % | 50.0 % | n/a | 30.0 s |"
-    assert lines[4] == "| mean | 62.5 % | 50.0 % | 10.0 % | 0.0 % | 60.0 % | n/a | 1 min 00.0 s |"
-    assert lines[5] == "| sd | 17.7 % | 35.4 % | 0.0 % | 0.0 % | 14.1 % | n/a | 42.4 s |"  # sample sd: |a - b| / sqrt(2)
+    assert lines[0] == ("| ProtoPNet | top-1 | consistency | fixed cell | random peak | stability | purity | duplicates "
+                        "| consistency (distinct) | stability (distinct) | wall time |")
+    assert lines[2] == "| seed 0 | 50.0 % | 25.0 % | 10.0 % | 0.0 % | 50.0 % | n/a | 3 | 50.0 % | 25.0 % | 30.0 s |"
+    assert lines[4] == "| mean | 62.5 % | 50.0 % | 10.0 % | 0.0 % | 60.0 % | n/a | 1.5 | 62.5 % | 47.5 % | 1 min 00.0 s |"
+    # sample sd: |a - b| / sqrt(2)
+    assert lines[5] == "| sd | 17.7 % | 35.4 % | 0.0 % | 0.0 % | 14.1 % | n/a | 2.1 | 17.7 % | 31.8 % | 42.4 s |"
     assert summary["consistency"] == {"n": 2, "mean": 0.5, "sd": pytest.approx(0.5 / 2**0.5), "min": 0.25, "max": 0.75}
     assert summary["purity"]["n"] == 0 and summary["purity"]["mean"] is None
     one_table, one = bench.protopnet_table(rows[:1])
@@ -217,7 +221,13 @@ def test_bench_cub_two_seeds_prints_interpretability_per_seed_and_over_seeds(tmp
     tops = [run["results"]["protopnet"]["test_fp32"]["top1"] for run in record["runs"]]
     assert record["top1"]["protopnet"]["mean"] == pytest.approx(sum(tops) / 2)
     assert "ProtoPNet (tiny_cnn, 6 prototypes), seed 1 |" in printed
-    for line in ("| ProtoPNet | top-1 | consistency | fixed cell | random peak | stability | purity | wall time |", "| seed 0 |", "| seed 1 |", "| mean |", "| sd |"):
+    for f in figures:  # each group of copies counted once: the distinct figures are means over fewer prototypes
+        assert 0 <= f["duplicates"] < 6 and 0.0 <= f["consistency_distinct"] <= 1.0 and 0.0 <= f["stability_distinct"] <= 1.0
+        if f["duplicates"] == 0:
+            assert f["consistency_distinct"] == pytest.approx(f["consistency"]) and f["stability_distinct"] == pytest.approx(f["stability"])
+    header = ("| ProtoPNet | top-1 | consistency | fixed cell | random peak | stability | purity | duplicates | consistency (distinct) "
+              "| stability (distinct) | wall time |")
+    for line in (header, "| seed 0 |", "| seed 1 |", "| mean |", "| sd |"):
         assert line in printed
     assert record["results"] == record["runs"][0]["results"]
 

@@ -583,3 +583,24 @@ def test_baselines_do_not_depend_on_batching_and_follow_the_seed():
     # only consistency asks for them
     only_stability = evaluate_interpretability(model, data, metrics=["stability"])
     assert only_stability["consistency_fixed_cell"] is None and "consistency_baselines" not in only_stability["details"]
+
+
+def test_figures_over_distinct_prototypes_count_each_group_of_copies_once():
+    model = random_model(seed=2)  # a model whose prototypes differ in both figures
+    train = Squares(per_class=3, seed=2)
+    push_prototypes(model, train, batch_size=5)
+    for j in (1, 3):  # prototypes 1 and 3 claim prototype 0's source patch
+        model.provenance[j] = dict(model.provenance[0])
+    result = evaluate_interpretability(model, ColourDataset(per_class=3), metrics=["consistency", "stability", "duplicates"])
+    assert result["details"]["duplicates"]["duplicate_of"] == [None, 0, None, 0, None, None]
+    distinct = [0, 2, 4, 5]
+    consistent = result["details"]["consistency"]["consistent"]
+    stable = result["details"]["stability"]["per_prototype"]
+    assert result["consistency_distinct"] == pytest.approx(sum(float(consistent[j]) for j in distinct) / 4)
+    assert result["stability_distinct"] == pytest.approx(sum(stable[j] for j in distinct) / 4)
+    # the copies' figures are really left out
+    assert result["consistency_distinct"] != pytest.approx(result["consistency"])
+    assert result["stability_distinct"] != pytest.approx(result["stability"])
+    # without the duplicates metric there is nothing to count once
+    plain = evaluate_interpretability(model, ColourDataset(per_class=3), metrics=["consistency", "stability"])
+    assert plain["consistency_distinct"] is None and plain["stability_distinct"] is None

@@ -184,14 +184,15 @@ def test_two_ranks_with_fixed_views_feature_cache_patch_init_and_pruning(tmp_pat
     augmented views with the frozen-layer cache (the first block's outputs, kept for the joint
     epochs and read by the last-layer stage, each rank computing its share of the similarities;
     the warm-up's whole-backbone outputs made from them), prototypes started on patches, the
-    moving average of the weights taken before each push, pruning after the final push, and
-    stability training (each view's noisy copy cached beside it, in the same pass) — two ranks
-    must still train what one process trains."""
+    moving average of the weights taken before each push, pruning after the final push,
+    stability training (each view's noisy copy cached beside it, in the same pass) and the
+    diversity cost (a term of the prototypes alone, outside the forward pass) — two ranks must
+    still train what one process trains."""
     config = json.loads(_config_text("synthetic", tmp_path, augment=True, augment_views=2, feature_cache=True))
     config["model"]["prototype_init"] = "patches"
     config.setdefault("optim", {})["ema_decay"] = 0.9
     config["schedule"].update(frozen_backbone_blocks=1, prune=True, prune_k=3, prune_threshold=2)
-    config.setdefault("loss", {})["stability"] = 1.0
+    config.setdefault("loss", {}).update(stability=1.0, diversity=0.5)
     single, ddp, writes = train_both(tmp_path, json.dumps(config))
     assert writes == []
     _assert_same_run(single, ddp)

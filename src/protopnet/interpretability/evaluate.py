@@ -19,7 +19,9 @@
 * ``purity``: the mean, over prototypes, of the fraction of its ``k`` nearest training patches
   (one per image, :func:`protopnet.explain.nearest_patches`) that come from its own class;
 * ``duplicates``: how many prototypes share their source patch (same image and position) with
-  an earlier prototype.
+  an earlier prototype; measured with consistency or stability, ``consistency_distinct`` and
+  ``stability_distinct`` count each group of copies once (its first prototype), so that ten
+  copies of one patch do not weigh ten times.
 
 The test images are read once, in batches: each batch gets one forward pass (plus one on the
 noisy images for stability, and the masked copies for deletion), and only per-prototype counts
@@ -64,6 +66,8 @@ SCALARS = (
     "deletion_gap",
     "purity",
     "duplicates",
+    "consistency_distinct",
+    "stability_distinct",
 )
 
 DEFINITIONS = {
@@ -85,6 +89,8 @@ DEFINITIONS = {
     "prototypes point at, over the masked fraction 0..1 (positive: the evidence matters)",
     "purity": "mean fraction of each prototype's k nearest training patches (one per image) that belong to its class",
     "duplicates": "prototypes whose source patch (image and position) is the same as an earlier prototype's",
+    "consistency_distinct": "consistency over the distinct prototypes only (each group of duplicates counted once)",
+    "stability_distinct": "stability over the distinct prototypes only (each group of duplicates counted once)",
 }
 
 
@@ -354,6 +360,11 @@ def evaluate_interpretability(
             else:
                 details["duplicates"] = duplicates
                 scalars["duplicates"] = duplicates["count"]
+                distinct = [j for j, copied in enumerate(duplicates["duplicate_of"]) if copied is None]
+                if "consistency" in details and "consistency" in wanted:
+                    scalars["consistency_distinct"] = _mean_over(details["consistency"]["consistent"], distinct)
+                if "stability" in details:
+                    scalars["stability_distinct"] = _mean_over(details["stability"]["per_prototype"], distinct)
             timings["duplicates"] += time.perf_counter() - t0
     finally:
         model.train(was_training)
@@ -465,6 +476,13 @@ def _purity(model: ProtoPNet, scan: Any, k: int, settings: RunSettings, split: s
         "per_prototype": [None if math.isnan(v) else round(v, 6) for v in purity.tolist()],
         "same_class_count": [int(v) for v in near.same_class_count().tolist()],
     }
+
+
+def _mean_over(values: Sequence[float | bool | None], indices: Sequence[int]) -> float | None:
+    """Mean of ``values`` at ``indices``, leaving out None (prototypes with no image of their
+    class); None when nothing is left."""
+    kept = [float(values[j]) for j in indices if values[j] is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def _duplicates(model: ProtoPNet | Ensemble) -> dict[str, Any] | None:

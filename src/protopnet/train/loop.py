@@ -48,7 +48,7 @@ from ..checkpoint import (
     atomic_write_text,
 )
 from ..config import Config
-from ..losses import LossCoefficients, alignment_cost, focal_cost, protopnet_loss, stability_cost
+from ..losses import LossCoefficients, alignment_cost, diversity_cost, focal_cost, protopnet_loss, stability_cost
 from ..model_card import record_training_results
 from ..runtime import ProgressBars, RunSettings, autocast, memory_format, open_bar, resolve_device, resolve_precision
 from ..save import save_model
@@ -357,6 +357,10 @@ class Trainer(RunState):
                         focal = focal_cost(out.distances, labels, identity)
                         loss = loss + cfg.loss.focal * focal
                         terms.update(focal=focal.detach(), loss=loss.detach())
+                    if cfg.loss.diversity > 0:
+                        apart = diversity_cost(self.model.prototypes, identity, cfg.loss.diversity_margin)
+                        loss = loss + cfg.loss.diversity * apart
+                        terms.update(diversity=apart.detach(), loss=loss.detach())
                     if noisy is not None:
                         steady = stability_cost(out.distances, noisy_distances, labels, identity)
                         loss = loss + cfg.loss.stability * steady
