@@ -194,18 +194,19 @@ def test_a_run_restarts_after_every_push_but_the_last(tmp_path, monkeypatch):
     """With the strictest rule (all 6 nearest patches of its own class) prototypes restart after
     the pushes of epochs 1 and 2 but not after the final one; each restarted prototype is then
     exactly a training patch of its class (the push that follows moves it by nothing)."""
-    import sys
+    import importlib
 
-    loop = sys.modules[Trainer.__module__]  # protopnet.train.loop
+    steps = importlib.import_module("protopnet.train.prototype_steps")  # the Trainer's push and restart
+
     pushes = []
-    real_push = loop.push_prototypes
+    real_push = steps.push_prototypes
 
     def recording_push(model, *args, **kwargs):
         provenance = real_push(model, *args, **kwargs)
         pushes.append([dict(p) for p in provenance])
         return provenance
 
-    monkeypatch.setattr(loop, "push_prototypes", recording_push)
+    monkeypatch.setattr(steps, "push_prototypes", recording_push)
     trainer = restart_run(tmp_path)
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
