@@ -249,9 +249,9 @@ def diversity_cost(prototypes: torch.Tensor, class_identity: torch.Tensor, margi
     class whose cosine similarity exceeds ``margin``, the cost is the squared excess,
     ``relu(cos(p_j, p_l) - margin)^2``, summed over the class's unordered pairs and averaged over
     the classes. Pairs at most ``margin`` alike cost nothing, so prototypes of related parts may
-    stay close; copies (cosine 1) cost most. It depends on the prototypes alone, not the batch. Exact copies
-    are a stationary point (the cosine's gradient vanishes at 1), so the cost keeps prototypes
-    from drifting together during training; it does not part copies a push has already made.
+    stay close; copies (cosine 1) cost most. It depends on the prototypes alone, not the batch.
+    Exact copies are a stationary point (the cosine's gradient vanishes at 1), so the cost keeps
+    prototypes from drifting together during training; it does not part copies a push made.
 
     Args:
         prototypes: (M, D, h, w) prototype vectors (or any (M, ...); flattened per prototype).

@@ -686,10 +686,6 @@ def _check_writable(directory: Path) -> None:
         raise OSError(f"only {usage.free // (1024 * 1024)} MiB free under {directory}; training needs room for checkpoints")
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _short(record: dict[str, Any]) -> str:
     keys = ("loss", "ce", "cluster", "separation", "train_accuracy", "val_accuracy")
     return ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
