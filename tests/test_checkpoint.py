@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from protopnet import CheckpointError, UnsafeCheckpointError, load_model, save_model
-from protopnet.checkpoint import atomic_write_bytes, flatten_state, unflatten_state
+from protopnet.atomic_files import atomic_write_bytes
+from protopnet.checkpoint import flatten_state, unflatten_state
 from protopnet.train.push import push_prototypes
 
 from conftest import ColourDataset, tiny_model

@@ -19,8 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "protopnet"
 # Bottom to top. A unit is a top-level module or subpackage of protopnet (``protopnet`` itself is
 # the package's __init__, which re-exports the public API from everywhere).
 LAYERS: list[set[str]] = [
-    # the network, the data, the arithmetic: they know nothing of training or files of models
-    {"model", "data", "losses", "runtime", "regions"},
+    # the network, the data, the arithmetic: they know nothing of training or files of models;
+    # atomic_files writes any file whole (the data cache's index, model files, run logs)
+    {"model", "data", "losses", "runtime", "regions", "atomic_files"},
     # typed configs (they name the backbones of model/) and prototype pictures (regions -> PIL)
     {"config", "visualize"},
     # model files: save/load, the model card, the Hub, ensembles (a model made of saved models);

@@ -13,7 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .checkpoint import atomic_write_json, load_model
+from .atomic_files import atomic_write_json
+from .checkpoint import load_model
 from .config import Config, load_config
 from .explain.html import percent
 

@@ -47,17 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic_files import atomic_write_json, write_directory_atomically
 from .checkpoint import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,
-    atomic_write_json,
     load_model,
     read_metadata,
     register_loader,
     safe_relative_path,
     save_model,
-    write_directory_atomically,
 )
 from .model_card import display_name, write_model_card
 

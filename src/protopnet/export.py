@@ -143,7 +143,7 @@ def export_onnx(model: ProtoPNet | Ensemble, path: str | Path, *, opset: int = D
         ImportError: onnx is missing (the message names the ``protopnet[export]`` extra).
     """
     onnx = _require_onnx()
-    from .checkpoint import atomic_write_bytes
+    from .atomic_files import atomic_write_bytes
 
     names = output_names(model)
     wrapper = ExportWrapper(model)
@@ -179,7 +179,7 @@ def export_onnx(model: ProtoPNet | Ensemble, path: str | Path, *, opset: int = D
 def export_torchscript(model: ProtoPNet | Ensemble, path: str | Path, *, batch_size: int = 2) -> Path:
     """Write ``model`` as a traced TorchScript file (atomically), the facts of
     :func:`export_metadata` in its extra file ``protopnet.json``. Any batch size runs."""
-    from .checkpoint import atomic_write_bytes
+    from .atomic_files import atomic_write_bytes
 
     wrapper = ExportWrapper(model)
     was_training = model.training

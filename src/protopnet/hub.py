@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
+from .atomic_files import write_directory_atomically
 from .checkpoint import (
     PICKLE_SUFFIXES,
     CheckpointError,
@@ -34,7 +35,6 @@ from .checkpoint import (
     load_model,
     read_metadata,
     refuse_pickle,
-    write_directory_atomically,
 )
 
 logger = logging.getLogger(__name__)

@@ -180,7 +180,8 @@ def record_evaluation(directory: str | Path, figures: dict[str, dict[str, Any]])
     the same key) with the SHA-256 of the tensors they measured and the time, then regenerate the
     card. ``figures`` maps a key (``test``, ``validation``, ``interpretability``, ...) to JSON
     figures (``accuracy``, ``top5``, ``n``, ``split``, ``data``...). Each file is replaced atomically."""
-    from .checkpoint import atomic_write_json, read_metadata
+    from .atomic_files import atomic_write_json
+    from .checkpoint import read_metadata
 
     directory = Path(directory)
     meta = read_metadata(directory)
@@ -307,7 +308,7 @@ def render_model_card(directory: str | Path, *, name: str | None = None, repo_id
 def write_model_card(directory: str | Path, *, name: str | None = None) -> Path | None:
     """Write ``directory/README.md`` atomically. A failure is logged, never raised: a card that
     cannot be written must not cost a trained model."""
-    from .checkpoint import atomic_write_text
+    from .atomic_files import atomic_write_text
 
     directory = Path(directory)
     try:

@@ -3,7 +3,7 @@ inside an epoch, inside push, halfway through writing a checkpoint, between the 
 replace the model directory — and resume each time: the run ends with exactly the weights of an
 uninterrupted run, and after every kill each checkpoint and model directory on disk is whole.
 
-Real processes: ``PROTOPNET_KILL_AT=POINT:N`` (protopnet.checkpoint.fault_point) makes the run
+Real processes: ``PROTOPNET_KILL_AT=POINT:N`` (protopnet.atomic_files.fault_point) makes the run
 SIGKILL itself at a chosen point; one kill comes from this test, by polling the run directory.
 """
 
@@ -150,7 +150,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
 
 
 def test_cleanup_removes_only_what_killed_writes_leave_and_restores_a_swapped_directory(tmp_path):
-    from protopnet.checkpoint import clean_interrupted_writes
+    from protopnet.atomic_files import clean_interrupted_writes
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00002").mkdir(parents=True)

@@ -73,7 +73,7 @@ def execute(args: argparse.Namespace) -> int:
         train = datasets.get("train") or dataset_for_model(model, args.data, "train")
         results = evaluate_interpretability(model, test, train_dataset=train, metrics=metrics, settings=run_settings(args))
         extra = interpretability_sections(results)
-        from ..checkpoint import atomic_write_json
+        from ..atomic_files import atomic_write_json
 
         atomic_write_json(Path(args.out) / "interpretability.json", results)
     index = write_analysis_report(analysis, args.out, extra_sections=extra)

@@ -45,7 +45,7 @@ def create_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from ..checkpoint import atomic_write_json
+    from ..atomic_files import atomic_write_json
     from ..train.evaluate import evaluate
     from ..train.loader import BadImageLog
 

@@ -333,7 +333,7 @@ def render_pruning_report(report: PruneReport, *, dataset: Any = None, source_di
 def write_pruning_report(report: PruneReport, directory: str | os.PathLike[str], *, dataset: Any = None,
                          source_directory: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """Write ``pruning.json`` and ``pruning.html`` into ``directory``; returns their paths."""
-    from ..checkpoint import atomic_write_json, atomic_write_text
+    from ..atomic_files import atomic_write_json, atomic_write_text
 
     directory = Path(directory)
     json_path, html_path = directory / "pruning.json", directory / "pruning.html"

@@ -18,7 +18,7 @@ directory is replaced atomically, a checkpoint is renamed into place only once c
 ``--resume`` skips a checkpoint that fails its checksums, falling back to the one before. It first
 removes what the killed writes left behind (``.step-*.tmp``, ``.model.*.tmp``...). A write that
 fails (disk full, read-only) stops the run with one line saying which step is safely
-checkpointed. ``PROTOPNET_KILL_AT`` (see :func:`protopnet.checkpoint.fault_point`) kills a run at
+checkpointed. ``PROTOPNET_KILL_AT`` (see :func:`protopnet.atomic_files.fault_point`) kills a run at
 a chosen point, for tests.
 """
 
@@ -40,13 +40,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..checkpoint import (
-    CheckpointError,
-    atomic_write_json,
-    clean_interrupted_writes,
-    fault_point,
-    atomic_write_text,
-)
+from ..atomic_files import atomic_write_json, clean_interrupted_writes, fault_point, atomic_write_text
+from ..checkpoint import CheckpointError
 from ..config import Config
 from ..losses import LossCoefficients, alignment_cost, diversity_cost, focal_cost, protopnet_loss, stability_cost
 from ..model_card import record_training_results

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import fault_point
+from ..atomic_files import fault_point
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
 from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
 from .prototype_init import restart_on_distinctive_patches, start_on_distinctive_patches, start_on_patches

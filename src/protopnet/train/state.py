@@ -16,16 +16,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (
-    CheckpointError,
-    atomic_write_json,
-    fault_point,
-    flatten_state,
-    load_tensors,
-    save_tensors,
-    unflatten_state,
-    write_directory_atomically,
-)
+from ..atomic_files import atomic_write_json, fault_point, write_directory_atomically
+from ..checkpoint import CheckpointError, flatten_state, load_tensors, save_tensors, unflatten_state
 from .stages import Step
 
 logger = logging.getLogger(__name__)
