@@ -252,6 +252,10 @@ class OptimConfig:
                 _positive(f"optim.{f.name}", value)
 
 
+#: What ``loss.alignment_deep`` may name: the backbone's output or the add-on layers' output.
+ALIGNMENT_DEEP = ("backbone", "latent")
+
+
 @dataclass
 class LossConfig:
     """Coefficients of the objective; ``separation`` is subtracted (negative).
@@ -260,7 +264,10 @@ class LossConfig:
     cost of Huang et al. (ICCV 2023, :func:`protopnet.losses.alignment_cost`) in the joint
     epochs, with ``alignment_threshold`` its tolerance and ``alignment_block`` the backbone block
     whose output is the shallow feature (an index into the backbone's blocks; None: the last
-    block at stride 8 or finer, MobileNetV2's block 6, ResNet's layer2). ``cluster_over: every``
+    block at stride 8 or finer, MobileNetV2's block 6, ResNet's layer2). ``alignment_deep`` names
+    the deep features it aligns: ``backbone`` (the backbone's output, the add-on layers' input, as
+    Huang et al. do) or ``latent`` (the add-on layers' output, the space the prototypes live in
+    and push snaps them to). ``cluster_over: every``
     pulls every own-class prototype towards each picture, not only the nearest
     (:func:`protopnet.losses.cluster_cost`). ``focal`` weighs ProtoPool's focal similarity as a
     cost in the warm-up and joint epochs (:func:`protopnet.losses.focal_cost`: each own-class
@@ -283,6 +290,7 @@ class LossConfig:
     alignment: float = 0.0
     alignment_threshold: float = 0.1
     alignment_block: int | None = None
+    alignment_deep: str = "backbone"
     focal: float = 0.0
     stability: float = 0.0
     stability_noise: float = 0.2
@@ -309,6 +317,8 @@ class LossConfig:
             raise ConfigError(f"loss.focal: expected a weight >= 0 (0 turns the focal cost off), got {self.focal}")
         if self.alignment_threshold < 0:
             raise ConfigError(f"loss.alignment_threshold: expected a tolerance >= 0, got {self.alignment_threshold}")
+        if self.alignment_deep not in ALIGNMENT_DEEP:
+            raise ConfigError(f"loss.alignment_deep: expected one of {', '.join(map(repr, ALIGNMENT_DEEP))}, got {_show(self.alignment_deep)}")
         if self.alignment_block is not None and self.alignment_block < 0:
             raise ConfigError(f"loss.alignment_block: expected a backbone block index >= 0 or null (automatic), got {self.alignment_block}")
 

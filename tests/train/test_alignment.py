@@ -138,6 +138,13 @@ def test_the_taps_read_the_block_and_the_add_on_input():
         assert torch.equal(deep, model.features(x))
     model(x)  # hooks removed: nothing is kept any more
     assert taps._handles == [] and taps._deep is None
+    with torch.no_grad(), AlignmentTaps(model, 4, None, deep="latent") as taps:
+        model(x)
+        _, latent = taps.features(x)
+        assert torch.equal(latent, model.latent(x))  # the add-on's output, where the prototypes live
+        assert latent.shape[1] == model.prototypes.shape[1] == 8
+    with pytest.raises(ValueError, match="deep: expected 'backbone' or 'latent'"):
+        AlignmentTaps(model, 4, None, deep="add_on")
     with pytest.raises(ValueError, match="inside the cached frozen blocks"):
         AlignmentTaps(model, 0, cached_blocks=3)
 
@@ -150,14 +157,18 @@ def test_config_rejects_bad_alignment_settings():
     with pytest.raises(ConfigError, match="loss.alignment_block"):
         Config.from_dict({"loss": {"alignment_block": -2}})
     assert Config.from_dict({}, ["loss.alignment=0.5", "loss.alignment_block=3"]).loss.alignment_block == 3
+    with pytest.raises(ConfigError, match="loss.alignment_deep: expected one of 'backbone', 'latent', got 'addon'"):
+        Config.from_dict({"loss": {"alignment_deep": "addon"}})
+    assert Config.from_dict({}).loss.alignment_deep == "backbone"  # Huang et al.'s choice stays the default
 
 
-def _aligned_config(tmp_path, cached: bool, weight: float = 1.0):
+def _aligned_config(tmp_path, cached: bool, weight: float = 1.0, deep: str = "backbone"):
     config = tiny_config(tmp_path, epochs=3, warm_epochs=1, push_start=9, push_at_end=False, frozen_backbone_blocks=2)
     config.model.backbone = "tiny_cnn_gn"  # GroupNorm: frozen layers compute the same in train and eval mode
     config.data.feature_cache = cached
     config.loss.alignment = weight
     config.loss.alignment_block = 1  # the last cached block: with the cache, its output is the pass's input
+    config.loss.alignment_deep = deep
     return config
 
 
@@ -181,3 +192,16 @@ def test_joint_epochs_train_with_the_cost_and_the_feature_cache_changes_nothing(
             assert "alignment" not in record
     trained = plain.model.state_dict()
     assert any(not torch.allclose(trained[k].float(), uncached[k].float()) for k in trained if k.startswith("features"))
+
+
+def test_aligning_the_latent_space_trains_the_add_on_towards_the_shallow_structure(tmp_path):
+    """With ``alignment_deep: latent`` the cost is computed on the add-on layers' output: the
+    joint epochs record it, and the trained add-on differs from the one aligned on the backbone's
+    output (same seed, same data: only where the cost is read changed)."""
+    trained = {}
+    for deep in ("backbone", "latent"):
+        trainer = Trainer(_aligned_config(tmp_path / deep, False, deep=deep), data=tiny_data())
+        steps = [trainer._train_epoch(step) for step in trainer.plan if step.stage in ("warm", "joint")]
+        assert all(math.isfinite(s["alignment"]) and s["alignment"] >= 0 for s in steps[1:])
+        trained[deep] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert any(not torch.allclose(trained["backbone"][k].float(), trained["latent"][k].float()) for k in trained["latent"] if k.startswith("add_on"))

@@ -78,11 +78,15 @@ class AlignmentTaps:
         cached_blocks: when the pass starts from a feature cache of the first ``cached_blocks``
             blocks, their number (the shallow block must then be the cache's last block, whose
             output is the pass's input, or a later one); None when the pass starts from pictures.
+        deep: ``"backbone"`` keeps the backbone's output (the add-on layers' input, (B, C, H, W)),
+            ``"latent"`` the add-on layers' output ((B, D, H, W), where the prototypes live).
 
     Use as a context manager; :meth:`features` returns ``(shallow, deep)`` after each pass.
     """
 
-    def __init__(self, model: nn.Module, block: int, cached_blocks: int | None) -> None:
+    def __init__(self, model: nn.Module, block: int, cached_blocks: int | None, deep: str = "backbone") -> None:
+        if deep not in ("backbone", "latent"):
+            raise ValueError(f"deep: expected 'backbone' or 'latent', got {deep!r}")
         blocks = backbone_blocks(model.features)
         self._from_input = cached_blocks is not None and block == cached_blocks - 1
         if cached_blocks is not None and block < cached_blocks - 1:
@@ -92,7 +96,10 @@ class AlignmentTaps:
             )
         self._shallow: torch.Tensor | None = None
         self._deep: torch.Tensor | None = None
-        self._handles: list[Any] = [model.add_on.register_forward_pre_hook(self._keep_deep)]
+        if deep == "latent":
+            self._handles: list[Any] = [model.add_on.register_forward_hook(self._keep_latent)]
+        else:
+            self._handles = [model.add_on.register_forward_pre_hook(self._keep_deep)]
         if not self._from_input:
             self._handles.append(blocks[block].register_forward_hook(self._keep_shallow))
 
@@ -101,6 +108,9 @@ class AlignmentTaps:
 
     def _keep_deep(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._deep = inputs[0]
+
+    def _keep_latent(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        self._deep = output
 
     def features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shallow (B, Cs, Hs, Ws), deep (B, Cd, H, W))`` of the last pass, whose input was

@@ -417,7 +417,7 @@ class Trainer(PrototypeSteps, RunState):
         if self.alignment_block is None:
             self.alignment_block = resolve_alignment_block(self.model.features, self.config.data.image_size, self.config.loss.alignment_block)
             logger.info("alignment cost: shallow features from backbone block %d", self.alignment_block)
-        return AlignmentTaps(self.model, self.alignment_block, cache.frozen_blocks if cache is not None else None)
+        return AlignmentTaps(self.model, self.alignment_block, cache.frozen_blocks if cache is not None else None, self.config.loss.alignment_deep)
 
     def _check_ranks_agree(self, step: Step) -> None:
         """With several processes, check that every rank holds the same model after a step that
