@@ -33,8 +33,8 @@ def test_every_config_loads_and_the_paper_rows_are_all_there():
 def test_the_paper_faithful_cpu_config_differs_from_the_recommended_one_only_where_it_goes_beyond_the_paper():
     """Beside the recommended CPU config (cosine distance, stacked multi-scale features, the
     every-prototype cluster cost, the linear similarity, stability training, the diversity and
-    alignment costs: beyond the paper) the paper's method is reported with everything else equal:
-    the two configs may differ in those seven, the precision (bf16 where native for the recommended one) and the output folder,
+    alignment costs, the alignment on the latent space: beyond the paper) the paper's method is
+    reported with everything else equal: the two configs may differ in those eight, the precision (bf16 where native for the recommended one) and the output folder,
     nothing else."""
     recommended = dataclasses.asdict(load_config(CONFIGS / "cub200_mobilenet_v2.yaml"))
     paper = dataclasses.asdict(load_config(CONFIGS / "cub200_mobilenet_v2_paper.yaml"))
@@ -45,6 +45,7 @@ def test_the_paper_faithful_cpu_config_differs_from_the_recommended_one_only_whe
     assert (recommended["loss"].pop("stability"), paper["loss"].pop("stability")) == (1.0, 0.0)
     assert (recommended["loss"].pop("diversity"), paper["loss"].pop("diversity")) == (0.2, 0.0)
     assert (recommended["loss"].pop("alignment"), paper["loss"].pop("alignment")) == (0.5, 0.0)
+    assert (recommended["loss"].pop("alignment_deep"), paper["loss"].pop("alignment_deep")) == ("latent", "backbone")
     # bf16 where the hardware has it: kept the recommended config's accuracy, cost the log similarity's
     assert (recommended["run"].pop("precision"), paper["run"].pop("precision")) == ("auto", "fp32")
     assert recommended["output"].pop("dir") != paper["output"].pop("dir")
