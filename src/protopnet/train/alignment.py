@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import ALIGNMENT_DEEP
 from .stages import backbone_blocks
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ class AlignmentTaps:
     """
 
     def __init__(self, model: nn.Module, block: int, cached_blocks: int | None, deep: str = "backbone") -> None:
-        if deep not in ("backbone", "latent"):
-            raise ValueError(f"deep: expected 'backbone' or 'latent', got {deep!r}")
+        if deep not in ALIGNMENT_DEEP:
+            raise ValueError(f"deep: expected {' or '.join(map(repr, ALIGNMENT_DEEP))}, got {deep!r}")
         blocks = backbone_blocks(model.features)
         self._from_input = cached_blocks is not None and block == cached_blocks - 1
         if cached_blocks is not None and block < cached_blocks - 1:
