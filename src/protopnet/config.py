@@ -360,11 +360,19 @@ class RunConfig:
 
 @dataclass
 class OutputConfig:
-    """What a run writes."""
+    """What a run writes.
+
+    ``background_checkpoints``: write each step's checkpoint on a background thread while the
+    next step runs (its tensors and bookkeeping are copied first, so it holds the run as it was
+    after its step). A kill then loses at most the current step and, when it comes before the
+    previous step's checkpoint is on disk, that step too; False writes the checkpoint before the
+    next step starts, so a kill loses at most the current step. Either way a resumed run ends
+    with the weights of an uninterrupted one."""
 
     dir: str = "runs/protopnet"
     save_prototype_images: bool = True
     keep_checkpoints: int = 2
+    background_checkpoints: bool = True
 
     def validate(self) -> None:
         _positive("output.keep_checkpoints", self.keep_checkpoints)

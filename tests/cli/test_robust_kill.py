@@ -31,8 +31,10 @@ data: {root: synthetic, image_size: 32, augment: false, val_fraction: 0.0, batch
        synthetic_test_per_class: 2}
 schedule: {epochs: 3, warm_epochs: 1, push_start: 1, push_every: 1, last_layer_iterations: 2}
 run: {seed: 5, device: cpu, threads: 1}
-output: {keep_checkpoints: 2, save_prototype_images: true}
+output: {keep_checkpoints: 2, save_prototype_images: true, background_checkpoints: false}
 """
+# Checkpoints written before the next step starts: each kill below then falls at a known step. The
+# background writes (the default) are killed in test_sigkill_during_background_checkpoints_...
 # Plan: 0 warm, 1 joint, 2 push, 3 last_layer, 4 joint, 5 push, 6 last_layer (3 batches an epoch).
 # With val_fraction 0 every push selects the model, so the model directory is replaced at step 6.
 PLAN = ["warm", "joint", "push", "last_layer", "joint", "push", "last_layer"]
@@ -147,6 +149,48 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
     stages = [[json.loads(line)["stage"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
     assert stages[0] == stages[1] and len(stages[0]) == STEPS
     shutil.rmtree(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_sigkill_during_background_checkpoints_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """``output.background_checkpoints`` (the default): a checkpoint is written while the next
+    step trains. Killed halfway through that write, the run keeps the checkpoint before it
+    whole, leaves the half one hidden, and resumes — killed again inside an epoch, then to the
+    end — to the uninterrupted run's weights."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG.replace("background_checkpoints: false", "background_checkpoints: true"))
+    baseline = subprocess.Popen(command("train", str(config), "--out", str(tmp_path / "full")), env=environment(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "cut"
+    try:
+        # 1. Halfway through the 2nd checkpoint (step 1's, written while step 2 runs).
+        run = train(config, out, kill_at="checkpoint-write:2")
+        assert run.returncode == -signal.SIGKILL, run.stderr
+        assert_whole(out)
+        assert newest(out) == 0
+        half = [name for name in leftovers(out) if name.startswith(".step-00001.") and name.endswith(".tmp")]
+        assert len(half) == 1 and (out / "checkpoints" / half[0] / "model.safetensors").is_file(), leftovers(out)
+
+        # 2. Inside an epoch of the resumed run, then 3. to the end.
+        run = train(config, out, resume=True, kill_at="batch:4")
+        assert run.returncode == -signal.SIGKILL, run.stderr
+        assert_whole(out)
+        assert half[0] not in leftovers(out)  # cleaned up by the resume
+        run = train(config, out, resume=True)
+        assert run.returncode == 0, run.stderr
+        assert leftovers(out) == []
+        assert_whole(out)
+    finally:
+        if baseline.poll() is None:
+            try:
+                baseline.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                baseline.kill()
+    assert baseline.returncode == 0, baseline.stderr.read()
+    full, cut = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert sorted(full) == sorted(cut) and all(torch.equal(full[key], cut[key]) for key in full)
+    stages = [[json.loads(line)["stage"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
+    assert stages[0] == stages[1] == PLAN
 
 
 def test_cleanup_removes_only_what_killed_writes_leave_and_restores_a_swapped_directory(tmp_path):

@@ -282,16 +282,16 @@ def test_training_reads_the_augmented_tree_without_validation_copies(prepared, t
     assert all("train_augmented" in data.train.path(i) for i in data.training_items)
     sources = augmented_sources([data.train.path(i) for i in data.training_items], data.clean.files)
     assert sorted(sources) == sorted(data.train_indices * 3)  # every copy of a training image, nothing else
-    loop = importlib.import_module("protopnet.train.loop")  # protopnet.train is also a function
+    epochs = importlib.import_module("protopnet.train.epochs")  # protopnet.train is also a function
 
     views = []
-    real_subset = loop.IndexedSubset
+    real_subset = epochs.IndexedSubset
 
     def spy(dataset, indices=None, *args, **kwargs):
         views.append((dataset, None if indices is None else list(indices)))
         return real_subset(dataset, indices, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "IndexedSubset", spy)
+    monkeypatch.setattr(epochs, "IndexedSubset", spy)
     result = Trainer(config, tmp_path / "run", data=data).fit()
     assert (data.train, data.training_items) in views  # the epoch went through the augmented copies
     assert result.test is not None and result.test["n"] == 3

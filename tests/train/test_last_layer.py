@@ -3,11 +3,18 @@ convex optimum."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from protopnet.losses import l1_wrong_class
-from protopnet.train.last_layer import collect_similarities, optimise_last_layer, optimise_last_layer_full_forward
+from protopnet.train.last_layer import (
+    KeptLatents,
+    collect_similarities,
+    collect_similarities_from_latents,
+    optimise_last_layer,
+    optimise_last_layer_full_forward,
+)
 from protopnet.train.push import push_prototypes
 from protopnet.train.stages import set_trainable
 
@@ -22,6 +29,42 @@ def test_cached_similarities_equal_a_forward_pass():
     with torch.no_grad():
         torch.testing.assert_close(sims, model(images).similarities)
     assert labels.tolist() == data.targets and idx.tolist() == list(range(len(data)))
+
+
+class OneUnreadable(ColourDataset):
+    def load_image(self, index):
+        if index == 5:
+            raise OSError("truncated file")
+        return super().load_image(index)
+
+
+def test_push_keeps_its_latent_maps_and_they_give_the_scans_similarities_bit_for_bit():
+    data = OneUnreadable(num_classes=3, per_class=4)
+    model = tiny_model(seed=2)
+    before = model.prototypes.detach().clone()
+    kept = KeptLatents(max_bytes=1e9)
+    push_prototypes(model, data, batch_size=5, keep_latents=kept)
+    assert kept.complete and not torch.equal(model.prototypes, before)  # push moved the prototypes after the scan
+    # the pushed prototypes against the kept maps, and against a second scan of the pictures
+    sims, labels, idx = collect_similarities_from_latents(model, kept)
+    scanned = collect_similarities(model, data, batch_size=5)
+    assert torch.equal(sims, scanned[0]) and torch.equal(labels, scanned[1]) and torch.equal(idx, scanned[2])
+    assert 5 not in idx.tolist() and len(idx) == len(data) - 1  # the unreadable picture is left out in both
+    assert sims.std() > 0
+    # after push each prototype is a patch of a kept map: its best similarity is that of distance 0
+    # (up to the rounding of ||z||^2 - 2 z.p + ||p||^2, which the log near d = 0 magnifies)
+    own = sims.max(dim=0).values
+    torch.testing.assert_close(own, model.similarity(torch.zeros(model.num_prototypes)), atol=0.05, rtol=0)
+
+
+def test_kept_latent_maps_past_their_budget_are_dropped():
+    data = ColourDataset(num_classes=3, per_class=4)
+    model = tiny_model()
+    kept = KeptLatents(max_bytes=100)  # less than one batch's maps
+    push_prototypes(model, data, batch_size=5, keep_latents=kept)
+    assert not kept.complete and kept.batches == [] and kept.nbytes == 0
+    with pytest.raises(ValueError, match="incomplete"):
+        collect_similarities_from_latents(model, kept)
 
 
 def test_cached_stage_matches_full_forward_passes():

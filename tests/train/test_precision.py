@@ -66,6 +66,38 @@ def test_a_whole_run_in_bf16_and_channels_last_runs_every_stage_that_way(tmp_pat
     assert 0 <= result.test["accuracy"] <= 1 and result.test["n"] == 6
 
 
+def test_the_selected_model_is_tested_in_float32_in_the_run_s_layout(tmp_path, monkeypatch):
+    """A bf16 channels_last run reports the test accuracy of its saved model computed in float32
+    (never silently less accurate), on channels_last tensors (the faster float32 convolutions on a
+    CPU): the figure ``predict_logits`` gives the loaded model that way."""
+    import importlib
+
+    loop = importlib.import_module("protopnet.train.loop")  # protopnet.train is also a function
+    from protopnet import load_model
+    from protopnet.train.evaluate import accuracy_report
+
+    seen = []
+    original = loop.predict_logits
+
+    def recorded(model, dataset, **kwargs):
+        calls = _record_first_conv(model)
+        out = original(model, dataset, **kwargs)
+        seen.append((model, calls))
+        return out
+
+    trainer = Trainer(_config(tmp_path, "bf16", True), data=_data())
+    trainer._validate = lambda: None  # only the final passes go through loop.predict_logits
+    monkeypatch.setattr(loop, "predict_logits", recorded)
+    result = trainer.fit()
+    assert len(seen) == 2  # validation, then test
+    for model, calls in seen:
+        assert model is not trainer.model  # the saved model, read back
+        assert calls and all(dtype == torch.float32 and channels_last for dtype, channels_last, _ in calls), set(calls)
+    data = _data()
+    logits, labels, _ = original(load_model(result.model_dir), data.test, batch_size=8, precision="fp32", channels_last=True)
+    assert result.test == accuracy_report(logits, labels, trainer.data.class_names)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_distances_stay_float32_and_outputs_stay_close_to_fp32(channels_last):
     model = tiny_model(num_classes=3, prototypes_per_class=2, prototype_dim=8).eval()

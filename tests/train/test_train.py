@@ -73,6 +73,35 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_the_last_layer_stage_reads_push_s_scan_instead_of_the_pictures(tmp_path, monkeypatch):
+    """Push keeps its latent maps for the last-layer stage of its round: that stage decodes no
+    picture, and the run ends with the weights of a run that scans the pictures again (the maps
+    over budget: ``data.feature_cache_max_gb``)."""
+    loads: list[int] = []
+    stages: dict[str, list[int]] = {}
+    original_load, original_last = ColourDataset.load_image, TrainerClass._last_layer
+    monkeypatch.setattr(ColourDataset, "load_image", lambda self, i: (loads.append(i), original_load(self, i))[1])
+
+    def counted(self, step):
+        loads.clear()
+        record = original_last(self, step)
+        stages.setdefault(self.out_dir.name, []).append(len(loads))
+        return record
+
+    monkeypatch.setattr(TrainerClass, "_last_layer", counted)
+    kept_config = tiny_config(tmp_path / "kept")
+    scanned_config = tiny_config(tmp_path / "scanned")
+    scanned_config.data.feature_cache_max_gb = 1e-9
+    kept = Trainer(kept_config, tmp_path / "kept", data=tiny_data()).fit()
+    scanned = Trainer(scanned_config, tmp_path / "scanned", data=tiny_data()).fit()
+    rounds = sum(r["stage"] == "last_layer" for r in kept.metrics)
+    assert rounds == 2
+    assert stages["kept"] == [0] * rounds
+    assert stages["scanned"] == [len(tiny_data().train_indices)] * rounds
+    wa, wb = load_file(kept.model_dir / "model.safetensors"), load_file(scanned.model_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 class Interrupted(Exception):
     pass
 
@@ -130,6 +159,50 @@ def test_a_checkpoint_keeps_only_the_optimisers_later_steps_use(tmp_path, monkey
     wa = load_file(result.model_dir / "model.safetensors")
     wb = load_file(resumed.model_dir / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_run_as_it_was_after_its_step(tmp_path, monkeypatch):
+    """Checkpoints are written while the next step trains (and changes the weights and Adam
+    moments in place): each must still hold its own step's tensors and bookkeeping."""
+    import importlib
+    import time
+
+    state = importlib.import_module("protopnet.train.state")
+    real_save = state.save_tensors
+
+    def slow_save(path, tensors):  # the next step is well under way before a file is written
+        time.sleep(0.3)
+        return real_save(path, tensors)
+
+    monkeypatch.setattr(state, "save_tensors", slow_save)
+    seen = {}
+    original = TrainerClass._after_step
+
+    def record(self, step, val):
+        model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.next_step = step.index + 1  # what _after_step sets before it checkpoints
+        extra = {k: v.detach().clone() for k, v in self._state()[1].items()}
+        seen[step.index] = (model, extra, len(self.metrics))
+        original(self, step, val)
+
+    monkeypatch.setattr(TrainerClass, "_after_step", record)
+    config = tiny_config(tmp_path)
+    config.output.keep_checkpoints = 100
+    trainer = Trainer(config, data=tiny_data())
+    trainer.fit()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [f"step-{i:05d}" for i in range(len(trainer.plan))]
+    changed = 0
+    for index, (model, extra, metrics) in seen.items():
+        written = json.loads((root / f"step-{index:05d}" / "state.json").read_text())
+        assert written["next_step"] == index + 1 and len(written["metrics"]) == metrics == index + 1
+        saved = load_file(root / f"step-{index:05d}" / "model.safetensors")
+        assert sorted(saved) == sorted(model) and all(torch.equal(saved[k], model[k]) for k in model), index
+        saved = load_file(root / f"step-{index:05d}" / "state.safetensors")
+        assert sorted(saved) == sorted(extra) and all(torch.equal(saved[k], extra[k]) for k in extra), index
+        later = seen.get(index + 1)
+        changed += later is not None and any(not torch.equal(model[k], later[0][k]) for k in model)
+    assert changed >= len(trainer.plan) - 2  # the steps did change the weights the checkpoints froze
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):

@@ -37,3 +37,13 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return result
+
+
+def all_agree(flag: bool) -> bool:
+    """Whether ``flag`` is True on every rank (with one process: ``flag``). Every rank must call
+    it: a choice that takes a collective path on some ranks only would leave the others waiting."""
+    if world() == 1:
+        return bool(flag)
+    gathered: list[Any] = [None] * world()
+    dist.all_gather_object(gathered, bool(flag))
+    return all(gathered)

@@ -68,6 +68,59 @@ def collect_similarities(
     return gather_by_index(s, y, i, sharded=sampler is not None)
 
 
+class KeptLatents:
+    """The latent maps (B, D, H, W) of a scan — push's — kept batch by batch, so that the
+    last-layer stage after it computes its similarity vectors without a second pass through the
+    network. They stay valid while the backbone and add-on layers are unchanged: from a push to
+    the last-layer stage of its round (pruning and restarts change only the prototypes).
+
+    Args:
+        max_bytes: what the kept maps may take; past it they are dropped (:attr:`complete` turns
+            False) and the last-layer stage scans the pictures again.
+    """
+
+    def __init__(self, max_bytes: float) -> None:
+        self.max_bytes = float(max_bytes)
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (z, labels, indices)
+        self.nbytes = 0
+        self.complete = True
+
+    def keep(self, z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        """Keep one batch's latent maps ``z`` (B, D, H, W; as the scan computed them, on its
+        device), its labels (B,) and dataset indices (B,)."""
+        if not self.complete:
+            return
+        size = z.numel() * z.element_size()
+        if self.nbytes + size > self.max_bytes:
+            logger.info("push's latent maps would take more than %.2f GB: the last-layer stage scans the pictures again",
+                        self.max_bytes / 1e9)
+            self.batches, self.nbytes, self.complete = [], 0, False
+            return
+        self.batches.append((z.detach(), labels.cpu(), indices.cpu()))
+        self.nbytes += size
+
+
+@torch.no_grad()
+def collect_similarities_from_latents(
+    model: ProtoPNet, kept: KeptLatents, *, sharded: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`collect_similarities` from the latent maps a scan kept (``kept.complete`` must
+    be True): the same similarity vectors, bit for bit, when the scan ran the same batches on
+    the same network, with the model's current prototypes. With ``sharded`` (the scan was
+    sharded across a process group) every rank receives the whole set.
+
+    Returns:
+        similarities (N, M) float32, labels (N,), dataset indices (N,) sorted by index.
+    """
+    if not kept.complete:
+        raise ValueError("the kept latent maps are incomplete (they exceeded max_bytes): scan the pictures instead")
+    sims = [model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu() for z, _, _ in kept.batches]
+    s = torch.cat(sims) if sims else torch.zeros(0, model.num_prototypes)
+    y = torch.cat([b[1] for b in kept.batches]) if kept.batches else torch.zeros(0, dtype=torch.long)
+    i = torch.cat([b[2] for b in kept.batches]) if kept.batches else torch.zeros(0, dtype=torch.long)
+    return gather_by_index(s, y, i, sharded=sharded)
+
+
 @torch.no_grad()
 def collect_similarities_from_cache(
     model: ProtoPNet,

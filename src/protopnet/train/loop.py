@@ -13,12 +13,15 @@ Every step starts from a seed derived from ``run.seed`` and its index, inside
 ``torch.random.fork_rng`` (the caller's random state is untouched), so a run resumed from the
 checkpoint after any step ends with the same weights as an uninterrupted run.
 
-Killed at any moment (SIGKILL, power loss), a run loses at most its current step: every file and
-directory is replaced atomically, a checkpoint is renamed into place only once complete, and
-``--resume`` skips a checkpoint that fails its checksums, falling back to the one before. It first
-removes what the killed writes left behind (``.step-*.tmp``, ``.model.*.tmp``...). A write that
-fails (disk full, read-only) stops the run with one line saying which step is safely
-checkpointed. ``PROTOPNET_KILL_AT`` (see :func:`protopnet.atomic_files.fault_point`) kills a run at
+A step's checkpoint is written on a background thread while the next step runs (the step's
+tensors and bookkeeping are copied first; ``output.background_checkpoints: false`` writes it
+before the next step starts). Killed at any moment (SIGKILL, power loss), a run loses at most its
+current step and, in the background mode, the one before when its checkpoint was not yet on
+disk: every file and directory is replaced atomically, a checkpoint is renamed into place only
+once complete, and ``--resume`` skips a checkpoint that fails its checksums, falling back to the
+one before. It first removes what the killed writes left behind (``.step-*.tmp``, ``.model.*.tmp``...).
+A write that fails (disk full, read-only) stops the run, at the latest when the next step ends,
+with one line saying which step could not be saved and which is safely checkpointed. ``PROTOPNET_KILL_AT`` (see :func:`protopnet.atomic_files.fault_point`) kills a run at
 a chosen point, for tests.
 """
 
@@ -38,25 +41,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
-from ..atomic_files import atomic_write_json, clean_interrupted_writes, fault_point, atomic_write_text
+from ..atomic_files import atomic_write_json, clean_interrupted_writes, atomic_write_text
 from ..checkpoint import CheckpointError
 from ..config import Config
-from ..losses import LossCoefficients, alignment_cost, diversity_cost, focal_cost, protopnet_loss, stability_cost
+from ..losses import LossCoefficients
 from ..model_card import record_training_results
-from ..runtime import ProgressBars, RunSettings, autocast, memory_format, open_bar, resolve_device, resolve_precision
+from ..runtime import ProgressBars, RunSettings, open_bar, resolve_device, resolve_precision
 from ..save import save_model
-from .alignment import AlignmentTaps, resolve_alignment_block
 from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
+from .epochs import TrainingEpochs
 from .evaluate import accuracy_report, predict_logits
-from .feature_cache import CachedForward, FrozenFeatureCache, split_backbone, training_noise
-from .loader import BadImageLog, IndexedSubset, ShardedBatchSampler, make_loader
+from .feature_cache import FrozenFeatureCache
+from .last_layer import KeptLatents
+from .loader import BadImageLog
 from .pretrain import PretrainNet
 from .prototype_steps import PrototypeSteps
 from .run_data import RunData, backbone_normalisation, build_model, build_run_data
-from .state import STATE_VERSION, ResumeMismatchError, RunState  # noqa: F401 - the first two were defined here
-from .stages import Step, freeze_batchnorm, parameter_groups, plan_schedule, set_trainable, take_averaged_weights
+from .state import STATE_VERSION, ResumeMismatchError, RunState, _BackgroundWrite  # noqa: F401 - the first two were defined here
+from .stages import Step, parameter_groups, plan_schedule
 from .tensorboard import open_tensorboard
 
 logger = logging.getLogger(__name__)
@@ -73,7 +77,7 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Trainer(PrototypeSteps, RunState):
+class Trainer(TrainingEpochs, PrototypeSteps, RunState):
     """Runs a config's schedule into ``out_dir``.
 
     Args:
@@ -138,6 +142,10 @@ class Trainer(PrototypeSteps, RunState):
         # data.feature_cache: "warm" (the whole backbone's output) and "prefix" (the frozen
         # blocks' output); a key present with None means the cache could not be built
         self._feature_caches: dict[str, FrozenFeatureCache | None] = {}
+        # push's latent maps, kept for the last-layer stage of its round (None otherwise)
+        self._push_latents: KeptLatents | None = None
+        # the checkpoint being written in the background (RunState._save_checkpoint)
+        self._pending_write: _BackgroundWrite | None = None
         # optim.ema_decay: the moving average of the weights since the last push (None when off,
         # and between a push and the next training epoch)
         self.weight_average: AveragedModel | None = None
@@ -188,236 +196,12 @@ class Trainer(PrototypeSteps, RunState):
     def _bar(self, description: str, total: int) -> Any:
         return open_bar(self.progress_bars if self.is_main else None, description, total)
 
-    def _feature_cache_for(self, step: Step) -> FrozenFeatureCache | None:
-        """The cache of frozen-layer outputs this step trains on (``data.feature_cache``), built
-        on first use: the whole backbone's output for ``warm``, the first
-        ``frozen_backbone_blocks`` blocks' for ``joint``; None when the step reads pictures.
-
-        When joint epochs with frozen blocks follow the warm-up, the frozen blocks' cache is
-        built first and kept, and the warm-up cache is computed from it (only the later blocks
-        run): the pictures are decoded and the early blocks run once for the whole schedule,
-        and the last-layer stage reads the same cache."""
-        cfg = self.config
-        if not cfg.data.feature_cache or step.stage not in ("warm", "joint"):
-            return None
-        frozen = cfg.schedule.frozen_backbone_blocks
-        if step.stage == "joint":
-            self._feature_caches.pop("warm", None)  # free the warm-up cache
-            return self._prefix_cache() if frozen > 0 else None
-        if "warm" not in self._feature_caches:
-            joint_ahead = any(s.stage == "joint" for s in self.plan[step.index + 1:])
-            prefix = self._prefix_cache() if frozen > 0 and joint_ahead else None
-            if prefix is not None:
-                with self._bar("caching the frozen backbone", 1) as bar:
-                    self._feature_caches["warm"] = prefix.extended(
-                        self.model, None, settings=self.settings, max_bytes=cfg.data.feature_cache_max_gb * 1e9,
-                    )
-                    bar.update(1)
-            else:
-                self._feature_caches["warm"] = self._build_feature_cache(None)
-        return self._feature_caches["warm"]
-
-    def _prefix_cache(self) -> FrozenFeatureCache | None:
-        """The cache of the ``frozen_backbone_blocks`` first blocks (built once, then kept)."""
-        if "prefix" not in self._feature_caches:
-            self._feature_caches["prefix"] = self._build_feature_cache(self.config.schedule.frozen_backbone_blocks)
-        return self._feature_caches["prefix"]
-
-    def _build_feature_cache(self, blocks: int | None) -> FrozenFeatureCache | None:
-        cfg = self.config
-        items = self.data.training_items
-        what = "backbone" if blocks is None else f"first {blocks} backbone blocks"
-        with self._bar(f"caching the frozen {what}", len(items)) as bar:
-            return FrozenFeatureCache.build(
-                self.model, blocks, self.data.train, items, settings=self.settings, max_bytes=cfg.data.feature_cache_max_gb * 1e9, bad_images=self.bad_images, progress=bar.update,
-                noise_std=cfg.loss.stability_noise if cfg.loss.stability > 0 else 0.0, noise_seed=cfg.run.seed,
-            )
-
-    def _forward_model(self, stage: str = "joint", cache: FrozenFeatureCache | None = None) -> nn.Module:
-        """The module to call in training (the pre-training net in ``pretrain``; the network
-        after the cached layers when training on a feature ``cache``): the DDP wrapper when
-        distributed, compiled with :func:`torch.compile` when ``run.compile`` is set (DDP first, so
-        its bucketed all-reduces are compiled around).
-
-        One wrapper per stage: DDP synchronises only the parameters that require gradients when
-        it is built, and each stage trains a different set (a wrapper built in ``warm`` would
-        leave the backbone's gradients of ``joint`` unsynchronised). Every trainable parameter of
-        a stage takes part in its loss, so no search for unused parameters is needed.
-        """
-        module: nn.Module = self.pretrain_net if stage == "pretrain" else self.model
-        key = stage
-        if cache is not None:
-            module = CachedForward(self.model, split_backbone(self.model.features, cache.frozen_blocks)[1])
-            key = f"{stage}:cached"
-        if _world() > 1:
-            self._ddp = self._ddp or {}
-            if key not in self._ddp:
-                self._ddp[key] = nn.parallel.DistributedDataParallel(
-                    module, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=False
-                )
-            module = self._ddp[key]
-        if self.config.run.compile:
-            if key not in self._compiled:
-                logger.info("run.compile: compiling the %s forward pass with torch.compile (the first batches wait for it)", key)
-                self._compiled[key] = torch.compile(module)
-            module = self._compiled[key]
-        return module
-
     def _sampler(self, indices: list[int], shuffle: bool, seed: int) -> Any:
         if _world() <= 1:
             return None
         from torch.utils.data.distributed import DistributedSampler
 
         return DistributedSampler(range(len(indices)), shuffle=shuffle, seed=seed, drop_last=False)
-
-    # -- stages -----------------------------------------------------------------------------
-    def _train_epoch(self, step: Step) -> dict[str, Any]:
-        """One warm or joint epoch. The global batch order comes from the step's seed; with
-        several processes each global batch is split across ranks and every rank's loss is
-        weighted by its share, so DDP's gradient average equals the single-process gradient."""
-        cfg = self.config
-        set_trainable(self.model, step.stage, cfg.schedule.frozen_backbone_blocks)
-        optimizer = self.optimizers[step.stage]
-        cache = self._feature_cache_for(step)
-        forward = self._forward_model(step.stage, cache)
-        forward.train()
-        if cfg.schedule.freeze_backbone_batchnorm and step.stage != "pretrain":
-            freeze_batchnorm(self.model.features)
-        subset = IndexedSubset(self.data.train, self.data.training_items)
-        seed = self._step_seed(step)
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(subset), generator=generator).tolist()
-        world, rank = _world(), _rank()
-        sampler = ShardedBatchSampler(order, cfg.data.batch_size, rank, world)
-        if cache is not None:
-            # the same batches in the same order, read from the cached frozen-layer outputs
-            loader: Any = cache.batches(order, cfg.data.batch_size, rank, world)
-            item_shape = tuple(cache.tensors.shape[1:])
-        else:
-            loader = make_loader(
-                subset, cfg.data.batch_size, generator=generator, num_workers=cfg.data.num_workers,
-                pin_memory=self.device.type == "cuda", batch_sampler=sampler,
-            )
-            item_shape = (3, cfg.data.image_size, cfg.data.image_size)
-        fmt = memory_format(cfg.run.channels_last)
-        identity = self.model.class_identity
-        average = self._weight_average() if step.stage != "pretrain" else None
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=self.device)
-        seen = torch.zeros((), device=self.device)
-        total = cfg.schedule.pretrain_epochs if step.stage == "pretrain" else cfg.schedule.epochs
-        taps = self._alignment_taps(step, cache)
-        stability = cfg.loss.stability > 0 and step.stage in ("warm", "joint")
-        with taps or contextlib.nullcontext(), self._bar(f"epoch {step.epoch + 1}/{total} {step.stage}", len(sampler)) as bar:
-            for batch in loader:
-                self.bad_images.add(batch.bad)
-                if batch.images is None and world == 1:
-                    bar.update(1)
-                    continue
-                readable = len(batch.labels)
-                if world > 1:
-                    # The share of this rank's slice in the global batch's readable images (one
-                    # scalar all-reduce), so DDP's average is the single-process gradient even
-                    # when some rank met unreadable images.
-                    count = torch.tensor([float(readable)], device=self.device)
-                    dist.all_reduce(count)
-                    share = readable * world / count.clamp(min=1.0)
-                if batch.images is None and float(count) == 0:
-                    bar.update(1)  # no rank has a readable image: skipped, as a single process does
-                    continue
-                if batch.images is None:
-                    # An empty slice (unreadable images, or a last global batch smaller than the
-                    # world): every rank must take part in the gradient all-reduce, so it runs a
-                    # zero-weight stand-in.
-                    batch = batch._replace(images=torch.zeros(1, *item_shape), labels=torch.zeros(1, dtype=torch.long))
-                    share = torch.zeros(1, device=self.device)
-                images = batch.images.to(self.device, non_blocking=True).to(memory_format=fmt)
-                labels = batch.labels.to(self.device, non_blocking=True)
-                noisy = self._noisy_inputs(cache, batch, images) if stability else None
-                with autocast(self.device, self.precision):
-                    # stability training: the noisy copies ride in the same pass (one forward, one
-                    # backward: what DDP and torch.compile expect), then the outputs are split
-                    out = forward(images if noisy is None else torch.cat([images, noisy]))
-                if noisy is not None:
-                    both, out = out, type(out)(*(t[:len(images)] for t in out))
-                    noisy_distances = both.distances[len(images):]
-                if step.stage == "pretrain":
-                    loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
-                    terms = {"ce": loss.detach(), "loss": loss.detach()}
-                else:
-                    loss, terms = protopnet_loss(out.logits, out.min_distances, labels, identity, self.model.last_layer.weight, self.coefficients, cluster_over=cfg.loss.cluster_over)
-                    if cfg.loss.focal > 0:
-                        focal = focal_cost(out.distances, labels, identity)
-                        loss = loss + cfg.loss.focal * focal
-                        terms.update(focal=focal.detach(), loss=loss.detach())
-                    if cfg.loss.diversity > 0:
-                        apart = diversity_cost(self.model.prototypes, identity, cfg.loss.diversity_margin)
-                        loss = loss + cfg.loss.diversity * apart
-                        terms.update(diversity=apart.detach(), loss=loss.detach())
-                    if noisy is not None:
-                        steady = stability_cost(out.distances, noisy_distances, labels, identity)
-                        loss = loss + cfg.loss.stability * steady
-                        terms.update(stability=steady.detach(), loss=loss.detach())
-                    if taps is not None:
-                        shallow, deep = taps.features(images)
-                        shallow, deep = shallow[:len(images)], deep[:len(images)]
-                        aligned = alignment_cost(out.distances, labels, identity, shallow, deep, cfg.loss.alignment_threshold)
-                        loss = loss + cfg.loss.alignment * aligned
-                        terms.update(alignment=aligned.detach(), loss=loss.detach())
-                optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss * share.squeeze(0) if world > 1 else loss).backward()
-                self.scaler.step(optimizer)
-                self.scaler.update()
-                if average is not None:
-                    average.update_parameters(self.model)
-                b = float(readable)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * b
-                correct += (out.logits.argmax(1) == labels).sum() if b else 0
-                seen += b
-                bar.update(1)
-                if self.progress_bars is not None and self.is_main:  # float() waits for the GPU
-                    bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{float(correct) / max(float(seen), 1):.3f}")
-                fault_point("batch")
-        keys = sorted(sums)
-        totals = torch.stack([*(sums[k] for k in keys), correct.float(), seen.float()]) if keys else None
-        if totals is not None and world > 1:
-            dist.all_reduce(totals)
-        record: dict[str, Any] = {}
-        if totals is not None:
-            n = max(float(totals[-1]), 1.0)
-            for i, k in enumerate(keys):
-                record[k] = float(totals[i]) / n
-            record["train_accuracy"] = float(totals[-2]) / n
-        if step.stage == "joint":
-            record["lr_backbone"] = self.optimizers["joint"].param_groups[0]["lr"]
-            self.scheduler.step()
-        self._share_model_from_main()
-        return record
-
-    def _noisy_inputs(self, cache: FrozenFeatureCache | None, batch: Any, images: torch.Tensor) -> torch.Tensor:
-        """``loss.stability``'s noisy copies of a batch's inputs (B, ...) like ``images``: the
-        cached prefix outputs of the noisy pictures, or the pictures plus their fixed noise
-        (:func:`~protopnet.train.feature_cache.training_noise`). A distributed zero-weight
-        stand-in (no items) gets its own inputs back."""
-        if len(batch.indices) != len(images):
-            return images
-        if cache is not None:
-            if cache.noisy is None:
-                raise RuntimeError("loss.stability: the feature cache holds no noisy copies")
-            noisy = cache.noisy[batch.indices.to(cache.noisy.device)]
-            return noisy.to(self.device, non_blocking=True).to(memory_format=memory_format(self.config.run.channels_last))
-        return images + training_noise(images, batch.indices, self.config.loss.stability_noise, self.config.run.seed)
-
-    def _alignment_taps(self, step: Step, cache: FrozenFeatureCache | None) -> AlignmentTaps | None:
-        """The hooks that feed ``loss.alignment`` in the joint epochs (None when it is off or in
-        another stage: in the warm-up the backbone, which the cost trains, is frozen)."""
-        if step.stage != "joint" or not self.config.loss.alignment > 0:
-            return None
-        if self.alignment_block is None:
-            self.alignment_block = resolve_alignment_block(self.model.features, self.config.data.image_size, self.config.loss.alignment_block)
-            logger.info("alignment cost: shallow features from backbone block %d", self.alignment_block)
-        return AlignmentTaps(self.model, self.alignment_block, cache.frozen_blocks if cache is not None else None, self.config.loss.alignment_deep)
 
     def _check_ranks_agree(self, step: Step) -> None:
         """With several processes, check that every rank holds the same model after a step that
@@ -460,25 +244,6 @@ class Trainer(PrototypeSteps, RunState):
                     dist.broadcast(buffer, src=0)
                     tensor.copy_(buffer)
 
-    def _weight_average(self) -> AveragedModel | None:
-        """The moving average of the weights (``optim.ema_decay``), started from the current
-        weights at the first training epoch after a push; None when averaging is off."""
-        decay = self.config.optim.ema_decay
-        if decay and self.weight_average is None:
-            self.weight_average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-        return self.weight_average
-
-    def _adopt_weight_average(self) -> None:
-        """The model takes the averaged weights (before push, or at the end of the schedule);
-        the next training epoch starts a new average. Buffers (batch-norm statistics) stay the
-        model's own."""
-        if self.weight_average is None:
-            return
-        take_averaged_weights(self.model, self.weight_average)
-        logger.info("the model takes the moving average of its weights (%d training steps, optim.ema_decay %g)",
-                    int(self.weight_average.n_averaged), self.config.optim.ema_decay)
-        self.weight_average = None
-
     def _validate(self) -> float | None:
         if not self.data.val_indices:
             return None
@@ -509,6 +274,24 @@ class Trainer(PrototypeSteps, RunState):
         if self.is_main:
             atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
         elapsed_before = sum(r.get("seconds", 0.0) for r in self.metrics)
+        try:
+            self._run_steps()
+        except BaseException:
+            self._complete_checkpoint_write(report=False)  # the last finished step's checkpoint still lands
+            raise
+        self._complete_checkpoint_write()
+        self.tensorboard.close()
+        self._adopt_weight_average()  # a schedule that ends with training epochs
+        if self.selected_step is None and self.is_main:
+            # No pushed model was ever selected (a schedule without push): keep the final one.
+            save_model(self.model, self.out_dir / "model", dataset=self.data.clean, run_config=self.config.to_dict())
+        if _world() > 1:
+            dist.barrier()
+        return self._finish(elapsed_before + time.perf_counter() - start)
+
+    def _run_steps(self) -> None:
+        """Every planned step from ``next_step`` on, each followed by its checkpoint (written in
+        the background while the next step runs: see :meth:`RunState._save_checkpoint`)."""
         with self._bar("training", len(self.plan)) as overall:
             overall.update(self.next_step)
             for step in self.plan[self.next_step:]:
@@ -535,20 +318,15 @@ class Trainer(PrototypeSteps, RunState):
                 self._merge_bad_images()
                 self.metrics.append(record)
                 self.tensorboard.after_step(record, self.model, self.data.clean)  # before the checkpoint: a resume purges it
+                # the previous step's checkpoint first: the model directory and the checkpoints
+                # are written in step order, and its failure names its own step
+                self._complete_checkpoint_write()
                 try:
                     self._after_step(step, val)
                 except OSError as error:
                     raise self._write_failure(error, f"step {step.index} ({step.stage}, epoch {step.epoch})") from None
                 overall.update(1)
                 logger.info("step %d %s epoch %d: %s", step.index, step.stage, step.epoch, _short(record))
-        self.tensorboard.close()
-        self._adopt_weight_average()  # a schedule that ends with training epochs
-        if self.selected_step is None and self.is_main:
-            # No pushed model was ever selected (a schedule without push): keep the final one.
-            save_model(self.model, self.out_dir / "model", dataset=self.data.clean, run_config=self.config.to_dict())
-        if _world() > 1:
-            dist.barrier()
-        return self._finish(elapsed_before + time.perf_counter() - start)
 
     def _after_step(self, step: Step, val: float | None) -> None:
         if self._is_candidate(step):
@@ -578,18 +356,6 @@ class Trainer(PrototypeSteps, RunState):
         if self.config.schedule.prune:
             return any(s.stage == "prune" and s.index <= step.index for s in self.plan)
         return True
-
-    def _write_failure(self, error: OSError, what: str) -> OSError:
-        """One line for a failed write (disk full, read-only): what was lost and what is safe."""
-        done = self._checkpoint_dirs()
-        safe = f"the checkpoint {done[-1].name} is intact" if done else "no step was checkpointed yet"
-        reason = error.strerror or str(error)
-        failure = OSError(
-            f"could not save {what} in {self.out_dir}: {reason}; {safe}: free some space (or make the directory writable) "
-            "and run the same command with --resume"
-        )
-        failure.errno = error.errno
-        return failure
 
     def _merge_bad_images(self) -> None:
         """With several processes, every rank learns the unreadable images the others met."""
@@ -627,8 +393,12 @@ class Trainer(PrototypeSteps, RunState):
         model_dir = self.out_dir / "model"
         selected = self._selected_model(model_dir)
         cfg = self.config
-        # the selected model is evaluated in float32 on the contiguous layout, whatever the run trained in
-        common = dict(settings=self.settings.replace(precision="fp32", channels_last=False), bad_images=self.bad_images)
+        # The selected model is evaluated in float32, whatever precision the run trained in, in the
+        # run's memory layout: channels_last only orders the sums differently, and on a CPU its
+        # float32 convolutions are the faster ones.
+        if cfg.run.channels_last:
+            selected = selected.to(memory_format=torch.channels_last)
+        common = dict(settings=self.settings.replace(precision="fp32"), bad_images=self.bad_images)
         val = None
         if self.data.val_indices:
             logits, labels, _ = predict_logits(selected, self.data.clean, indices=self.data.val_indices,

@@ -16,8 +16,14 @@ import torch
 import torch.distributed as dist
 
 from ..atomic_files import fault_point
-from .distributed import rank as _rank, run_on_main as _run_on_main, world as _world
-from .last_layer import collect_similarities, collect_similarities_from_cache, optimise_last_layer
+from .distributed import all_agree, rank as _rank, run_on_main as _run_on_main, world as _world
+from .last_layer import (
+    KeptLatents,
+    collect_similarities,
+    collect_similarities_from_cache,
+    collect_similarities_from_latents,
+    optimise_last_layer,
+)
 from .prototype_init import restart_on_distinctive_patches, start_on_distinctive_patches, start_on_patches
 from .push import push_prototypes
 from .stages import Step, set_trainable
@@ -33,13 +39,20 @@ class PrototypeSteps:
         cfg = self.config
         self._adopt_weight_average()
         self.model.eval()
+        # The last-layer stage of this round fits the same clean pictures in the same batches
+        # (unless it fits fixed augmented views): push keeps its latent maps for it.
+        kept = None
+        if self._round_ends_with_last_layer(step) and not self._last_layer_fits_views():
+            kept = KeptLatents(max_bytes=cfg.data.feature_cache_max_gb * 1e9)
         with self._bar(f"epoch {step.epoch + 1}/{cfg.schedule.epochs} push", len(self.data.train_indices)) as bar:
             provenance = push_prototypes(
                 self.model, self.data.clean, indices=self.data.train_indices,
                 settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
                 sampler=self._sampler(self.data.train_indices, False, 0),
                 progress=lambda n: (bar.update(n), fault_point("push")), bad_images=self.bad_images,
+                keep_latents=kept,
             )
+        self._push_latents = kept
         moved = [p["distance"] for p in provenance]
         self.model.history.append({"event": "push", "step": step.index, "epoch": step.epoch, "time": _now()})
         record = {"push_mean_distance": sum(moved) / len(moved), "push_max_distance": max(moved)}
@@ -86,6 +99,18 @@ class PrototypeSteps:
             logger.info("restarted %d prototypes on distinctive patches: %s", len(which), which)
         self.model.history.append({"event": "restart", "step": step.index, "epoch": step.epoch, "prototypes": which, "time": _now()})
         return len(which)
+
+    def _round_ends_with_last_layer(self, step: Step) -> bool:
+        """Whether the steps after ``step`` are (pruning, then) a last-layer stage."""
+        for later in self.plan[step.index + 1:]:
+            if later.stage != "prune":
+                return later.stage == "last_layer"
+        return False
+
+    def _last_layer_fits_views(self) -> bool:
+        """Whether the last-layer stage fits fixed augmented copies of the training pictures
+        (``data.augment_views`` or the paper's offline augmentation) rather than the clean ones."""
+        return bool(self.config.data.augment_views or self.config.data.offline_augmentation)
 
     def _first_prototype_step(self) -> int | None:
         return next((s.index for s in self.plan if s.stage in ("warm", "joint")), None)
@@ -160,10 +185,14 @@ class PrototypeSteps:
         # The convex stage fits the training pictures: with fixed augmented copies (the paper's
         # offline augmentation, or data.augment_views) all of them, as the reference does;
         # with on-the-fly augmentation the clean pictures.
-        fixed = bool(cfg.data.augment_views or cfg.data.offline_augmentation)
+        fixed = self._last_layer_fits_views()
         dataset, items = (self.data.train, self.data.training_items) if fixed else (self.data.clean, self.data.train_indices)
         prefix = self._feature_caches.get("prefix") if fixed else None
-        if prefix is not None:  # the frozen blocks' outputs are cached: only the later blocks run
+        kept, self._push_latents = self._push_latents, None  # used once, then freed
+        if not fixed and all_agree(kept is not None and kept.complete):
+            # push's latent maps of the same pictures, with the network unchanged since
+            sims, labels, _ = collect_similarities_from_latents(self.model, kept, sharded=_world() > 1)
+        elif prefix is not None:  # the frozen blocks' outputs are cached: only the later blocks run
             sims, labels, _ = collect_similarities_from_cache(
                 self.model, prefix, items, settings=self.settings.replace(batch_size=cfg.data.push_batch_size),
                 rank=_rank(), world=_world(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence, Unpack
+from typing import TYPE_CHECKING, Any, Sequence, Unpack
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ from ..model.protopnet import ProtoPNet
 from ..regions import activation_boxes
 from ..runtime import Progress, RunFields, RunSettings, autocast
 from .loader import BadImageLog, stream_batches
+
+if TYPE_CHECKING:
+    from .last_layer import KeptLatents
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +50,21 @@ class PushState:
     latent: torch.Tensor | None
 
     @classmethod
-    def empty(cls, prototypes: torch.Tensor) -> "PushState":
+    def empty(cls, prototypes: torch.Tensor, device: torch.device | str = "cpu") -> "PushState":
+        """No patch seen yet, on ``device`` (the scan's: the state is folded in where the
+        batches are, and moved to the CPU once, by :meth:`cpu`)."""
         m = prototypes.shape[0]
         return cls(
-            distance=torch.full((m,), float("inf")),
-            index=torch.full((m,), -1, dtype=torch.long),
-            position=torch.zeros(m, 2, dtype=torch.long),
-            patch=prototypes.detach().float().cpu().clone(),
+            distance=torch.full((m,), float("inf"), device=device),
+            index=torch.full((m,), -1, dtype=torch.long, device=device),
+            position=torch.zeros(m, 2, dtype=torch.long, device=device),
+            patch=prototypes.detach().float().to(device, copy=True),
             latent=None,
         )
+
+    def cpu(self) -> "PushState":
+        return PushState(self.distance.cpu(), self.index.cpu(), self.position.cpu(), self.patch.cpu(),
+                         None if self.latent is None else self.latent.cpu())
 
     def update(
         self,
@@ -66,37 +75,41 @@ class PushState:
         prototype_classes: torch.Tensor,
         model: ProtoPNet,
     ) -> None:
-        """Fold one batch in.
+        """Fold one batch in (on the state's device, which must be the batch's).
 
         Args:
             z: latent (B, D, H, W). distances: (B, M, H', W'). labels, indices: (B,).
             prototype_classes: (M,).
         """
         b, m, hp, wp = distances.shape
+        device = self.distance.device
         same_class = labels.view(b, 1) == prototype_classes.view(1, m)  # (B, M)
         masked = distances.flatten(2).masked_fill(~same_class.unsqueeze(2), float("inf"))  # (B, M, P)
         flat = masked.permute(1, 0, 2).reshape(m, b * hp * wp)  # (M, B*P)
         best, where = flat.min(dim=1)  # (M,)
-        best = best.cpu()
         # Ties go to the smaller dataset index, so any batch order or sharding gives one answer.
-        image_in_batch = (where // (hp * wp)).cpu()
-        candidate_index = indices.cpu()[image_in_batch]
+        image_in_batch = where // (hp * wp)
+        candidate_index = indices.to(device)[image_in_batch]
         better = (best < self.distance) | ((best == self.distance) & (candidate_index < self.index) & torch.isfinite(best))
-        if not bool(better.any()):
+        rows = torch.nonzero(better).flatten()  # (R,)
+        if rows.numel() == 0:
             return
-        rows = torch.nonzero(better).flatten()
-        cell = (where.cpu()[rows] % (hp * wp))
+        cell = where[rows] % (hp * wp)
         r, c = cell // wp, cell % wp
         h, w = model.prototype_size
         img = image_in_batch[rows]
-        patches = torch.stack([z[i, :, y : y + h, x : x + w] for i, y, x in zip(img.tolist(), r.tolist(), c.tolist())])
+        # every winner's (D, h, w) patch at once: z (B, H, W, D) indexed by (R, 1, 1) images,
+        # (R, h, 1) rows and (R, 1, w) columns -> (R, h, w, D)
+        ys = r.view(-1, 1, 1) + torch.arange(h, device=device).view(1, h, 1)
+        xs = c.view(-1, 1, 1) + torch.arange(w, device=device).view(1, 1, w)
+        patches = z.permute(0, 2, 3, 1)[img.view(-1, 1, 1), ys, xs].permute(0, 3, 1, 2)  # (R, D, h, w)
         if self.latent is None:
-            self.latent = torch.zeros(m, *z.shape[1:])
+            self.latent = torch.zeros(m, *z.shape[1:], device=device)
         self.distance[rows] = best[rows]
         self.index[rows] = candidate_index[rows]
         self.position[rows, 0], self.position[rows, 1] = r, c
-        self.patch[rows] = patches.float().cpu()
-        self.latent[rows] = z[img.to(z.device)].float().cpu()
+        self.patch[rows] = patches.float()
+        self.latent[rows] = z[img].float()
 
     def merge_across_ranks(self) -> None:
         """With torch.distributed initialised, make every rank hold the global winners."""
@@ -130,6 +143,7 @@ def push_prototypes(
     sampler: Any = None,
     progress: Progress | None = None,
     bad_images: BadImageLog | None = None,
+    keep_latents: KeptLatents | None = None,
     **fields: Unpack[RunFields],
 ) -> list[dict[str, Any]]:
     """Project every prototype onto its nearest latent training patch of its own class.
@@ -144,6 +158,8 @@ def push_prototypes(
             batch size 75); a field given as a keyword (``batch_size=...``) replaces that
             of ``settings``.
         progress: called with the number of images of each batch processed.
+        keep_latents: where to keep the scan's latent maps for the last-layer stage that follows
+            (:func:`~protopnet.train.last_layer.collect_similarities_from_latents`).
 
     Returns:
         provenance: one dict per prototype with ``prototype``, ``class_index``, ``class_name``,
@@ -158,7 +174,7 @@ def push_prototypes(
     device = run.device
     was_training = model.training
     model.eval()
-    state = PushState.empty(model.prototypes)
+    state = PushState.empty(model.prototypes, device)
     prototype_classes = model.prototype_classes.to(device)
     batches = stream_batches(dataset, indices=indices, settings=run, sampler=sampler,
                              bad_images=bad_images if bad_images is not None else BadImageLog())
@@ -167,8 +183,11 @@ def push_prototypes(
             z = model.latent(images)  # (B, D, H, W)
         distances = model.distances(z)  # (B, M, H', W') float32
         state.update(z, distances, labels.to(device), batch_indices, prototype_classes, model)
+        if keep_latents is not None:
+            keep_latents.keep(z, labels, batch_indices)
         if progress is not None:
             progress(len(batch_indices))
+    state = state.cpu()
     state.merge_across_ranks()
 
     missing = torch.nonzero(state.index < 0).flatten().tolist()

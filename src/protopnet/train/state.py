@@ -10,9 +10,10 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +28,38 @@ STATE_VERSION = 1
 
 class ResumeMismatchError(ValueError):
     """The run directory holds a run of another config."""
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """The finished checkpoints under ``root``, oldest first."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
+
+
+def _snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A contiguous CPU copy of every tensor (never a view of the original: the run goes on
+    changing the originals in place while the copies are written)."""
+    copies = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach()
+        copies[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").copy_(tensor)
+    return copies
+
+
+class _BackgroundWrite:
+    """``work()`` running on a thread of its own; ``error`` is what it raised, if anything. The
+    thread is not a daemon: an interpreter that exits lets it finish its files first."""
+
+    def __init__(self, what: str, work: Callable[[], None]) -> None:
+        self.what = what
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(work,), name="protopnet-checkpoint")
+        self.thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - handed to the training thread
+            self.error = error
 
 
 class RunState:
@@ -64,21 +97,64 @@ class RunState:
         return state, opt_tensors
 
     def _save_checkpoint(self, step: Step) -> None:
+        """Checkpoint the run as it is after ``step``: a copy of its tensors and bookkeeping is
+        taken now, and written (serialised, hashed, fsynced, renamed into place; the oldest
+        checkpoints beyond ``output.keep_checkpoints`` removed) on a background thread while the
+        next step runs (``output.background_checkpoints``; else here, before returning). One
+        write is in flight at a time; :meth:`_complete_checkpoint_write` waits for it and
+        reports its failure."""
+        self._complete_checkpoint_write()
         state, extra_tensors = self._state()
+        text = json.dumps(state, allow_nan=True)  # the bookkeeping as it is now: its lists grow with the next step
+        model_tensors = _snapshot(self.model.state_dict())  # training goes on updating the tensors in place
+        extra_tensors = _snapshot(extra_tensors)
+        root, keep = self.out_dir / "checkpoints", self.config.output.keep_checkpoints
 
         def fill(tmp: Path) -> None:
-            state["model_sha256"] = save_tensors(tmp / "model.safetensors", self.model.state_dict())
+            written = json.loads(text)
+            written["model_sha256"] = save_tensors(tmp / "model.safetensors", model_tensors)
             fault_point("checkpoint-write")
-            state["state_sha256"] = save_tensors(tmp / "state.safetensors", extra_tensors)
-            atomic_write_json(tmp / "state.json", state)
+            written["state_sha256"] = save_tensors(tmp / "state.safetensors", extra_tensors)
+            atomic_write_json(tmp / "state.json", written)
 
-        root = self.out_dir / "checkpoints"
-        write_directory_atomically(root / f"step-{step.index:05d}", fill)
-        for old in self._checkpoint_dirs()[: -self.config.output.keep_checkpoints]:
-            # renamed first, so a kill halfway through the deletion leaves no half checkpoint
-            doomed = root / f".{old.name}.del-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+        def write() -> None:
+            write_directory_atomically(root / f"step-{step.index:05d}", fill)
+            for old in _checkpoint_dirs(root)[:-keep]:
+                # renamed first, so a kill halfway through the deletion leaves no half checkpoint
+                doomed = root / f".{old.name}.del-{os.getpid()}-{time.monotonic_ns()}"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+
+        if self.config.output.background_checkpoints:
+            self._pending_write = _BackgroundWrite(f"step {step.index} ({step.stage}, epoch {step.epoch})", write)
+        else:
+            write()
+
+    def _complete_checkpoint_write(self, report: bool = True) -> None:
+        """Wait for the checkpoint being written, if any. Its failure is raised as
+        :meth:`_write_failure` describes it (an ``OSError`` naming its step), unless ``report``
+        is False (the run is already stopping with another error)."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is None:
+            return
+        pending.thread.join()
+        if pending.error is None or not report:
+            return
+        if isinstance(pending.error, OSError):
+            raise self._write_failure(pending.error, pending.what) from None
+        raise pending.error
+
+    def _write_failure(self, error: OSError, what: str) -> OSError:
+        """One line for a failed write (disk full, read-only): what was lost and what is safe."""
+        done = self._checkpoint_dirs()
+        safe = f"the checkpoint {done[-1].name} is intact" if done else "no step was checkpointed yet"
+        reason = error.strerror or str(error)
+        failure = OSError(
+            f"could not save {what} in {self.out_dir}: {reason}; {safe}: free some space (or make the directory writable) "
+            "and run the same command with --resume"
+        )
+        failure.errno = error.errno
+        return failure
 
     def _resume(self) -> None:
         root = self.out_dir / "checkpoints"
@@ -141,5 +217,4 @@ class RunState:
             self.model.set_prototypes(tensors["prototypes"], tensors["prototype_classes"], tensors["last_layer.weight"])
 
     def _checkpoint_dirs(self) -> list[Path]:
-        root = self.out_dir / "checkpoints"
-        return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
+        return _checkpoint_dirs(self.out_dir / "checkpoints")
