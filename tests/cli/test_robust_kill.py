@@ -68,6 +68,29 @@ def newest(out: Path) -> int:
     return int(checkpoints(out)[-1].name.split("-")[1]) if checkpoints(out) else -1
 
 
+def finish(baseline: subprocess.Popen) -> None:
+    """Wait for the uninterrupted run (killed after 4 minutes) and check that it succeeded."""
+    if baseline.poll() is None:
+        try:
+            baseline.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            baseline.kill()
+    assert baseline.returncode == 0, baseline.stderr.read()
+
+
+def assert_same_run(full: Path, cut: Path) -> None:
+    """The interrupted and resumed run ``cut`` ended as the uninterrupted ``full``: the same
+    weights, the same selected step and test figures, the same steps."""
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, cut))
+    assert ra["selected_step"] == rb["selected_step"] == STEPS - 1 and ra["test"] == rb["test"]
+    stages = [[json.loads(line)["stage"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, cut)]
+    assert stages[0] == stages[1] == PLAN
+
+
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
     config = tmp_path / "tiny.yaml"
@@ -133,21 +156,8 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
         assert leftovers(out) == []
         assert_whole(out)
     finally:
-        if baseline.poll() is None:
-            try:
-                baseline.wait(timeout=240)
-            except subprocess.TimeoutExpired:
-                baseline.kill()
-    assert baseline.returncode == 0, baseline.stderr.read()
-
-    full, cut = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
-    assert sorted(full) == sorted(cut)
-    for key in full:
-        assert torch.equal(full[key], cut[key]), key
-    a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "full", out))
-    assert a["selected_step"] == b["selected_step"] == STEPS - 1 and a["test"] == b["test"]
-    stages = [[json.loads(line)["stage"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
-    assert stages[0] == stages[1] and len(stages[0]) == STEPS
+        finish(baseline)
+    assert_same_run(tmp_path / "full", out)
     shutil.rmtree(tmp_path / "full")
 
 
@@ -181,16 +191,8 @@ def test_sigkill_during_background_checkpoints_then_resume_gives_the_uninterrupt
         assert leftovers(out) == []
         assert_whole(out)
     finally:
-        if baseline.poll() is None:
-            try:
-                baseline.wait(timeout=240)
-            except subprocess.TimeoutExpired:
-                baseline.kill()
-    assert baseline.returncode == 0, baseline.stderr.read()
-    full, cut = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
-    assert sorted(full) == sorted(cut) and all(torch.equal(full[key], cut[key]) for key in full)
-    stages = [[json.loads(line)["stage"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
-    assert stages[0] == stages[1] == PLAN
+        finish(baseline)
+    assert_same_run(tmp_path / "full", out)
 
 
 def test_cleanup_removes_only_what_killed_writes_leave_and_restores_a_swapped_directory(tmp_path):
