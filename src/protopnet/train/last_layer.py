@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _similarity_vectors(model: ProtoPNet, z: torch.Tensor) -> torch.Tensor:
+    """(B, M) float32 on the CPU: each prototype's similarity at its best cell of the latent maps
+    ``z`` (B, D, H, W) — what every collection below computes per batch."""
+    return model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu()
+
+
 @torch.no_grad()
 def collect_similarities(
     model: ProtoPNet,
@@ -58,7 +64,7 @@ def collect_similarities(
     for images, y, i in batches:
         with autocast(device, run.precision):
             z = model.latent(images)
-        sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
+        sims.append(_similarity_vectors(model, z))
         labels.append(y)
         idx.append(i)
     model.train(was_training)
@@ -114,7 +120,7 @@ def collect_similarities_from_latents(
     """
     if not kept.complete:
         raise ValueError("the kept latent maps are incomplete (they exceeded max_bytes): scan the pictures instead")
-    sims = [model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu() for z, _, _ in kept.batches]
+    sims = [_similarity_vectors(model, z) for z, _, _ in kept.batches]
     s = torch.cat(sims) if sims else torch.zeros(0, model.num_prototypes)
     y = torch.cat([b[1] for b in kept.batches]) if kept.batches else torch.zeros(0, dtype=torch.long)
     i = torch.cat([b[2] for b in kept.batches]) if kept.batches else torch.zeros(0, dtype=torch.long)
@@ -157,7 +163,7 @@ def collect_similarities_from_cache(
         cached = cache.tensors[chunk.to(device)].to(memory_format=fmt)
         with autocast(device, run.precision):
             z = model.add_on(cached if suffix is None else suffix(cached))
-        sims.append(model.similarity(model.distances(z).flatten(2).amin(2)).float().cpu())
+        sims.append(_similarity_vectors(model, z))
     model.train(was_training)
     s = torch.cat(sims) if sims else torch.zeros(0, model.num_prototypes)
     labels = cache.labels.cpu()[positions]
