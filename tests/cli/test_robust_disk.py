@@ -71,10 +71,12 @@ def error_line(capsys) -> str:
 
 
 def fail_writes_after(monkeypatch, after_step: int, action) -> None:
-    """Run ``action()`` once, right after step ``after_step`` was checkpointed."""
+    """Run ``action()`` once, right after step ``after_step`` was checkpointed (its checkpoint,
+    written in the background, waited for: the action must not land on it)."""
     def after(self, step, val):
         AFTER_STEP(self, step, val)
         if step.index == after_step:
+            self._complete_checkpoint_write()
             action()
 
     monkeypatch.setattr(loop.Trainer, "_after_step", after)
