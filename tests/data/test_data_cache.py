@@ -133,3 +133,84 @@ def test_dataloader_workers_read_the_map_and_skip_bad_items(folder, tmp_path):
     assert [b[0].shape[0] for b in batches] == [2, 1]  # item 3 (empty file) dropped
     images = torch.cat([b[0] for b in batches])
     assert torch.allclose(images[2, :, 0, 0], torch.tensor([200, 0, 50]) / 255)
+
+
+# -- MemoryCache: pictures kept in memory for a run ---------------------------------------------
+
+def test_memory_cache_serves_the_same_pixels_and_decodes_each_picture_once():
+    from protopnet.data import MemoryCache, PictureMemory
+
+    plain = SyntheticParts("train", num_classes=3, images_per_class=4, image_size=32, seed=5)
+    CountingSynthetic.calls = 0
+    memory = PictureMemory(10**9)
+    kept = MemoryCache(CountingSynthetic("train", num_classes=3, images_per_class=4, image_size=32, seed=5), memory)
+    for _ in range(3):  # three epochs
+        for i in range(12):
+            assert np.array_equal(pixels(kept.load_image(i)), pixels(plain.load_image(i)))
+            image, label = kept[i]
+            reference, reference_label = plain[i]
+            assert torch.equal(image, reference) and label == reference_label
+    assert CountingSynthetic.calls == 12 and len(memory) == 12 and memory.used_bytes == 12 * 32 * 32 * 3
+    assert kept.classes == plain.classes and kept.targets == plain.targets and kept.split == "train"
+    assert kept.path(2) == plain.path(2) and kept.annotation(2) == plain.annotation(2)
+    # a reader that draws on the picture it got changes nothing for the next one
+    picture = kept.load_image(0)
+    picture.paste((255, 0, 0), (0, 0, 32, 32))
+    assert np.array_equal(pixels(kept.load_image(0)), pixels(plain.load_image(0)))
+
+
+def test_memory_cache_keeps_pictures_within_its_budget_and_decodes_the_rest_every_time():
+    from protopnet.data import MemoryCache, PictureMemory
+
+    size = 32 * 32 * 3
+    CountingSynthetic.calls = 0
+    memory = PictureMemory(5 * size + size // 2)  # room for 5 pictures, not 6
+    kept = MemoryCache(CountingSynthetic("train", num_classes=2, images_per_class=4, image_size=32), memory)
+    plain = SyntheticParts("train", num_classes=2, images_per_class=4, image_size=32)
+    for epoch in range(2):
+        for i in range(8):
+            assert np.array_equal(pixels(kept.load_image(i)), pixels(plain.load_image(i)))
+    assert len(memory) == 5 and memory.used_bytes == 5 * size
+    assert CountingSynthetic.calls == 8 + 3  # the 3 pictures past the budget are decoded again
+    assert len(PictureMemory(0)) == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        PictureMemory(-1)
+
+
+def test_memory_cache_is_shared_by_the_wrappers_of_one_split_and_applies_their_augmentation():
+    from protopnet.data import MemoryCache, PictureMemory
+
+    CountingSynthetic.calls = 0
+    memory = PictureMemory(10**9)
+    clean = MemoryCache(CountingSynthetic("train", num_classes=2, images_per_class=3, image_size=32), memory)
+    flip = lambda picture: picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # noqa: E731
+    augmented = MemoryCache(CountingSynthetic("train", num_classes=2, images_per_class=3, image_size=32, augment=flip), memory)
+    assert augmented.augment is flip and clean.augment is None
+    for i in range(6):
+        plain, _ = clean[i]
+        flipped, _ = augmented[i]
+        assert torch.equal(flipped, plain.flip(-1))
+    assert CountingSynthetic.calls == 6  # the augmented set found every picture already kept
+
+
+def test_memory_cache_does_not_keep_unreadable_pictures(folder):
+    from protopnet.data import MemoryCache, PictureMemory
+
+    memory = PictureMemory(10**9)
+    kept = MemoryCache(ImageFolderDataset(folder, image_size=8), memory)
+    for _ in range(2):  # the empty file fails every time it is read, with the dataset's own error
+        with pytest.raises(BadImageError, match="empty"):
+            kept.load_image(3)
+    assert pixels(kept.load_image(2))[0, 0].tolist() == [200, 0, 50]
+    assert len(memory) == 1
+    skipping = SkipBadImages(kept)
+    assert skipping[3] is None and skipping[0] is not None
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "lots"])
+def test_the_memory_cache_budget_must_be_a_finite_number_of_gib(value):
+    from protopnet.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data.memory_cache_max_gb: expected"):
+        Config.from_dict({"data": {"memory_cache_max_gb": value}})
+    assert Config.from_dict({"data": {"memory_cache_max_gb": 0}}).data.memory_cache_max_gb == 0

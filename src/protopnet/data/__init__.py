@@ -1,6 +1,6 @@
 """Datasets for ProtoPNet: the contract (:class:`ProtoDataset`), the built-in synthetic demo,
-CUB-200-2011, Stanford Cars, any ImageFolder tree, robust image loading, augmentation and a
-decoded-picture cache. :func:`build_dataset` picks the right one from a spec."""
+CUB-200-2011, Stanford Cars, any ImageFolder tree, robust image loading, augmentation and
+decoded-picture caches (on disk and in memory). :func:`build_dataset` picks the right one from a spec."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from protopnet.data.augment import (
     online_augmentation,
 )
 from protopnet.data.base import IMAGENET_MEAN, IMAGENET_STD, Annotation, ProtoDataset
-from protopnet.data.cache import DecodedCache
+from protopnet.data.cache import DecodedCache, MemoryCache, PictureMemory
 from protopnet.data.cars import StanfordCars, is_cars_root
 from protopnet.data.cub import CUB200, is_cub_root, pretty_class_name, read_cub_metadata
 from protopnet.data.errors import BadImageError
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AugmentedViews",
     "Annotation", "BadImageError", "CUB200", "DecodedCache", "IMAGENET_MEAN", "IMAGENET_STD",
-    "IMAGE_EXTENSIONS", "ImageFolderDataset", "OnlineAugmentation", "ProtoDataset", "SkipBadImages",
+    "IMAGE_EXTENSIONS", "ImageFolderDataset", "MemoryCache", "OnlineAugmentation", "PictureMemory", "ProtoDataset", "SkipBadImages",
     "DATA_SPEC_HELP", "DataSpecError", "StanfordCars", "SyntheticParts", "augment_dataset_to_folder", "build_dataset",
     "dataset_for_model",
     "check_image_header", "collate_skip_none", "is_cars_root", "is_cub_root", "offline_augment",

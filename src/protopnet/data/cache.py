@@ -1,7 +1,14 @@
-"""DecodedCache: decode and resize every picture once, then serve them from a memory-mapped file.
+"""Pictures decoded and resized once, then served again: from a file or from memory.
 
-JPEG decoding and resizing dominate the cost of an epoch on CPU; with the cache an item costs a
-memory copy. Files in ``cache_dir``::
+JPEG decoding and resizing are a fixed cost of every epoch on a CPU, the same in every
+precision; with a cache an item costs a memory copy.
+
+- :class:`DecodedCache` (``data.cache``): every picture decoded once into a memory-mapped file,
+  shared by DataLoader workers and by the runs that name the same ``cache_dir``.
+- :class:`MemoryCache` (``data.memory_cache_max_gb``, the default with ``num_workers=0``): each
+  picture kept in memory the first time a run reads it, within a budget; nothing is written.
+
+DecodedCache's files in ``cache_dir``::
 
     <name>.u8     raw uint8 array (N, S, S, 3), the pictures in item order
     <name>.json   {"version", "n", "size", "fingerprint", "ok": [bool] * N, "reasons": {index: reason}}
@@ -19,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +40,8 @@ from protopnet.data.errors import BadImageError
 logger = logging.getLogger(__name__)
 
 _VERSION = 1
+# attributes the wrappers set themselves: never looked up on the wrapped dataset
+_OWN_ATTRIBUTES = frozenset({"dataset", "_array", "_ok", "_reasons", "_pictures_kept"})
 
 
 def dataset_fingerprint(dataset: ProtoDataset) -> tuple[str, str]:
@@ -70,36 +80,13 @@ def _atomic_write_bytes(target: Path, data: bytes) -> None:
         raise
 
 
-class DecodedCache(ProtoDataset):
-    """Wrap a ProtoDataset; serve ``load_image`` from a uint8 memmap ``(N, S, S, 3)``.
+class _WrappedDataset(ProtoDataset):
+    """A ProtoDataset that serves another one's pictures differently: ``classes``, ``targets``,
+    ``path``, ``annotation``, ``image_size``, ``mean``, ``std`` and ``augment`` (reading and
+    setting it) act on the wrapped :attr:`dataset`, and so does any other attribute (``split``,
+    ``crop``, ``part_names``...). Subclasses implement :meth:`load_image`."""
 
-    Args:
-        dataset: any ProtoDataset (its ``load_image`` must be deterministic: no augmentation
-            happens there, augmentation is applied after, by this wrapper's ``augment``).
-        cache_dir: where the cache files live (created if needed; can be shared by datasets).
-        rebuild: rebuild even when a valid cache exists.
-
-    The wrapper forwards ``classes``, ``targets``, ``path``, ``annotation``, ``image_size``,
-    ``mean``, ``std`` and ``augment`` (reading and setting them acts on the wrapped dataset).
-    Items whose picture could not be decoded are remembered: ``load_image`` raises the same
-    BadImageError without touching the file again, and :attr:`bad_items` lists them.
-    """
-
-    def __init__(self, dataset: ProtoDataset, cache_dir: str | os.PathLike[str], rebuild: bool = False) -> None:
-        # no ProtoDataset.__init__: image_size, mean, std, augment are forwarded properties
-        self.dataset = dataset
-        self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        name, self.fingerprint = dataset_fingerprint(dataset)
-        stem = f"{type(dataset).__name__}-{dataset.image_size}px-{name}"
-        self.data_path = self.cache_dir / f"{stem}.u8"
-        self.meta_path = self.cache_dir / f"{stem}.json"
-        self._array: np.memmap | None = None
-        meta = None if rebuild else self._read_meta()
-        if meta is None:
-            meta = self._build()
-        self._ok: list[bool] = [bool(v) for v in meta["ok"]]
-        self._reasons: dict[int, str] = {int(k): str(v) for k, v in meta.get("reasons", {}).items()}
+    dataset: ProtoDataset
 
     # -- forwarding ---------------------------------------------------------------------------
     @property
@@ -140,9 +127,41 @@ class DecodedCache(ProtoDataset):
         return self.dataset.annotation(index)
 
     def __getattr__(self, name: str) -> Any:  # anything else (split, crop, part_names...)
-        if name.startswith("__") or name in ("dataset", "_array", "_ok", "_reasons"):
+        if name.startswith("__") or name in _OWN_ATTRIBUTES:
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class DecodedCache(_WrappedDataset):
+    """Wrap a ProtoDataset; serve ``load_image`` from a uint8 memmap ``(N, S, S, 3)``.
+
+    Args:
+        dataset: any ProtoDataset (its ``load_image`` must be deterministic: no augmentation
+            happens there, augmentation is applied after, by this wrapper's ``augment``).
+        cache_dir: where the cache files live (created if needed; can be shared by datasets).
+        rebuild: rebuild even when a valid cache exists.
+
+    The wrapper forwards ``classes``, ``targets``, ``path``, ``annotation``, ``image_size``,
+    ``mean``, ``std`` and ``augment`` (reading and setting them acts on the wrapped dataset).
+    Items whose picture could not be decoded are remembered: ``load_image`` raises the same
+    BadImageError without touching the file again, and :attr:`bad_items` lists them.
+    """
+
+    def __init__(self, dataset: ProtoDataset, cache_dir: str | os.PathLike[str], rebuild: bool = False) -> None:
+        # no ProtoDataset.__init__: image_size, mean, std, augment are forwarded properties
+        self.dataset = dataset
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        name, self.fingerprint = dataset_fingerprint(dataset)
+        stem = f"{type(dataset).__name__}-{dataset.image_size}px-{name}"
+        self.data_path = self.cache_dir / f"{stem}.u8"
+        self.meta_path = self.cache_dir / f"{stem}.json"
+        self._array: np.memmap | None = None
+        meta = None if rebuild else self._read_meta()
+        if meta is None:
+            meta = self._build()
+        self._ok: list[bool] = [bool(v) for v in meta["ok"]]
+        self._reasons: dict[int, str] = {int(k): str(v) for k, v in meta.get("reasons", {}).items()}
 
     # -- cache files --------------------------------------------------------------------------
     def _read_meta(self) -> dict[str, Any] | None:
@@ -229,3 +248,76 @@ class DecodedCache(ProtoDataset):
         """``[(index, path, reason), ...]`` of the items that could not be decoded."""
         return [(i, self.dataset.path(i), self._reasons.get(i, "unreadable image"))
                 for i, ok in enumerate(self._ok) if not ok]
+
+
+class PictureMemory:
+    """The decoded pictures of one split, kept in memory for a run and shared by the
+    :class:`MemoryCache` wrappers of that split (the clean and the augmented training set are
+    the same pictures), within ``max_bytes``. Pictures past the budget are not kept: they are
+    decoded every time they are read. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.used_bytes = 0
+        self._pictures: dict[int, np.ndarray] = {}  # index -> (S, S, 3) uint8, read-only
+        self._lock = threading.Lock()
+        self._full = False
+
+    def __len__(self) -> int:
+        return len(self._pictures)
+
+    def get(self, index: int) -> np.ndarray | None:
+        return self._pictures.get(index)
+
+    def keep(self, index: int, picture: Image.Image) -> None:
+        """Keep ``picture`` (RGB) as item ``index``'s, if the budget allows."""
+        array = np.asarray(picture.convert("RGB"), dtype=np.uint8)
+        with self._lock:
+            if index in self._pictures:
+                return
+            if self.used_bytes + array.nbytes > self.max_bytes:
+                if not self._full:
+                    self._full = True
+                    logger.info("%d decoded pictures kept in memory (%.2f GiB, the budget); the others are decoded each time",
+                                len(self._pictures), self.used_bytes / 2**30)
+                return
+            array = array.copy()  # own the pixels: the picture handed out may be changed by its reader
+            array.flags.writeable = False
+            self._pictures[index] = array
+            self.used_bytes += array.nbytes
+
+
+class MemoryCache(_WrappedDataset):
+    """Wrap a ProtoDataset so each picture is decoded once per run and then served from memory.
+
+    Args:
+        dataset: any ProtoDataset whose ``load_image`` is deterministic (augmentation happens
+            after it, by this wrapper's ``augment``).
+        memory: where the pictures are kept (:class:`PictureMemory`); pass the same one to the
+            wrappers of one split so they share it.
+
+    ``load_image`` returns the same pixels as the wrapped dataset's, as a new picture each time.
+    Unreadable items are not remembered: they raise BadImageError from the wrapped dataset on
+    every read. Meant for loading in the main process (``num_workers=0``): each DataLoader
+    worker would fill its own copy.
+    """
+
+    def __init__(self, dataset: ProtoDataset, memory: PictureMemory) -> None:
+        # no ProtoDataset.__init__: image_size, mean, std, augment are forwarded properties
+        self.dataset = dataset
+        self._pictures_kept = memory
+
+    @property
+    def memory(self) -> PictureMemory:
+        return self._pictures_kept
+
+    def load_image(self, index: int) -> Image.Image:
+        index = int(index)
+        kept = self._pictures_kept.get(index)
+        if kept is not None:
+            return Image.fromarray(kept)  # an RGB picture from an array is a copy of its pixels
+        picture = self.dataset.load_image(index)
+        self._pictures_kept.keep(index, picture)
+        return picture

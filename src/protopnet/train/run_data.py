@@ -65,6 +65,14 @@ def build_run_data(config: Config, mean: tuple[float, ...], std: tuple[float, ..
     extra.update(dataset_kw)
     cache_dir = Path(d.cache_dir) if d.cache_dir else Path(config.output.dir) / "cache"
     common = dict(image_size=d.image_size, mean=mean, std=std)
+    # The training pictures are read every epoch, by push and by validation: without the disk
+    # cache and with loading in this process, each is decoded once and kept in memory. The
+    # test split is read once, at the end, so it is not kept.
+    kept_training_pictures = None
+    if not d.cache and d.num_workers == 0 and d.memory_cache_max_gb > 0:
+        from ..data import PictureMemory
+
+        kept_training_pictures = PictureMemory(int(d.memory_cache_max_gb * 2**30))
 
     def make(split: str, augment: Any) -> Any:
         kw = dict(extra)
@@ -75,6 +83,10 @@ def build_run_data(config: Config, mean: tuple[float, ...], std: tuple[float, ..
             from ..data import DecodedCache
 
             dataset = DecodedCache(dataset, cache_dir / split)
+        elif split == "train" and kept_training_pictures is not None:
+            from ..data import MemoryCache
+
+            dataset = MemoryCache(dataset, kept_training_pictures)  # clean and augmented share the pictures
         return dataset
 
     augment = online_augmentation(d.image_size) if d.augment else None
