@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -203,6 +204,30 @@ def test_a_checkpoint_written_in_the_background_holds_the_run_as_it_was_after_it
         later = seen.get(index + 1)
         changed += later is not None and any(not torch.equal(model[k], later[0][k]) for k in model)
     assert changed >= len(trainer.plan) - 2  # the steps did change the weights the checkpoints froze
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads have nice values of their own on Linux only")
+def test_the_background_checkpoint_runs_at_the_lowest_priority_and_the_training_thread_keeps_its_own(tmp_path):
+    """The writer thread yields the cores to the training step's kernels; lowering it must not
+    lower the process (the training threads) with it."""
+    import importlib
+    import os
+    import threading
+
+    state = importlib.import_module("protopnet.train.state")
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def work():
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        (tmp_path / "written").write_text("ok")
+
+    pending = state._BackgroundWrite("step 0", work)
+    pending.thread.join()
+    assert pending.error is None and (tmp_path / "written").read_text() == "ok"
+    assert seen["writer"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == before  # the process as a whole
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):
