@@ -1,19 +1,21 @@
-"""Decoded-image cache (``data.cache: true``): epoch time with and without it on a JPEG ImageFolder.
+"""Decoded-picture caches: epoch time with and without them on a JPEG ImageFolder.
 
     python benchmarks/bench_cache.py [--images 300] [--width 500] [--height 375] [--image-size 224]
         [--backbone resnet18] [--batch-size 16] [--workers 0] [--threads 2] [--repeats 2]
 
 Writes photo-like random JPEGs (smooth colour fields plus grain, ``--width`` x ``--height``, 10
-classes) to a temporary ImageFolder tree, then measures, with and without the cache (after one
-untimed epoch of each, interleaved, median of ``--repeats``):
+classes) to a temporary ImageFolder tree, then measures three ways of reading them (after one
+untimed epoch of each, interleaved, median of ``--repeats``): decoded every epoch
+(``data.memory_cache_max_gb: 0``), kept in memory after the first epoch (the default with
+``num_workers: 0``) and from the memory-mapped file (``data.cache: true``):
 
-* the cache build: every picture decoded and resized once into the memmap (one-off);
+* the file cache's build: every picture decoded and resized once into the memmap (one-off);
 * a data epoch: every training image through the DataLoader (read, decode, resize, augment,
   normalise) — the part the cache shrinks;
 * a training epoch: a joint epoch of a ProtoPNet on ``--backbone`` (``none`` skips it),
   the data epoch plus the model's forward and backward.
 
-Prints a markdown table and the ratios (without / with). Speed does not depend on the weights:
+Prints a markdown table and the ratios (decoded every epoch / cached). Speed does not depend on the weights:
 the backbone is built without pretrained weights.
 """
 
@@ -49,14 +51,21 @@ def write_jpegs(root: Path, images: int, classes: int, width: int, height: int, 
         Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def make_config(root: Path, work: Path, args: argparse.Namespace, cache: bool) -> Config:
+MODES = {  # name -> (data.cache, data.memory_cache_max_gb)
+    "decoded every epoch": (False, 0.0),
+    "kept in memory": (False, 2.0),
+    "memory-mapped file": (True, 0.0),
+}
+
+
+def make_config(root: Path, work: Path, args: argparse.Namespace, cache: bool, memory_gb: float) -> Config:
     return Config.from_dict(
         {
             "model": {"backbone": args.backbone if args.backbone != "none" else "tiny_cnn", "pretrained": False,
                       "prototypes_per_class": 10, "prototype_dim": 128},
             "data": {"root": str(root), "image_size": args.image_size, "augment": True, "val_fraction": 0.0,
                      "batch_size": args.batch_size, "num_workers": args.workers, "cache": cache,
-                     "cache_dir": str(work / "cache")},
+                     "cache_dir": str(work / "cache"), "memory_cache_max_gb": memory_gb},
             "schedule": {"epochs": 1, "warm_epochs": 0, "push_start": 5, "push_at_end": False},
             "run": {"seed": 0, "device": "cpu"},
             "output": {"dir": str(work / "run")},
@@ -114,32 +123,36 @@ def main(argv: list[str] | None = None) -> None:
         DecodedCache(ImageFolderDataset(root / "train", image_size=args.image_size), work / "cache" / "train")
         build = time.perf_counter() - t0
 
-        trainers = {cache: Trainer(make_config(root, work, args, cache), work / f"run-{cache}") for cache in (False, True)}
-        for trainer in trainers.values():  # warm-up: kernels picked for these shapes, memory allocated
+        trainers = {name: Trainer(make_config(root, work, args, cache, memory_gb), work / f"run-{index}")
+                    for index, (name, (cache, memory_gb)) in enumerate(MODES.items())}
+        for trainer in trainers.values():  # warm-up: kernels picked for these shapes, memory allocated, pictures kept
             warm_up(trainer, args)
-        times: dict[tuple[bool, str], list[float]] = {}
+        times: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.repeats):
-            for cache, trainer in trainers.items():  # interleaved: a shared machine's load hits both alike
-                times.setdefault((cache, "data"), []).append(data_epoch(trainer, args.batch_size, args.workers))
+            for name, trainer in trainers.items():  # interleaved: a shared machine's load hits every mode alike
+                times.setdefault((name, "data"), []).append(data_epoch(trainer, args.batch_size, args.workers))
                 if args.backbone != "none":
-                    times.setdefault((cache, "train"), []).append(train_epoch(trainer))
+                    times.setdefault((name, "train"), []).append(train_epoch(trainer))
 
     median = {k: statistics.median(v) for k, v in times.items()}
     n = args.images
-    print(f"# Decoded-image cache: {n} JPEGs of {args.width}x{args.height} ({size_mb:.1f} MiB, written in {written:.1f} s) "
+    print(f"# Decoded-picture caches: {n} JPEGs of {args.width}x{args.height} ({size_mb:.1f} MiB, written in {written:.1f} s) "
           f"-> {args.image_size} px, batch {args.batch_size}, {args.workers} workers, {args.threads} threads, "
           f"backbone {args.backbone}, median of {args.repeats}\n")
     columns = ["data epoch"] + (["training epoch"] if args.backbone != "none" else [])
-    print("| | " + " | ".join(f"{c} (s) | {c} (img/s)" for c in columns) + " |")
+    print("| pictures | " + " | ".join(f"{c} (s) | {c} (img/s)" for c in columns) + " |")
     print("|---|" + "---|---|" * len(columns))
-    for cache in (False, True):
+    for name in MODES:
         cells = []
         for kind in ("data", "train")[: len(columns)]:
-            cells += [f"{median[(cache, kind)]:.2f}", f"{n / median[(cache, kind)]:.1f}"]
-        print(f"| {'with cache' if cache else 'without cache'} | " + " | ".join(cells) + " |")
-    print(f"\ncache build (one-off, decode + resize every picture): {build:.2f} s")
-    for kind, name in (("data", "data epoch"), ("train", "training epoch"))[: len(columns)]:
-        print(f"{name}: without / with cache = {median[(False, kind)] / median[(True, kind)]:.2f}x")
+            cells += [f"{median[(name, kind)]:.2f}", f"{n / median[(name, kind)]:.1f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\nfile cache build (one-off, decode + resize every picture): {build:.2f} s")
+    if args.workers:
+        print("(with workers the memory cache is off: each worker would keep its own copy)")
+    for kind, label in (("data", "data epoch"), ("train", "training epoch"))[: len(columns)]:
+        for name in list(MODES)[1:]:
+            print(f"{label}: decoded every epoch / {name} = {median[('decoded every epoch', kind)] / median[(name, kind)]:.2f}x")
     sys.stdout.flush()
 
 
