@@ -95,8 +95,9 @@ def test_bench_baseline_trains_the_same_on_the_feature_cache(tmp_path, monkeypat
         monkeypatch.setattr(CUB200, "load_image", lambda self, i: (loads.append(i), original(self, i))[1])
         model, steps = bench.train_baseline(config, data)
         monkeypatch.setattr(CUB200, "load_image", original)
-        if cached:  # each training view made once, for the frozen blocks' cache (and none for the last layer)
-            assert sorted(loads) == sorted(i // 2 for i in data.training_items)  # a view loads its base picture
+        if cached:  # each training view made once, for the frozen blocks' cache (and none for the last layer),
+            # from its base picture, decoded once for both its views (kept in memory: data.memory_cache_max_gb)
+            assert sorted(loads) == sorted({i // 2 for i in data.training_items})
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
         losses.append([s.get("loss") for s in steps])
     assert [s["stage"] for s in steps] == ["warm", "joint", "joint", "push", "last_layer"]
