@@ -101,7 +101,8 @@ class DataConfig:
     ``<output.dir>/cache``), which DataLoader workers and later runs share. Without it, and with
     ``num_workers: 0``, each training picture is decoded the first time the run reads it and kept
     in memory for the rest of the run, up to ``memory_cache_max_gb`` (2 GiB holds 14,000 pictures
-    at 224 px; 0 turns it off): the same pixels, without decoding them again every epoch.
+    at 224 px; 0 turns it off): the same pixels, without decoding them again every epoch. The
+    budget is per process: with ``torchrun`` each rank keeps the pictures it reads.
     """
 
     root: str = "synthetic"
