@@ -141,8 +141,7 @@ class DecodedCache(_WrappedDataset):
         cache_dir: where the cache files live (created if needed; can be shared by datasets).
         rebuild: rebuild even when a valid cache exists.
 
-    The wrapper forwards ``classes``, ``targets``, ``path``, ``annotation``, ``image_size``,
-    ``mean``, ``std`` and ``augment`` (reading and setting them acts on the wrapped dataset).
+    Everything but the pictures is the wrapped dataset's (see :class:`_WrappedDataset`).
     Items whose picture could not be decoded are remembered: ``load_image`` raises the same
     BadImageError without touching the file again, and :attr:`bad_items` lists them.
     """
@@ -273,7 +272,10 @@ class PictureMemory:
 
     def keep(self, index: int, picture: Image.Image) -> None:
         """Keep ``picture`` (RGB) as item ``index``'s, if the budget allows."""
-        array = np.asarray(picture.convert("RGB"), dtype=np.uint8)
+        # np.array copies: the kept pixels are not those of the picture handed to the reader,
+        # who may change it
+        array = np.array(picture if picture.mode == "RGB" else picture.convert("RGB"), dtype=np.uint8)  # (S, S, 3)
+        array.flags.writeable = False
         with self._lock:
             if index in self._pictures:
                 return
@@ -283,8 +285,6 @@ class PictureMemory:
                     logger.info("%d decoded pictures kept in memory (%.2f GiB, the budget); the others are decoded each time",
                                 len(self._pictures), self.used_bytes / 2**30)
                 return
-            array = array.copy()  # own the pixels: the picture handed out may be changed by its reader
-            array.flags.writeable = False
             self._pictures[index] = array
             self.used_bytes += array.nbytes
 
