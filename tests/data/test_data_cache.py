@@ -217,3 +217,20 @@ def test_the_memory_cache_budget_must_be_a_finite_number_of_gib(value):
     with pytest.raises(ConfigError, match=r"^data.memory_cache_max_gb: expected"):
         Config.from_dict({"data": {"memory_cache_max_gb": value}})
     assert Config.from_dict({"data": {"memory_cache_max_gb": 0}}).data.memory_cache_max_gb == 0
+
+
+def test_a_pickled_memory_cache_starts_empty_and_keeps_its_own_pictures():
+    """What a spawned DataLoader worker receives: a working cache, without the parent's pictures
+    or lock."""
+    import copy
+
+    from protopnet.data import MemoryCache, PictureMemory
+
+    kept = MemoryCache(SyntheticParts("train", num_classes=2, images_per_class=2, image_size=32), PictureMemory(10**6))
+    kept.load_image(0)
+    for clone in (pickle.loads(pickle.dumps(kept)), copy.deepcopy(kept)):
+        assert len(clone.memory) == 0 and clone.memory.max_bytes == 10**6
+        assert np.array_equal(pixels(clone.load_image(1)), pixels(kept.load_image(1)))
+        assert len(clone.memory) == 1 and len(kept.memory) == 2
+        kept = MemoryCache(kept.dataset, PictureMemory(10**6))
+        kept.load_image(0)

@@ -267,6 +267,13 @@ class PictureMemory:
     def __len__(self) -> int:
         return len(self._pictures)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (a spawned DataLoader worker, deepcopy) starts empty, with a lock of its own
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_bytes"])  # type: ignore[misc]
+
     def get(self, index: int) -> np.ndarray | None:
         return self._pictures.get(index)
 
