@@ -279,21 +279,27 @@ class PictureMemory:
 
     def keep(self, index: int, picture: Image.Image) -> None:
         """Keep ``picture`` (RGB) as item ``index``'s, if the budget allows."""
+        if index in self._pictures or self._over_budget(picture.width * picture.height * 3):
+            return  # no copy made of a picture that will not be kept
         # np.array copies: the kept pixels are not those of the picture handed to the reader,
         # who may change it
         array = np.array(picture if picture.mode == "RGB" else picture.convert("RGB"), dtype=np.uint8)  # (S, S, 3)
         array.flags.writeable = False
         with self._lock:
-            if index in self._pictures:
-                return
-            if self.used_bytes + array.nbytes > self.max_bytes:
-                if not self._full:
-                    self._full = True
-                    logger.info("%d decoded pictures kept in memory (%.2f GiB, the budget); the others are decoded each time",
-                                len(self._pictures), self.used_bytes / 2**30)
+            if index in self._pictures or self._over_budget(array.nbytes):
                 return
             self._pictures[index] = array
             self.used_bytes += array.nbytes
+
+    def _over_budget(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more would exceed the budget (logged once, the first time)."""
+        if self.used_bytes + nbytes <= self.max_bytes:
+            return False
+        if not self._full:
+            self._full = True
+            logger.info("%d decoded pictures kept in memory (%.2f GiB, the budget); the others are decoded each time",
+                        len(self._pictures), self.used_bytes / 2**30)
+        return True
 
 
 class MemoryCache(_WrappedDataset):
